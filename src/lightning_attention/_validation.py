@@ -1,0 +1,146 @@
+"""Input validation shared by every public op: errors name the argument and show the shapes.
+
+Everything here runs before any kernel. Checks that would need a device->host sync on CUDA (the values
+of ``cu_seqlens`` and ``g_gamma``) are done on CPU tensors only, and documented as such in the ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What a scan does, passed down to the engines instead of a row of flags.
+
+    scale: multiplies q S.  reverse: scan t = T..1.  chunk_size: tokens per chunk for chunked engines.
+    output_final_state: whether the caller wants S_T back.
+    """
+
+    scale: float
+    reverse: bool = False
+    chunk_size: int = 64
+    output_final_state: bool = False
+
+
+def shape_str(t: torch.Tensor | None) -> str:
+    return "None" if t is None else f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {shape_str(t)}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims [B, T, H, D] (layout is batch, time, heads, head dim), got {shape_str(t)}"
+            )
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape [B, T, H, K]: q {shape_str(q)}, k {shape_str(k)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H: q {shape_str(q)}, v {shape_str(v)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype: q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device: q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dims K and V must be >= 1: q {shape_str(q)}, v {shape_str(v)}")
+
+
+def check_g_gamma(g_gamma: torch.Tensor, num_heads: int, device: torch.device) -> torch.Tensor:
+    """Returns g_gamma as float32 [H] on ``device``."""
+    if not isinstance(g_gamma, torch.Tensor):
+        raise TypeError(f"g_gamma must be a torch.Tensor of shape [H={num_heads}], got {type(g_gamma).__name__}")
+    if g_gamma.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"g_gamma must be a floating tensor, got {shape_str(g_gamma)}")
+    if g_gamma.shape != (num_heads,):
+        raise ValueError(f"g_gamma must have shape [H={num_heads}], got {shape_str(g_gamma)}")
+    if _values_readable(g_gamma):
+        if not bool(torch.isfinite(g_gamma).all()) or bool((g_gamma > 0).any()):
+            raise ValueError(f"g_gamma must be finite and <= 0 (decay exp(g) <= 1), got {g_gamma.tolist()}")
+    return g_gamma.detach().to(device=device, dtype=torch.float32)
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Values can be checked without a device sync or a trace break: a real CPU tensor, eager mode."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type == "cpu" and not isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
+    """Returns the number of independent sequences N (B without cu_seqlens)."""
+    if cu_seqlens is None:
+        return q.shape[0]
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got q {shape_str(q)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {shape_str(cu_seqlens)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1, got {shape_str(cu_seqlens)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {shape_str(cu_seqlens)}")
+    if _values_readable(cu_seqlens):
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {bounds[:8]}")
+        if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds[:16]}")
+        if bounds[-1] != q.shape[1]:
+            raise ValueError(f"cu_seqlens[-1] must equal T={q.shape[1]}, got {bounds[-1]}")
+    return cu_seqlens.numel() - 1
+
+
+def state_dtype(q: torch.Tensor) -> torch.dtype:
+    """States are float32, or float64 for float64 inputs."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def check_initial_state(initial_state: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor, num_seqs: int) -> None:
+    if initial_state is None:
+        return
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError(f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
+    B, T, H, K = q.shape
+    expected = (num_seqs, H, K, v.shape[-1])
+    if tuple(initial_state.shape) != expected:
+        raise ValueError(
+            f"initial_state must have shape [N, H, K, V] = {list(expected)} (N = number of sequences), "
+            f"got {shape_str(initial_state)}"
+        )
+    if initial_state.dtype != state_dtype(q):
+        raise TypeError(
+            f"initial_state must be {state_dtype(q)} (states are kept in float32, float64 for float64 inputs), "
+            f"got {shape_str(initial_state)}"
+        )
+    if initial_state.device != q.device:
+        raise ValueError(f"initial_state must be on q's device {q.device}, got {shape_str(initial_state)}")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    return chunk_size
+
+
+def check_no_extra_kwargs(op: str, kwargs: dict) -> None:
+    if kwargs:
+        raise TypeError(f"{op}() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")

@@ -1,0 +1,82 @@
+"""Engine selection: which implementation runs a scan on which device.
+
+Backends:
+    "torch"  : chunked torch engine (engines/cpu), any device; the recurrent algorithm runs token by token
+               for T <= RECURRENT_MAX_T and chunked above (same math, same results within rounding).
+    "triton" : Triton kernels (engines/triton) on CUDA; on CPU only under TRITON_INTERPRET=1 (tests).
+    "auto"   : "triton" for CUDA tensors when Triton is importable, else "torch".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from lightning_attention.engines.base import Engine
+
+__all__ = ["BACKENDS", "ALGORITHMS", "RECURRENT_MAX_T", "resolve_backend", "get_engine", "triton_available"]
+
+BACKENDS = ("auto", "torch", "triton")
+ALGORITHMS = ("chunk", "recurrent")
+
+#: Above this many tokens per sequence the torch recurrent op runs the chunked scan: a token loop costs a
+#: few small kernel calls per token, the chunked form a few large ones per 64 tokens.
+RECURRENT_MAX_T = 64
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_engines_exist() -> bool:
+    return importlib.util.find_spec("lightning_attention.engines.triton.interface") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn "auto" into a concrete backend for ``device``; check that the requested one can run there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_ok = triton_available() and _triton_engines_exist()
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_ok else "torch"
+    if backend == "triton":
+        if not triton_ok:
+            raise ValueError("backend='triton' needs the triton package (pip install lightning-attention[gpu])")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
+    return backend
+
+
+class _TorchEngine:
+    """The torch backend: chunked scan, or the token loop for short recurrent calls."""
+
+    def __init__(self, algorithm: str):
+        self.algorithm = algorithm
+
+    def _pick(self, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> Engine:
+        from lightning_attention.engines.cpu import chunk, recurrent
+
+        if self.algorithm == "recurrent" and q.shape[1] <= RECURRENT_MAX_T:
+            return recurrent.ENGINE
+        return chunk.ENGINE
+
+    def forward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens):
+        return self._pick(q, cu_seqlens).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+
+    def backward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht):
+        return self._pick(q, cu_seqlens).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+
+
+def get_engine(backend: str, algorithm: str) -> Engine:
+    """``backend`` already resolved (see :func:`resolve_backend`); ``algorithm`` in :data:`ALGORITHMS`."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if backend == "torch":
+        return _TorchEngine(algorithm)
+    from lightning_attention.engines.triton import interface
+
+    return interface.get_engine(algorithm)

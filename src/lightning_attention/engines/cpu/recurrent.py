@@ -1,0 +1,35 @@
+"""Token-by-token scan in torch: the CPU recurrent engine, for short sequences (decode, T <= a few chunks).
+
+    S_t = lam S_{t-1} + k_t^T v_t,    o_t = q_t S_t       (from S_0 = 0; engines/cpu/_common.py adds S0)
+
+Vectorised over batch and heads, one small batched op per token; its backward is the same scan on other
+inputs (engines/base.py), so nothing is recorded per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_attention.engines.base import ScanEngine
+from lightning_attention.engines.cpu._common import run_scan
+
+
+def recurrent_scan_from_zero(q, k, v, g):
+    B, H, T, K = q.shape
+    lam = torch.exp(g)[None, :, None, None]
+    state = q.new_zeros(B, H, K, v.shape[-1])
+    o = q.new_empty(B, H, T, v.shape[-1])
+    for t in range(T):
+        state = torch.baddbmm(
+            (lam * state).reshape(B * H, K, -1), k[:, :, t].reshape(B * H, K, 1), v[:, :, t].reshape(B * H, 1, -1)
+        ).view(B, H, K, -1)
+        o[:, :, t] = (q[:, :, t, None, :] @ state).squeeze(-2)
+    return o, state
+
+
+def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size):
+    """The scan contract of engines/base.py, one token at a time (chunk_size is unused)."""
+    return run_scan(recurrent_scan_from_zero, q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens)
+
+
+ENGINE = ScanEngine(recurrent_scan)

@@ -1,0 +1,248 @@
+"""Public functional API: validation, engine dispatch, and the torch.library custom operators.
+
+Lightning Attention is linear attention with one fixed scalar decay per head. Per sequence and head, with
+``lam = exp(g_gamma[h])``::
+
+    S_t = lam * S_{t-1} + k_t^T v_t          o_t = scale * q_t S_t          S_0 = initial_state
+
+Layout (fla's): q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, states ``[N, H, K, V]`` float32 (float64 for float64
+inputs), N = B, or the number of packed sequences when ``cu_seqlens`` is given (then B must be 1).
+Head-first tensors ``[B, H, T, K]`` cannot be told apart from ``[B, T, H, K]`` by shape: transpose them first
+(``q.transpose(1, 2)``). Every op returns ``(o, final_state)``; ``final_state`` is None unless
+``output_final_state=True``. ``o`` has q's dtype. Inputs are never modified.
+
+Validation runs before any kernel. The *values* of ``cu_seqlens`` and ``g_gamma`` are checked only for CPU
+tensors in eager mode: on CUDA that check would cost a device->host sync on every call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lightning_attention import decay
+from lightning_attention import _validation as val
+from lightning_attention.engines import get_engine, resolve_backend
+
+__all__ = [
+    "chunk_simple_gla",
+    "fused_recurrent_simple_gla",
+    "chunk_lightning_attn",
+    "fused_recurrent_lightning_attn",
+]
+
+_EMPTY = (0,)
+
+
+def _define_scan_op(algorithm: str):
+    """Register ``lightning_attention::{algorithm}_scan`` (+ its backward op) as custom ops with autograd.
+
+    Custom ops cannot return None: an absent final state / dh0 is an empty tensor of shape (0,).
+    """
+    fwd_name = f"lightning_attention::{algorithm}_scan"
+    bwd_name = f"lightning_attention::{algorithm}_scan_backward"
+
+    @torch.library.custom_op(fwd_name, mutates_args=())
+    def scan(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g_gamma: torch.Tensor,
+        initial_state: Optional[torch.Tensor],
+        cu_seqlens: Optional[torch.Tensor],
+        scale: float,
+        reverse: bool,
+        chunk_size: int,
+        output_final_state: bool,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = val.ScanConfig(scale, reverse, chunk_size, output_final_state)
+        o, final = get_engine(backend, algorithm).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+        return o, (final if output_final_state else q.new_empty(_EMPTY, dtype=val.state_dtype(q)))
+
+    @scan.register_fake
+    def _(q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend):
+        B, T, H, K = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        o = q.new_empty(B, T, H, v.shape[-1])
+        shape = (N, H, K, v.shape[-1]) if output_final_state else _EMPTY
+        return o, q.new_empty(shape, dtype=val.state_dtype(q))
+
+    @torch.library.custom_op(bwd_name, mutates_args=())
+    def scan_backward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g_gamma: torch.Tensor,
+        initial_state: Optional[torch.Tensor],
+        cu_seqlens: Optional[torch.Tensor],
+        do: torch.Tensor,
+        dht: Optional[torch.Tensor],
+        scale: float,
+        reverse: bool,
+        chunk_size: int,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = val.ScanConfig(scale, reverse, chunk_size, True)
+        engine = get_engine(backend, algorithm)
+        dq, dk, dv, dh0 = engine.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+        return dq, dk, dv, (dh0 if dh0 is not None else q.new_empty(_EMPTY, dtype=val.state_dtype(q)))
+
+    @scan_backward.register_fake
+    def _(q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend):
+        dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(_EMPTY, dtype=val.state_dtype(q))
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, _, backend = inputs
+        ctx.save_for_backward(q, k, v, g_gamma, initial_state, cu_seqlens)
+        ctx.config = (scale, reverse, chunk_size, backend)
+
+    def backward(ctx, do, dht):
+        q, k, v, g_gamma, initial_state, cu_seqlens = ctx.saved_tensors
+        scale, reverse, chunk_size, backend = ctx.config
+        if dht is not None and dht.numel() == 0:
+            dht = None
+        dq, dk, dv, dh0 = scan_backward(
+            q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend
+        )
+        return dq, dk, dv, None, (dh0 if initial_state is not None else None), None, None, None, None, None, None
+
+    scan.register_autograd(backward, setup_context=setup_context)
+    return scan
+
+
+chunk_scan_op = _define_scan_op("chunk")
+recurrent_scan_op = _define_scan_op("recurrent")
+
+
+def _run(op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, chunk_size, backend):
+    val.check_qkv(q, k, v)
+    num_seqs = val.check_cu_seqlens(cu_seqlens, q)
+    val.check_initial_state(initial_state, q, v, num_seqs)
+    g = val.check_g_gamma(g_gamma, q.shape[2], q.device)
+    scale = val.check_scale(scale, q.shape[-1])
+    chunk_size = val.check_chunk_size(chunk_size)
+    backend = resolve_backend(backend, q.device)
+    o, final = op(q, k, v, g, initial_state, cu_seqlens, scale, bool(reverse), chunk_size, bool(output_final_state), backend)
+    return o, (final if output_final_state else None)
+
+
+def chunk_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_gamma: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    *,
+    reverse: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Simple GLA with a constant per-head decay, chunked (parallel) form: the training/prefill op.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; one floating dtype, one device.
+        g_gamma: ``[H]`` natural-log decay per head, ``<= 0`` (decay ``exp(g_gamma)``), no gradient.
+        scale: multiplies ``q S``; default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` float32 (float64 for float64 inputs), differentiable.
+        output_final_state: also return ``final_state [N, H, K, V]``.
+        cu_seqlens: int32/int64 ``[N + 1]`` offsets of packed sequences (B == 1), 0-based, last == T.
+        chunk_size: tokens per chunk, a power of two >= 16.
+        reverse: scan from the last token to the first.
+        backend: "auto", "torch" or "triton" (see :mod:`lightning_attention.engines`).
+
+    Returns:
+        ``(o [B, T, H, V] in q's dtype, final_state [N, H, K, V] or None)``.
+    """
+    return _run(
+        chunk_scan_op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, chunk_size, backend
+    )
+
+
+def fused_recurrent_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_gamma: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Simple GLA with a constant per-head decay, recurrent form: the inference op (same math as the chunked one).
+
+    Same arguments and returns as :func:`chunk_simple_gla`. Short sequences run token by token with the
+    state held on chip; long ones are routed to the chunked kernels internally (same results within
+    rounding, and no 10x slowdown for a long prompt): see :data:`lightning_attention.engines.RECURRENT_MAX_T`.
+    """
+    return _run(
+        recurrent_scan_op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, 64, backend
+    )
+
+
+def _lightning_args(q, layer_idx, num_layers, scale, kwargs, op_name, allowed):
+    extra = {key: kwargs.pop(key) for key in allowed if key in kwargs}
+    val.check_no_extra_kwargs(op_name, kwargs)
+    schedule = extra.pop("schedule", "tnl")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        val.check_qkv(q, q, q)
+    g = decay.g_gamma(q.shape[2], layer_idx, num_layers, schedule=schedule, device=q.device)
+    if scale is None:
+        scale = decay.default_scale(schedule, q.shape[-1])
+    return g, scale, extra
+
+
+def chunk_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_idx: int,
+    num_layers: int,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lightning Attention, chunked form, with fla's signature (switch by changing the import).
+
+    The decay comes from :func:`lightning_attention.decay.g_gamma` (``num_heads = H`` of q).
+    Keyword options: ``chunk_size`` (64), ``schedule`` ("tnl", fla's numbers; or "minimax"), ``reverse``,
+    ``backend``. ``scale`` defaults to the schedule's (``K ** -0.5`` for "tnl", 1 for "minimax").
+    Shapes and returns as :func:`chunk_simple_gla`. Unknown keyword arguments raise TypeError.
+    """
+    g, scale, extra = _lightning_args(
+        q, layer_idx, num_layers, scale, kwargs, "chunk_lightning_attn", ("chunk_size", "schedule", "reverse", "backend")
+    )
+    return chunk_simple_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **extra)
+
+
+def fused_recurrent_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_idx: int,
+    num_layers: int,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lightning Attention, recurrent form, with fla's signature. Options: ``schedule``, ``backend``.
+
+    See :func:`chunk_lightning_attn` for the decay and scale, :func:`fused_recurrent_simple_gla` for the rest.
+    """
+    g, scale, extra = _lightning_args(
+        q, layer_idx, num_layers, scale, kwargs, "fused_recurrent_lightning_attn", ("schedule", "backend")
+    )
+    return fused_recurrent_simple_gla(q, k, v, g, scale, initial_state, output_final_state, reverse, cu_seqlens, **extra)
