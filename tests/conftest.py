@@ -14,7 +14,8 @@ _real_new_empty = torch.Tensor.new_empty
 
 def _poisoned(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point() and not isinstance(t, torch._subclasses.FakeTensor) and t.device.type != "meta":
-        t.fill_(float("nan"))
+        with torch.no_grad():  # also for torch.empty(..., requires_grad=True) leaves
+            t.fill_(float("nan"))
     return t
 
 

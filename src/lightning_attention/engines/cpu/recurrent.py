@@ -1,6 +1,6 @@
 """Token-by-token scan in torch: the CPU recurrent engine, for short sequences (decode, T <= a few chunks).
 
-    S_t = lam S_{t-1} + k_t^T v_t,    o_t = q_t S_t       (from S_0 = 0; engines/cpu/_common.py adds S0)
+    S_t = lam S_{t-1} + k_t^T v_t,    o_t = q_t S_t       (from S_0 = the given state, or 0; see _common.py)
 
 Vectorised over batch and heads, one small batched op per token; its backward is the same scan on other
 inputs (engines/base.py), so nothing is recorded per token.
@@ -14,10 +14,11 @@ from lightning_attention.engines.base import ScanEngine
 from lightning_attention.engines.cpu._common import run_scan
 
 
-def recurrent_scan_from_zero(q, k, v, g):
+def recurrent_scan_dense(q, k, v, g, state):
+    """Unscaled scan from ``state`` [B, H, K, V] or None (engines/cpu/_common.py's DenseScan)."""
     B, H, T, K = q.shape
     lam = torch.exp(g)[None, :, None, None]
-    state = q.new_zeros(B, H, K, v.shape[-1])
+    state = state.clone() if state is not None else q.new_zeros(B, H, K, v.shape[-1])
     o = q.new_empty(B, H, T, v.shape[-1])
     for t in range(T):
         state = torch.baddbmm(
@@ -29,7 +30,7 @@ def recurrent_scan_from_zero(q, k, v, g):
 
 def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size):
     """The scan contract of engines/base.py, one token at a time (chunk_size is unused)."""
-    return run_scan(recurrent_scan_from_zero, q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens)
+    return run_scan(recurrent_scan_dense, q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens)
 
 
 ENGINE = ScanEngine(recurrent_scan)

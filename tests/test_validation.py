@@ -1,0 +1,125 @@
+"""Every bad input is rejected before any kernel runs, with a ValueError/TypeError that names the argument."""
+
+import pytest
+import torch
+
+from lightning_attention.ops import chunk_simple_gla, fused_recurrent_simple_gla
+
+B, T, H, K, V = 1, 8, 2, 4, 3
+
+OPS = [
+    pytest.param(chunk_simple_gla, id="chunk"),
+    pytest.param(fused_recurrent_simple_gla, id="recurrent"),
+]
+
+
+def _args(**overrides):
+    """Valid arguments, with some replaced."""
+    args = dict(
+        q=torch.randn(B, T, H, K),
+        k=torch.randn(B, T, H, K),
+        v=torch.randn(B, T, H, V),
+        g_gamma=torch.tensor([0.0, -1.0]),
+    )
+    args.update(overrides)
+    return args
+
+
+BAD_INPUTS = [
+    # q, k, v: types, ranks, shapes, dtypes, devices
+    pytest.param(dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor", id="q-not-tensor"),
+    pytest.param(dict(q=torch.randn(T, H, K)), ValueError, "q must have 4 dims", id="q-rank3"),
+    pytest.param(dict(k=torch.randn(B, T, H, K, 1)), ValueError, "k must have 4 dims", id="k-rank5"),
+    pytest.param(dict(v=torch.randn(B, T, H)), ValueError, "v must have 4 dims", id="v-rank3"),
+    pytest.param(dict(k=torch.randn(B, T, H, K + 1)), ValueError, "k must have q's shape", id="k-head-dim"),
+    pytest.param(dict(k=torch.randn(B, T + 1, H, K)), ValueError, "k must have q's shape", id="k-length"),
+    pytest.param(dict(v=torch.randn(B, T, H + 1, V)), ValueError, r"v must be \[B, T, H, V\]", id="v-heads"),
+    pytest.param(dict(v=torch.randn(B + 1, T, H, V)), ValueError, r"v must be \[B, T, H, V\]", id="v-batch"),
+    pytest.param(dict(q=torch.randn(B, T, H, 0), k=torch.randn(B, T, H, 0)), ValueError, "head dims", id="K0"),
+    pytest.param(dict(v=torch.randn(B, T, H, 0)), ValueError, "head dims", id="V0"),
+    pytest.param(dict(k=torch.randn(B, T, H, K, dtype=torch.float64)), TypeError, "share one dtype", id="k-dtype"),
+    pytest.param(dict(v=torch.randn(B, T, H, V).bfloat16()), TypeError, "share one dtype", id="v-dtype"),
+    pytest.param(dict(q=torch.ones(B, T, H, K, dtype=torch.int64)), TypeError, "q must be float16", id="q-int"),
+    pytest.param(dict(v=torch.ones(B, T, H, V, dtype=torch.bool)), TypeError, "v must be float16", id="v-bool"),
+    pytest.param(dict(k=torch.ones(B, T, H, K, dtype=torch.complex64)), TypeError, "k must be float16", id="k-complex"),
+    pytest.param(dict(v=torch.randn(B, T, H, V, device="meta")), ValueError, "one device", id="v-device"),
+    # g_gamma
+    pytest.param(dict(g_gamma=[0.0, -1.0]), TypeError, "g_gamma must be a torch.Tensor", id="g-list"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, -1.0, -2.0])), ValueError, r"g_gamma must have shape \[H=2\]", id="g-len"),
+    pytest.param(dict(g_gamma=torch.zeros(1, 2)), ValueError, r"g_gamma must have shape \[H=2\]", id="g-rank2"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, 0.5])), ValueError, "g_gamma must be finite and <= 0", id="g-positive"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, float("nan")])), ValueError, "g_gamma must be finite", id="g-nan"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, -float("inf")])), ValueError, "g_gamma must be finite", id="g-inf"),
+    pytest.param(dict(g_gamma=torch.tensor([0, -1])), TypeError, "g_gamma must be a floating", id="g-int"),
+    # cu_seqlens
+    pytest.param(dict(cu_seqlens=[0, T]), TypeError, "cu_seqlens must be a torch.Tensor", id="cu-list"),
+    pytest.param(
+        dict(q=torch.randn(2, T, H, K), k=torch.randn(2, T, H, K), v=torch.randn(2, T, H, V), cu_seqlens=torch.tensor([0, T])),
+        ValueError, "cu_seqlens the batch size must be 1", id="cu-batch2",
+    ),
+    pytest.param(dict(cu_seqlens=torch.tensor([0.0, T])), TypeError, "cu_seqlens must be int32 or int64", id="cu-float"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, T], dtype=torch.int16)), TypeError, "cu_seqlens must be int32", id="cu-int16"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0])), ValueError, r"cu_seqlens must be 1-D \[N \+ 1\]", id="cu-single"),
+    pytest.param(dict(cu_seqlens=torch.tensor([[0, T]])), ValueError, r"cu_seqlens must be 1-D", id="cu-rank2"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 5, 3, T])), ValueError, "cu_seqlens must be non-decreasing", id="cu-not-monotone"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 3, T + 1])), ValueError, r"cu_seqlens\[-1\] must equal T=8", id="cu-last-big"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 3, T - 1])), ValueError, r"cu_seqlens\[-1\] must equal T=8", id="cu-last-small"),
+    pytest.param(dict(cu_seqlens=torch.tensor([1, 3, T])), ValueError, "cu_seqlens must start at 0", id="cu-start"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, T], device="meta")), ValueError, "cu_seqlens must be on q's device", id="cu-device"),
+    # initial_state
+    pytest.param(dict(initial_state=torch.zeros(B, H, V, K)), ValueError, r"initial_state must have shape \[N, H, K, V\]", id="h0-KV-swapped"),
+    pytest.param(dict(initial_state=torch.zeros(H, K, V)), ValueError, "initial_state must have shape", id="h0-rank3"),
+    pytest.param(
+        dict(initial_state=torch.zeros(1, H, K, V), cu_seqlens=torch.tensor([0, 3, T])),
+        ValueError, "N = number of sequences", id="h0-varlen-N",
+    ),
+    pytest.param(dict(initial_state=torch.zeros(B, H, K, V).bfloat16()), TypeError, "initial_state must be torch.float32", id="h0-bf16"),
+    pytest.param(dict(initial_state=torch.zeros(B, H, K, V).double()), TypeError, "initial_state must be torch.float32", id="h0-fp64"),
+    pytest.param(dict(initial_state=torch.zeros(B, H, K, V, device="meta")), ValueError, "initial_state must be on q's device", id="h0-device"),
+    pytest.param(dict(initial_state=[[0.0]]), TypeError, "initial_state must be a torch.Tensor", id="h0-list"),
+    # scale, backend
+    pytest.param(dict(scale="0.5"), TypeError, "scale must be a float", id="scale-str"),
+    pytest.param(dict(scale=True), TypeError, "scale must be a float", id="scale-bool"),
+    pytest.param(dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'torch', 'triton'\)", id="backend-name"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, match", BAD_INPUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_bad_input_is_rejected(op, overrides, error, match):
+    with pytest.raises(error, match=match):
+        op(**_args(**overrides))
+
+
+def test_float64_inputs_need_float64_state():
+    args = _args(q=torch.randn(B, T, H, K).double(), k=torch.randn(B, T, H, K).double(), v=torch.randn(B, T, H, V).double())
+    with pytest.raises(TypeError, match="initial_state must be torch.float64"):
+        chunk_simple_gla(**args, initial_state=torch.zeros(B, H, K, V))
+
+
+@pytest.mark.parametrize(
+    "chunk_size, error",
+    [
+        pytest.param(48, ValueError, id="not-power-of-two"),
+        pytest.param(8, ValueError, id="below-16"),
+        pytest.param(0, ValueError, id="zero"),
+        pytest.param(-64, ValueError, id="negative"),
+        pytest.param(64.0, TypeError, id="float"),
+        pytest.param(True, TypeError, id="bool"),
+    ],
+)
+def test_bad_chunk_size(chunk_size, error):
+    with pytest.raises(error, match="chunk_size must be"):
+        chunk_simple_gla(**_args(), chunk_size=chunk_size)
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    """Without CUDA the Triton backend runs only under TRITON_INTERPRET=1 (or needs the package at all)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' needs (CUDA tensors|the triton package)"):
+        chunk_simple_gla(**_args(), backend="triton")
+
+
+def test_unknown_keyword_is_rejected():
+    with pytest.raises(TypeError, match="head_first"):
+        chunk_simple_gla(**_args(), head_first=False)
