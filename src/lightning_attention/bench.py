@@ -1,0 +1,270 @@
+"""Benchmark of the chunked op (``python -m lightning_attention bench``; benchmarks/bench_chunk.py wraps it).
+
+For each shape ``B x T x H x D`` (K = V = D) it times, with ``triton.testing.do_bench`` (median, ms):
+forward and forward+backward of this library's Triton engine, fla's ``chunk_lightning_attn`` and
+OpenNLPLab's ``lightning_attn_func`` when importable, and torch SDPA (causal, flash backend) as a softmax
+reference point. It reports the bandwidth floor (forward: q, k, v read + o written = 4 tensor passes;
+forward+backward: 11 passes) at the card's measured copy bandwidth, and the peak memory of forward+backward
+above the inputs. Outputs: one printed table, and ``chunk.md`` + ``chunk.png`` (time vs T) in ``out_dir``,
+headed by the card, driver, torch and triton versions.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lightning_attention import decay
+
+__all__ = ["SHAPES", "run", "copy_bandwidth"]
+
+#: (B, T, H, D, dtype) -- the issue's shapes.
+SHAPES = [
+    (4, 2048, 32, 128, torch.bfloat16),
+    (4, 8192, 32, 128, torch.bfloat16),
+    (4, 32768, 32, 128, torch.bfloat16),
+    (1, 32768, 8, 128, torch.bfloat16),
+    (1, 131072, 8, 128, torch.bfloat16),
+    (8, 4096, 16, 64, torch.bfloat16),
+    (2, 8192, 16, 256, torch.bfloat16),
+    (4, 8192, 32, 128, torch.float32),
+]
+LAYER_IDX, NUM_LAYERS = 2, 8  # decay of layer 2 of 8 ("tnl"): every head but the first decays
+
+
+@dataclass
+class Result:
+    provider: str
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    peak_mb: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Row:
+    shape: tuple
+    dtype: torch.dtype
+    floor_fwd_ms: float
+    floor_fwdbwd_ms: float
+    results: list[Result] = field(default_factory=list)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    import triton.testing
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _providers() -> dict[str, Callable | str]:
+    """name -> fn(q, k, v, g_gamma) -> o in [B, T, H, D] layout, or a string saying why it is missing.
+
+    The decay is computed once per shape, outside the timed region (``decay.g_gamma`` builds it on the host,
+    and a host-to-device copy inside the loop would synchronise every call)."""
+    from lightning_attention.ops import chunk_simple_gla
+
+    out: dict[str, Callable | str] = {"ours": lambda q, k, v, g: chunk_simple_gla(q, k, v, g, backend="triton")[0]}
+    try:
+        from fla.ops.lightning_attn import chunk_lightning_attn as fla_chunk
+
+        out["fla"] = lambda q, k, v, g: fla_chunk(q, k, v, LAYER_IDX, NUM_LAYERS)[0]
+    except Exception as e:  # optional comparison: record why it is absent
+        out["fla"] = f"not importable: {type(e).__name__}: {e}"[:120]
+    try:
+        from lightning_attn.ops import lightning_attn_func
+
+        def opennlp(q, k, v, g):  # head-first layout; decay rates s with lam = exp(-s)
+            o = lightning_attn_func(*(x.transpose(1, 2) for x in (q, k, v)), (-g).view(-1, 1, 1))
+            return o.transpose(1, 2)
+
+        out["lightning_attn"] = opennlp
+    except Exception as e:
+        out["lightning_attn"] = f"not importable: {type(e).__name__}: {e}"[:120]
+
+    def sdpa(q, k, v, g):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        return o.transpose(1, 2)
+
+    out["sdpa_flash"] = sdpa
+    return out
+
+
+def _measure(fn, q, k, v, g, do) -> Result:
+    import triton.testing
+
+    res = Result("")
+    res.fwd_ms = triton.testing.do_bench(lambda: fn(q, k, v, g), warmup=25, rep=100, return_mode="median")
+
+    def fwdbwd():
+        return torch.autograd.grad(fn(q, k, v, g), (q, k, v), do)
+
+    res.fwdbwd_ms = triton.testing.do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = fwdbwd()
+    torch.cuda.synchronize()
+    res.peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del grads
+    return res
+
+
+def run_shape(B, T, H, D, dtype, providers, bandwidth) -> Row:
+    elem = torch.finfo(dtype).bits // 8
+    one_pass = B * T * H * D * elem
+    row = Row((B, T, H, D), dtype, 4 * one_pass / bandwidth * 1e3, 11 * one_pass / bandwidth * 1e3)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    g = decay.g_gamma(H, LAYER_IDX, NUM_LAYERS, device="cuda")
+    for name, fn in providers.items():
+        if isinstance(fn, str):
+            row.results.append(Result(name, note=fn))
+            continue
+        if name == "sdpa_flash" and dtype == torch.float32:
+            row.results.append(Result(name, note="flash needs fp16/bf16"))
+            continue
+        try:
+            res = _measure(fn, q, k, v, g, do)
+            res.provider = name
+        except Exception as e:  # a competitor that fails at a shape is reported, not fatal
+            res = Result(name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120])
+            torch.cuda.empty_cache()
+        row.results.append(res)
+    return row
+
+
+def environment() -> dict[str, str]:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        driver = "unknown"
+    return {
+        "card": f"{props.name} ({props.multi_processor_count} SMs)",
+        "driver": driver or "unknown",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+_HEADER_LINES = 8  # lines of to_markdown before the first table row
+
+
+def to_markdown(rows: list[Row], env: dict[str, str], bandwidth: float) -> str:
+    lines = [
+        "# Chunked Lightning Attention: forward / forward+backward (ms, median of triton.testing.do_bench)",
+        "",
+        " | ".join(f"{k}: {v}" for k, v in env.items()) + f" | copy bandwidth: {bandwidth / 1e12:.2f} TB/s",
+        "",
+        f"Decay: 'tnl' layer {LAYER_IDX} of {NUM_LAYERS}. Floor = bytes / copy bandwidth (fwd 4 passes, fwd+bwd 11). "
+        "Peak MiB = peak memory of fwd+bwd above the inputs.",
+        "",
+        "| shape BxTxHxD | dtype | provider | fwd ms | fwd+bwd ms | fwd / floor | fwd+bwd / floor | peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        shape = "x".join(map(str, row.shape))
+        dt = str(row.dtype).replace("torch.", "")
+        lines.append(
+            f"| {shape} | {dt} | floor | {row.floor_fwd_ms:.3f} | {row.floor_fwdbwd_ms:.3f} | 1.00 | 1.00 | | |"
+        )
+        for r in row.results:
+            rf = "-" if r.fwd_ms is None else f"{r.fwd_ms / row.floor_fwd_ms:.2f}"
+            rb = "-" if r.fwdbwd_ms is None else f"{r.fwdbwd_ms / row.floor_fwdbwd_ms:.2f}"
+            peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+            cells = [shape, dt, r.provider, _fmt(r.fwd_ms), _fmt(r.fwdbwd_ms), rf, rb, peak, r.note]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, dict[str, list]] = {}
+    for row in rows:
+        B, T, H, D = row.shape
+        family = (B, H, D, str(row.dtype).replace("torch.", ""))
+        for r in row.results:
+            if r.fwdbwd_ms is not None:
+                series.setdefault(family, {}).setdefault(r.provider, []).append((T, r.fwd_ms, r.fwdbwd_ms))
+        series.setdefault(family, {}).setdefault("floor", []).append((T, row.floor_fwd_ms, row.floor_fwdbwd_ms))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for family, provs in series.items():
+        B, H, D, dt = family
+        for name, pts in provs.items():
+            pts.sort()
+            for ax, idx in zip(axes, (1, 2)):
+                ax.plot([p[0] for p in pts], [p[idx] for p in pts], marker="o", label=f"{name} B{B} H{H} D{D} {dt}")
+    for ax, title in zip(axes, ("forward", "forward+backward")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens per sequence)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=6, loc="upper left")
+    fig.suptitle(f"{env['card']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(out_dir: str | None = "benchmarks/results", shapes=None, providers: list[str] | None = None) -> list[Row]:
+    """Run the benchmark, print the table, and write chunk.md / chunk.png into ``out_dir`` (if not None)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the benchmark needs a CUDA device")
+    env = environment()
+    bandwidth = copy_bandwidth()
+    all_providers = _providers()
+    chosen = {k: v for k, v in all_providers.items() if providers is None or k in providers}
+    rows = []
+    for B, T, H, D, dtype in shapes or SHAPES:
+        rows.append(run_shape(B, T, H, D, dtype, chosen, bandwidth))
+        print("\n".join(to_markdown(rows[-1:], env, bandwidth).splitlines()[_HEADER_LINES:]), flush=True)
+    table = to_markdown(rows, env, bandwidth)
+    print(table)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "chunk.md"), "w") as f:
+            f.write(table)
+        try:
+            plot(rows, os.path.join(out_dir, "chunk.png"), env)
+        except ImportError:
+            print("matplotlib missing: no plot written")
+    return rows
+
+
+def parse_shape(text: str) -> tuple:
+    """'4x8192x32x128' or '4x8192x32x128:fp32' -> (B, T, H, D, dtype)."""
+    dims, _, dt = text.partition(":")
+    B, T, H, D = (int(x) for x in dims.split("x"))
+    dtype = {"": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+    if min(B, T, H, D) < 1:
+        raise ValueError(f"bad shape {text!r}")
+    return B, T, H, D, dtype

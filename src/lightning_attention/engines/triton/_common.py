@@ -1,0 +1,248 @@
+"""Helpers shared by the chunked Triton kernels: token addressing, decay factors, state blocks, the segment plan.
+
+Every kernel walks one *segment* of one sequence chunk by chunk (C tokens at a time), in scan order
+(t = start..end-1, or end-1..start with ``REVERSE``), with the running state on chip. A segment table
+(int32 ``[S, 4]``: start row, end row, sequence index, flags) lists the segments; flags bit 0 marks the
+first segment of its sequence in memory order, bit 1 the last (so the first in scan order is bit 0 for a
+forward scan and bit 1 for a reverse one). Rows index the flattened ``[B * T]`` (or packed ``[T]``) axis.
+
+When a sequence is split into several segments (too few sequences x heads to fill the GPU), the state
+entering each segment comes from two small extra passes (chunk_state.py). The state entering the first
+segment is ``initial_state`` with the scan's ``SHIFT = 1 - state_offset`` (engines/base.py): it reaches
+local position i through ``lam^(i + 1 - SHIFT)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+#: Tokens per chunk inside the kernels. Any chunk size gives the same result up to rounding; 64 is the
+#: measured best on H100 (the op's ``chunk_size`` argument is accepted and mapped to it).
+CHUNK = 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device-side helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def program_block(pid, H, NK: tl.constexpr, NV: tl.constexpr):
+    """Split a flat program id into (V-block, K-block, head, row): V-blocks vary fastest, so programs that
+    read the same q/k rows run together and share them through L2."""
+    i_v = pid % NV
+    i_k = (pid // NV) % NK
+    i_h = (pid // (NV * NK)) % H
+    return i_v, i_k, i_h, pid // (NV * NK * H)
+
+
+@triton.jit
+def segment_bounds(segments, i_s, REVERSE: tl.constexpr):
+    """(start, end, sequence index, is first segment of its sequence in scan order) of segment ``i_s``."""
+    start = tl.load(segments + i_s * 4).to(tl.int64)
+    end = tl.load(segments + i_s * 4 + 1).to(tl.int64)
+    seq = tl.load(segments + i_s * 4 + 2)
+    flags = tl.load(segments + i_s * 4 + 3)
+    if REVERSE:
+        first = (flags >> 1) & 1
+    else:
+        first = flags & 1
+    return start, end, seq, first
+
+
+@triton.jit
+def chunk_rows(start, end, c, C: tl.constexpr, REVERSE: tl.constexpr):
+    """Memory rows of chunk ``c`` of segment [start, end) in scan order, and which of them exist."""
+    pos = c * C + tl.arange(0, C)
+    valid = pos < end - start
+    if REVERSE:
+        rows = end - 1 - pos
+    else:
+        rows = start + pos
+    return rows, valid
+
+
+@triton.jit
+def load_rows(ptr, rows, valid, row_stride, cols, col_mask):
+    """Tile ``ptr[rows, cols]`` (zero where a row or column does not exist)."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=valid[:, None] & col_mask[None, :], other=0)
+
+
+@triton.jit
+def store_rows(ptr, value, rows, valid, row_stride, cols, col_mask):
+    tl.store(
+        ptr + rows[:, None] * row_stride + cols[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=valid[:, None] & col_mask[None, :],
+    )
+
+
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. PRECISION "upcast": multiply in fp32 (exact for 16-bit operands), used
+    for bf16 under the CPU interpreter, whose bf16 tl.dot returns garbage (triton 3.6)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def intra_decay(g, C: tl.constexpr):
+    """M [C, C]: lam^(i - j) for i >= j, else 0 (selected, never multiplied: lam^(negative) can be inf)."""
+    i = tl.arange(0, C)
+    diff = i[:, None] - i[None, :]
+    return tl.where(diff >= 0, tl.exp(g * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+
+
+@triton.jit
+def chunk_decays(g, c, length, first_shift, C: tl.constexpr):
+    """Decay factors of chunk ``c`` of a segment of ``length`` tokens (n = tokens in this chunk).
+
+    Returns (q_decay [C] = lam^(i + 1 - e): how the entering state reaches position i;
+    k_decay [C] = lam^(n - 1 - j) for j < n else 0: how token j reaches the chunk's end state;
+    block_decay = lam^(n - e): how the entering state reaches the end), with e = first_shift on chunk 0.
+    """
+    i = tl.arange(0, C)
+    n = tl.minimum(length - c * C, C).to(tl.int32)
+    e = tl.where(c == 0, first_shift, 0)
+    q_decay = tl.exp(g * (i + 1 - e).to(tl.float32))
+    k_decay = tl.where(i < n, tl.exp(g * tl.maximum(n - 1 - i, 0).to(tl.float32)), 0.0)
+    block_decay = tl.exp(g * tl.maximum(n - e, 0).to(tl.float32))
+    return q_decay, k_decay, block_decay
+
+
+@triton.jit
+def state_block_ptrs(ptr, row, i_h, s_n, s_h, s_k, s_v, o_k, o_v):
+    return ptr + row.to(tl.int64) * s_n + i_h * s_h + o_k[:, None] * s_k + o_v[None, :] * s_v
+
+
+@triton.jit
+def load_state_block(ptr, row, i_h, s_n, s_h, s_k, s_v, o_k, o_v, mask, slot_ids, slot_used, USE_SLOTS: tl.constexpr):
+    """fp32 block of state ``row`` (or, with USE_SLOTS, of cache slot slot_ids[row] if slot_used[row], else 0)."""
+    if USE_SLOTS:
+        use = tl.load(slot_used + row) != 0
+        row = tl.load(slot_ids + row)
+        mask = mask & use
+    p = state_block_ptrs(ptr, row, i_h, s_n, s_h, s_k, s_v, o_k, o_v)
+    return tl.load(p, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def store_state_block(ptr, value, row, i_h, s_n, s_h, s_k, s_v, o_k, o_v, mask, slot_ids, USE_SLOTS: tl.constexpr):
+    if USE_SLOTS:
+        row = tl.load(slot_ids + row)
+    p = state_block_ptrs(ptr, row, i_h, s_n, s_h, s_k, s_v, o_k, o_v)
+    tl.store(p, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-side helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+#: Smallest tile edge. Tiles of 16 or 32 along a head dim with some warp/stage counts raised illegal memory
+#: accesses on H100 (triton 3.6); every configuration in the config functions was run there with edges >= 64.
+MIN_BLOCK = 64
+
+
+def block_dim(d: int) -> int:
+    """Padded block for a head dim: a power of two >= MIN_BLOCK (masks cover the padding)."""
+    return max(MIN_BLOCK, triton.next_power_of_2(d))
+
+
+def state_strides(state: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """Strides of a ``[N, H, K, V]`` state (zeros for None), so transposed views need no copy."""
+    return (0, 0, 0, 0) if state is None else tuple(state.stride())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: three tf32 products per dot (fp32-level accuracy on the tensor cores); 16-bit: native
+    (see :func:`mma` for bf16 under the interpreter). Read at launch, after TRITON_INTERPRET is set."""
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return "upcast"
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # (the precision flag only affects fp32 operands)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class SegmentPolicy:
+    """When to split sequences into segments. ``programs_per_sm``: the split aims at this many programs per
+    SM; no split when every program already gets at most ``2x`` the fair share of chunks."""
+
+    programs_per_sm: float = 1.0
+
+
+POLICY = SegmentPolicy()
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """segments: int32 [S, 4] (start, end, seq, flags) on the device; seq_offsets: int32 [N + 1] (segments of
+    sequence n are rows seq_offsets[n]:seq_offsets[n + 1]); split: whether any sequence has > 1 segment."""
+
+    segments: torch.Tensor
+    seq_offsets: torch.Tensor
+    num_segments: int
+    num_seqs: int
+    split: bool
+
+
+def sequence_bounds(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -> tuple[int, ...]:
+    """Row offsets [N + 1] of the sequences on the flattened token axis (one host read of cu_seqlens)."""
+    if cu_seqlens is None:
+        return tuple(b * seq_len for b in range(batch + 1))
+    return tuple(int(x) for x in cu_seqlens.tolist())
+
+
+def _segment_tokens(
+    lengths: tuple[int, ...], programs_per_segment: int, sms: int, chunk: int, policy: SegmentPolicy
+) -> int:
+    """Segment length in tokens (a multiple of the chunk), or 0 for no split."""
+    chunks = [math.ceil(n / chunk) for n in lengths]
+    total, longest = sum(chunks), max(chunks, default=0)
+    target = max(1, int(sms * policy.programs_per_sm))
+    fair = max(1, math.ceil(total * programs_per_segment / target))
+    return 0 if longest <= 2 * fair else fair * chunk
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(
+    bounds: tuple[int, ...], programs_per_segment: int, sms: int, device: torch.device, policy: SegmentPolicy
+) -> SegmentPlan:
+    lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    seg = _segment_tokens(lengths, programs_per_segment, sms, CHUNK, policy)
+    rows, offsets = [], [0]
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        cuts = list(range(a, b, seg)) if seg and b > a else [a]
+        for s, lo in enumerate(cuts):
+            hi = min(b, lo + seg) if seg else b
+            rows.append((lo, hi, n, int(s == 0) | (int(s == len(cuts) - 1) << 1)))
+        offsets.append(len(rows))
+    segments = torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device)
+    seq_offsets = torch.tensor(offsets, dtype=torch.int32).to(device)
+    return SegmentPlan(segments, seq_offsets, len(rows), len(lengths), len(rows) > len(lengths))
+
+
+def plan_segments(bounds: tuple[int, ...], programs_per_segment: int, device: torch.device) -> SegmentPlan:
+    """Split the sequences (row offsets ``bounds``) into segments so that segments x ``programs_per_segment``
+    programs fill the GPU. Plans are cached: a training loop with fixed shapes builds one once."""
+    return _plan(bounds, programs_per_segment, sm_count(device), device, POLICY)

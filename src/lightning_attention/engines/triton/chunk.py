@@ -1,0 +1,184 @@
+"""The chunked Triton engine: forward, backward, and the serving prefill into a slot-indexed state cache.
+
+With a scalar decay per head every decay factor is closed-form (lam^(i-j), lam^C), so the running state
+never needs to leave the chip: one program per (segment, head, V-block) walks its chunks in order
+(chunk_scan.py). No per-chunk state is stored; the backward recomputes nothing from the forward.
+
+    forward   o, final = scan(q, k, v, h0, offset 1)                                      1 launch
+    backward  dq       = scan(do, v, k, h0^T, offset 1)                                   1 launch
+              dk, dv, dh0 from one reverse scan of D reading q, k, v, do once  (chunk_bwd.py, 1 launch;
+              two scans of chunk_scan.py for larger heads)
+
+When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and two small
+passes first compute the state entering each segment (chunk_state.py): 3 launches instead of 1, and k, v
+are read twice. Sequences never share a chunk (varlen ``cu_seqlens``; a varlen call reads ``cu_seqlens``
+on the host once to plan the segments).
+
+Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, states ``[N, H, K, V]`` fp32 (see engines/base.py for the
+contract). Accumulation and states are fp32; fp32 inputs use 3xTF32 products (fp32-level accuracy).
+float64 inputs, and head dims K or V above 256, run on the torch engine. The op's ``chunk_size`` is accepted
+for any power of two and mapped to the kernels' 64 (results agree within rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_attention import _validation as val
+from lightning_attention.engines.triton._common import plan_segments, sequence_bounds
+from lightning_attention.engines.triton.chunk_bwd import dkdv, fused_dkdv_fits
+from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment
+from lightning_attention.engines.triton.chunk_state import segment_states
+
+__all__ = ["ENGINE", "TritonChunkEngine", "prefill_into_slots"]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, D] -> contiguous [B * T, H, D] (a view when already contiguous)."""
+    return x.contiguous().reshape(-1, x.shape[2], x.shape[3])
+
+
+def _scan(q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_in, state_out=None, slots=(None, None)):
+    """One scan (engines/base.py contract) over rows ``[R, H, D]``, splitting sequences when that fills the GPU."""
+    slot_ids, slot_used = slots
+    plan = plan_segments(bounds, scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype), q.device)
+    common = dict(scale=scale, k_scale=k_scale, reverse=reverse, shift=shift)
+    if plan.split:
+        s_in = segment_states(
+            k, v, g, plan, k_scale=k_scale, reverse=reverse, shift=shift, state_in=state_in,
+            state_out=state_out, slot_ids=slot_ids, slot_used=slot_used,
+        )  # fmt: skip
+        scan(q, k, v, out, g, plan, **common, state_in=s_in, state_in_per_segment=True)
+    else:
+        slot_args = dict(slot_ids=slot_ids, slot_used=slot_used)
+        scan(q, k, v, out, g, plan, **common, state_in=state_in, state_out=state_out, **slot_args)
+
+
+def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
+    """dk, dv (and dh0) from the state-gradient scan D, run in direction ``reverse``."""
+    if fused_dkdv_fits(q.shape[2], v.shape[2], q.dtype):
+        plan = plan_segments(bounds, q.shape[1], q.device)
+        if plan.split:
+            s_in = segment_states(q, do, g, plan, k_scale=scale, reverse=reverse, shift=1, state_in=dht, state_out=dh0)
+            dkdv(q, k, v, do, dk, dv, g, plan, scale=scale, reverse=reverse, state_in=s_in, state_in_per_segment=True)
+        else:
+            dkdv(q, k, v, do, dk, dv, g, plan, scale=scale, reverse=reverse, state_in=dht, state_out=dh0)
+        return
+    common = dict(scale=1.0, k_scale=scale, reverse=reverse, shift=1)
+    _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0)
+    _scan(v, do, q, dk, g, bounds, **common, state_in=None if dht is None else dht.transpose(-1, -2))
+
+
+class TritonChunkEngine:
+    """engines/base.Engine on the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+
+    @staticmethod
+    def _torch_engine(q: torch.Tensor, v: torch.Tensor):
+        """The torch engine where the kernels do not apply (float64, K or V > MAX_DIM), else None."""
+        if q.dtype == torch.float64 or max(q.shape[-1], v.shape[-1]) > MAX_DIM:
+            from lightning_attention.engines.cpu.chunk import ENGINE as TORCH_ENGINE
+
+            return TORCH_ENGINE
+        return None
+
+    def forward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens):
+        if (fallback := self._torch_engine(q, v)) is not None:
+            return fallback.forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        bounds = sequence_bounds(B, T, cu_seqlens)
+        o = torch.empty(B * T, H, V, dtype=q.dtype, device=q.device)
+        final = None
+        if cfg.output_final_state:
+            final = torch.empty(len(bounds) - 1, H, K, V, dtype=torch.float32, device=q.device)
+        g = g_gamma.float().contiguous()
+        _scan(
+            _rows(q), _rows(k), _rows(v), o, g, bounds,
+            scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=initial_state, state_out=final,
+        )  # fmt: skip
+        return o.view(B, T, H, V), final
+
+    def backward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens, do, dht):
+        if (fallback := self._torch_engine(q, v)) is not None:
+            return fallback.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        bounds = sequence_bounds(B, T, cu_seqlens)
+        q2, k2, v2, do2 = _rows(q), _rows(k), _rows(v), _rows(do.to(q.dtype))
+        g = g_gamma.float().contiguous()
+        dq, dk, dv = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
+        dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
+        h0_t = None if initial_state is None else initial_state.transpose(-1, -2)
+        _scan(do2, v2, k2, dq, g, bounds, scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=h0_t)
+        _dkdv(q2, k2, v2, do2, dk, dv, g, bounds, scale=cfg.scale, reverse=not cfg.reverse, dht=dht, dh0=dh0)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dh0
+
+
+ENGINE = TritonChunkEngine()
+
+
+def prefill_into_slots(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_gamma: torch.Tensor,
+    scale: float | None,
+    cu_seqlens: torch.Tensor | None,
+    state_cache: torch.Tensor,
+    slot_ids: torch.Tensor,
+    use_initial_state: torch.Tensor,
+) -> torch.Tensor:
+    """Varlen prefill (forward only, no autograd) that reads and writes a slot-indexed state cache in place.
+
+    Sequence n of the packed batch starts from ``state_cache[slot_ids[n]]`` if ``use_initial_state[n]``, else
+    from zero, and its final state is written to ``state_cache[slot_ids[n]]`` (cast to the cache's dtype).
+    No gather or scatter copies: the kernels index the cache directly. Slots not named are untouched.
+
+    Args:
+        q, k: ``[1, T, H, K]``; v: ``[1, T, H, V]`` (fp16/bf16/fp32, one dtype); ``[B, T, ...]`` without cu_seqlens.
+        g_gamma: ``[H]`` log-decay per head, ``<= 0``.  scale: multiplies ``q S``; None for ``K ** -0.5``.
+        cu_seqlens: int32/int64 ``[N + 1]`` offsets of the packed sequences (read on the host once), or None
+            for N = B sequences of T tokens.
+        state_cache: ``[num_slots, H, K, V]`` fp32 or bf16, contiguous; updated in place.
+        slot_ids: int ``[N]``, distinct slots (two sequences writing one slot would race).
+        use_initial_state: bool ``[N]``.
+
+    Returns:
+        o ``[B, T, H, V]`` in q's dtype.
+    """
+    val.check_qkv(q, k, v)
+    num_seqs = val.check_cu_seqlens(cu_seqlens, q)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    if q.dtype == torch.float64:
+        raise TypeError(f"prefill_into_slots supports fp16, bf16 and fp32 inputs, got {val.shape_str(q)}")
+    if max(K, V) > MAX_DIM:
+        raise ValueError(
+            f"prefill_into_slots supports head dims K, V <= {MAX_DIM}, got q {val.shape_str(q)}, v {val.shape_str(v)}"
+        )
+    if not isinstance(state_cache, torch.Tensor) or state_cache.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"state_cache must be a float32 or bfloat16 tensor, got {val.shape_str(state_cache)}")
+    if state_cache.dim() != 4 or tuple(state_cache.shape[1:]) != (H, K, V) or not state_cache.is_contiguous():
+        raise ValueError(
+            f"state_cache must be contiguous [num_slots, H, K, V] = [*, {H}, {K}, {V}], "
+            f"got {val.shape_str(state_cache)}"
+        )
+    for name, t, dtypes in (
+        ("slot_ids", slot_ids, (torch.int32, torch.int64)),
+        ("use_initial_state", use_initial_state, (torch.bool,)),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != (num_seqs,):
+            got = val.shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a {'/'.join(map(str, dtypes))} tensor of shape [N={num_seqs}], got {got}")
+    for name, t in (("state_cache", state_cache), ("slot_ids", slot_ids), ("use_initial_state", use_initial_state)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {val.shape_str(t)}")
+    g = val.check_g_gamma(g_gamma, H, q.device).contiguous()
+    scale = val.check_scale(scale, K)
+    B, T = q.shape[:2]
+    bounds = sequence_bounds(B, T, cu_seqlens)
+    o = torch.empty(B * T, H, V, dtype=q.dtype, device=q.device)
+    _scan(
+        _rows(q), _rows(k), _rows(v), o, g, bounds, scale=scale, reverse=False, shift=0,
+        state_in=state_cache, state_out=state_cache, slots=(slot_ids, use_initial_state),
+    )  # fmt: skip
+    return o.view(B, T, H, V)

@@ -1,0 +1,146 @@
+"""Stage: dk and dv in one pass, from the state gradient D held on chip (the backward's reverse scan).
+
+D_t = lam D_{t+1} + scale q_t^T do_t (D_T = dht + scale q_T^T do_T, entering undecayed), dk_t = D_t v_t,
+dv_t = k_t D_t. One program per (segment, head) holds the whole D ``[K, V]`` (fp32) and walks the chunks in
+the scan direction opposite to the forward's. Per chunk (local i, j in that order, D entering the chunk)::
+
+    dv = ((K Q^T) . M) dO * scale + diag(lam^(i+1-e)) K D          M_ij = lam^(i-j) if i >= j else 0
+    dk = ((V dO^T) . M) Q * scale + diag(lam^(i+1-e)) V D^T
+    D' = lam^(n-e) D + scale (diag(lam^(n-1-j)) Q)^T dO            dh0 = lam D_1 (dht for an empty sequence)
+
+q, k, v, do are read once and dk, dv written once: no per-chunk state, no second scan for dk.
+Used when K x V fits a program (see fused_dkdv_fits); larger heads use two scans of chunk_scan.py.
+Shapes: q, k, dk ``[R, H, DK]``; v, do, dv ``[R, H, DV]``; dht, dh0 ``[N, H, DK, DV]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lightning_attention.engines.triton._common import (
+    CHUNK,
+    SegmentPlan,
+    block_dim,
+    chunk_decays,
+    chunk_rows,
+    dot_precision,
+    intra_decay,
+    load_rows,
+    load_state_block,
+    mma,
+    program_block,
+    segment_bounds,
+    state_strides,
+    store_rows,
+    store_state_block,
+)
+
+#: Largest padded K * V the fused kernel holds (a 128 x 128 fp32 state is 64 KiB of registers at 8 warps).
+FUSED_MAX_STATE = 128 * 128
+
+
+@dataclass(frozen=True)
+class DkDvConfig:
+    num_warps: int
+    num_stages: int
+
+
+def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
+    """Tuned once on H100 (benchmarks/gpu/tune_chunk.py, benchmarks/results/chunk_tune_h100.log); cached here."""
+    if dtype == torch.float32:
+        return DkDvConfig(8, 1)
+    return DkDvConfig(8, 2) if block_dim(dk) * block_dim(dv) >= 128 * 128 else DkDvConfig(4, 3)
+
+
+def fused_dkdv_fits(dk: int, dv: int, dtype: torch.dtype) -> bool:
+    """Whether one program can hold D: K and V at most 128 each (padded), half that area for fp32 tiles."""
+    bk, bv = block_dim(dk), block_dim(dv)
+    limit = FUSED_MAX_STATE // 2 if dtype == torch.float32 else FUSED_MAX_STATE
+    return bk <= 128 and bv <= 128 and bk * bv <= limit
+
+
+@triton.jit
+def _dkdv_kernel(
+    q, k, v, do, dk, dv, g_gamma, state_in, state_out, segments,
+    scale, H,
+    si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STATE_IN_PER_SEGMENT: tl.constexpr,
+    STORE_STATE_OUT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    _, _, i_h, i_s = program_block(tl.program_id(0), H, 1, 1)
+    start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
+    g = tl.load(g_gamma + i_h)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k, m_v = o_k < DK, o_v < DV
+    m_state = m_k[:, None] & m_v[None, :]
+    q, k, dk = q + i_h * DK, k + i_h * DK, dk + i_h * DK
+    v, do, dv = v + i_h * DV, do + i_h * DV, dv + i_h * DV
+
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_STATE_IN:
+        row_in = i_s if STATE_IN_PER_SEGMENT else seq
+        state = load_state_block(
+            state_in, row_in, i_h, si_n, si_h, si_k, si_v, o_k, o_v, m_state, segments, segments, False
+        )
+    mask = intra_decay(g, C) * scale
+    length = end - start
+    for c in range(0, tl.cdiv(length, C)):
+        rows, valid = chunk_rows(start, end, c, C, REVERSE)
+        b_q = load_rows(q, rows, valid, H * DK, o_k, m_k)
+        b_k = load_rows(k, rows, valid, H * DK, o_k, m_k)
+        b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
+        b_do = load_rows(do, rows, valid, H * DV, o_v, m_v)
+        q_decay, k_decay, block_decay = chunk_decays(g, c, length, first, C)
+        b_state = state.to(b_q.dtype)
+
+        scores = (mma(b_k, tl.trans(b_q), PRECISION) * mask).to(b_do.dtype)
+        b_dv = mma(scores, b_do, PRECISION)
+        b_dv += mma((b_k * q_decay[:, None]).to(b_k.dtype), b_state, PRECISION)
+        store_rows(dv, b_dv, rows, valid, H * DV, o_v, m_v)
+
+        scores = (mma(b_v, tl.trans(b_do), PRECISION) * mask).to(b_q.dtype)
+        b_dk = mma(scores, b_q, PRECISION)
+        b_dk += mma((b_v * q_decay[:, None]).to(b_v.dtype), tl.trans(b_state), PRECISION)
+        store_rows(dk, b_dk, rows, valid, H * DK, o_k, m_k)
+
+        b_qd = (b_q * (k_decay * scale)[:, None]).to(b_q.dtype)
+        state = state * block_decay + mma(tl.trans(b_qd), b_do, PRECISION)
+    if STORE_STATE_OUT:
+        final = state * tl.exp(g * (length > 0).to(tl.float32))
+        store_state_block(state_out, final, seq, i_h, so_n, so_h, so_k, so_v, o_k, o_v, m_state, segments, False)
+
+
+def dkdv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    g_gamma: torch.Tensor,
+    plan: SegmentPlan,
+    *,
+    scale: float,
+    reverse: bool,
+    state_in: torch.Tensor | None,
+    state_in_per_segment: bool = False,
+    state_out: torch.Tensor | None = None,
+) -> None:
+    """Write dk, dv (and dh0 into ``state_out`` if given). ``reverse`` is the direction of the D scan (the
+    opposite of the forward's); ``state_in`` is dht ``[N, H, K, V]`` or, per segment, S_in ``[S, H, K, V]``."""
+    H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
+    cfg = dkdv_config(DK, DV, q.dtype)
+    _dkdv_kernel[(plan.num_segments * H,)](
+        q, k, v, do, dk, dv, g_gamma, state_in, state_out, plan.segments,
+        float(scale), H, *state_strides(state_in), *state_strides(state_out),
+        DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=CHUNK,
+        REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, STATE_IN_PER_SEGMENT=bool(state_in_per_segment),
+        STORE_STATE_OUT=state_out is not None, PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip

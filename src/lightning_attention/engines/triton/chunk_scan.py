@@ -1,0 +1,178 @@
+"""Stage: the chunked scan with the state on chip (forward output, and the backward's dq).
+
+One program per (segment, head, V-block) walks its segment's chunks in scan order. Per chunk of C tokens
+(local i, j in scan order; S the state entering the chunk, fp32 ``[K, BV]`` in registers)::
+
+    O  = scale * ( ((Q K^T * k_scale) . M) V  +  diag(lam^(i+1-e)) Q S ),     M_ij = lam^(i-j) if i >= j else 0
+    S' = lam^(n-e) S + k_scale * (diag(lam^(n-1-j)) K)^T V                      (n tokens in this chunk)
+
+``e = SHIFT`` on the first chunk of a sequence (the state_offset of engines/base.py: 0 for the forward, 1
+for the backward's state-gradient scans, where dht enters undecayed), else 0. Nothing per chunk is written
+to memory: HBM traffic is q, k, v read once and o written once per V-block.
+The final state is ``lam^SHIFT S`` (``S0`` itself for an empty sequence).
+
+K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM).
+Shapes: q, k ``[R, H, DK]``, v ``[R, H, DV]``, o ``[R, H, DV]`` (R = B * T rows, contiguous);
+states ``[N, H, DK, DV]`` with any strides (so a transposed state needs no copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lightning_attention.engines.triton._common import (
+    CHUNK,
+    SegmentPlan,
+    block_dim,
+    chunk_decays,
+    chunk_rows,
+    dot_precision,
+    intra_decay,
+    load_rows,
+    load_state_block,
+    mma,
+    program_block,
+    segment_bounds,
+    state_strides,
+    store_rows,
+    store_state_block,
+)
+
+
+#: Largest K the scan holds (two halves of 128). V is blocked, but the backward's dk scan uses V as its K.
+MAX_DIM = 256
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    block_v: int
+    num_warps: int
+    num_stages: int
+
+
+def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
+    """Tuned once on H100 (benchmarks/gpu/tune_chunk.py, benchmarks/results/chunk_tune_h100.log); cached here so nothing
+    autotunes at run time. fp32 tiles and two K halves need one pipeline stage to fit shared memory."""
+    bk, bv = block_dim(dk), block_dim(dv)
+    if dtype == torch.float32 or bk >= 256:
+        return ScanConfig(64, 8, 1)
+    if bk * bv >= 128 * 64:
+        return ScanConfig(64, 8, 3)
+    return ScanConfig(64, 4, 3)
+
+
+@triton.jit
+def _scan_kernel(
+    q, k, v, o, g_gamma, state_in, state_out, segments, slot_ids, slot_used,
+    scale, k_scale, H,
+    si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
+    DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, STATE_IN_PER_SEGMENT: tl.constexpr,
+    STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
+    # K = 256 in one tl.dot fault on H100 with triton 3.6.
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    i_v, _, i_h, i_s = program_block(tl.program_id(0), H, 1, NV)
+    start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
+    g = tl.load(g_gamma + i_h)
+
+    o_k0 = tl.arange(0, BKH)
+    o_k1 = BKH + o_k0
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k0, m_k1, m_v = o_k0 < DK, o_k1 < DK, o_v < DV
+    m_s0, m_s1 = m_k0[:, None] & m_v[None, :], m_k1[:, None] & m_v[None, :]
+    q, k = q + i_h * DK, k + i_h * DK
+    v, o = v + i_h * DV, o + i_h * DV
+
+    state0 = tl.zeros([BKH, BV], dtype=tl.float32)
+    state1 = tl.zeros([BKH, BV], dtype=tl.float32)
+    if HAS_STATE_IN:
+        r = i_s if STATE_IN_PER_SEGMENT else seq
+        state0 = load_state_block(
+            state_in, r, i_h, si_n, si_h, si_k, si_v, o_k0, o_v, m_s0, slot_ids, slot_used, USE_SLOTS
+        )
+        if TWO_K:
+            state1 = load_state_block(
+                state_in, r, i_h, si_n, si_h, si_k, si_v, o_k1, o_v, m_s1, slot_ids, slot_used, USE_SLOTS
+            )
+    mask = intra_decay(g, C) * k_scale
+    length = end - start
+    shift = SHIFT * first
+    for c in range(0, tl.cdiv(length, C)):
+        rows, valid = chunk_rows(start, end, c, C, REVERSE)
+        q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C)
+        b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
+        b_q0 = load_rows(q, rows, valid, H * DK, o_k0, m_k0)
+        b_k0 = load_rows(k, rows, valid, H * DK, o_k0, m_k0)
+        scores = mma(b_q0, tl.trans(b_k0), PRECISION)
+        if TWO_K:
+            b_q1 = load_rows(q, rows, valid, H * DK, o_k1, m_k1)
+            b_k1 = load_rows(k, rows, valid, H * DK, o_k1, m_k1)
+            scores += mma(b_q1, tl.trans(b_k1), PRECISION)
+        b_o = mma((scores * mask).to(b_v.dtype), b_v, PRECISION)
+        b_o += mma((b_q0 * q_decay[:, None]).to(b_v.dtype), state0.to(b_v.dtype), PRECISION)
+        if TWO_K:
+            b_o += mma((b_q1 * q_decay[:, None]).to(b_v.dtype), state1.to(b_v.dtype), PRECISION)
+        store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
+        k_weight = (k_decay * k_scale)[:, None]
+        state0 = state0 * block_decay + mma(tl.trans((b_k0 * k_weight).to(b_v.dtype)), b_v, PRECISION)
+        if TWO_K:
+            state1 = state1 * block_decay + mma(tl.trans((b_k1 * k_weight).to(b_v.dtype)), b_v, PRECISION)
+    if STORE_STATE_OUT:
+        final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
+        store_state_block(
+            state_out, state0 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k0, o_v, m_s0, slot_ids, USE_SLOTS
+        )
+        if TWO_K:
+            store_state_block(
+                state_out, state1 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k1, o_v, m_s1, slot_ids, USE_SLOTS
+            )
+
+
+def scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    g_gamma: torch.Tensor,
+    plan: SegmentPlan,
+    *,
+    scale: float,
+    k_scale: float = 1.0,
+    reverse: bool,
+    shift: int,
+    state_in: torch.Tensor | None,
+    state_in_per_segment: bool = False,
+    state_out: torch.Tensor | None = None,
+    slot_ids: torch.Tensor | None = None,
+    slot_used: torch.Tensor | None = None,
+) -> None:
+    """Launch the scan over ``plan``'s segments, writing ``out`` (and ``state_out`` if given) in place.
+
+    q, k ``[R, H, DK]``; v, out ``[R, H, DV]`` contiguous; g_gamma fp32 [H]; state_in ``[N or S, H, DK, DV]``
+    (S = segments when ``state_in_per_segment``) or None; state_out ``[N, H, DK, DV]`` or None. With
+    ``slot_ids`` int [N] the state rows are cache slots (state_in read where ``slot_used``, else zero).
+    """
+    H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
+    cfg = scan_config(DK, DV, q.dtype)
+    nv = triton.cdiv(DV, cfg.block_v)
+    grid = (plan.num_segments * H * nv,)
+    _scan_kernel[grid](
+        q, k, v, out, g_gamma, state_in, state_out, plan.segments, slot_ids, slot_used,
+        float(scale), float(k_scale), H,
+        *state_strides(state_in), *state_strides(state_out),
+        DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=CHUNK,
+        REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
+        STATE_IN_PER_SEGMENT=bool(state_in_per_segment), STORE_STATE_OUT=state_out is not None,
+        USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def scan_programs_per_segment(num_heads: int, dk: int, dv: int, dtype: torch.dtype) -> int:
+    return num_heads * triton.cdiv(dv, scan_config(dk, dv, dtype).block_v)

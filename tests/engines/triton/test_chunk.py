@@ -1,0 +1,242 @@
+"""The chunked Triton engine against the float64 reference: forward, every gradient, the serving prefill.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes; on a GPU the same
+tests run on the device. Tolerance (lightning_attention.testing): the engine's error against the float64
+reference may be at most twice that of plain torch computing the same chunked algorithm in the same dtype
+(the torch engine with its compute dtype set to the input dtype), plus a floor for float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_attention import chunk_lightning_attn, chunk_simple_gla
+from lightning_attention.engines.cpu import _common as torch_engine_common
+from lightning_attention.engines.triton import _common as triton_common
+from lightning_attention.engines.triton.chunk import prefill_into_slots
+from lightning_attention.reference import recurrent_reference
+from lightning_attention.testing import assert_matches_baseline, make_inputs, rel_err
+
+G2 = (-0.05, -1.0)  # a slow and a fast head
+NAMES = ("o", "final_state", "dq", "dk", "dv", "dh0")
+
+
+def split_all_sequences(monkeypatch):
+    """Make the planner cut every sequence into one-chunk segments (the path used when B * H cannot fill the GPU)."""
+    monkeypatch.setattr(triton_common, "POLICY", triton_common.SegmentPolicy(programs_per_sm=1e6))
+
+
+@pytest.fixture
+def split_sequences(monkeypatch):
+    split_all_sequences(monkeypatch)
+
+
+def _random_like(t: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+
+
+def _run(inputs, g, cu_seqlens, reverse, backend, with_dht=True):
+    """Forward + backward through the public op; returns (o, final, dq, dk, dv, dh0 or None)."""
+    q, k, v, h0 = (None if t is None else t.detach().requires_grad_() for t in inputs)
+    o, final = chunk_simple_gla(
+        q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, reverse=reverse, backend=backend
+    )
+    loss = (o.double() * _random_like(o, 1).double()).sum()
+    if with_dht:
+        loss = loss + (final.double() * _random_like(final, 2).double()).sum()
+    grads = torch.autograd.grad(loss, [t for t in (q, k, v, h0) if t is not None])
+    return (o, final, *grads, None) if h0 is None else (o, final, *grads)
+
+
+def _torch_same_dtype(inputs, g, cu_seqlens, reverse, with_dht, monkeypatch):
+    """Plain torch in the inputs' dtype: the torch engine with its compute dtype pinned to that dtype."""
+    with monkeypatch.context() as m:
+        m.setattr(torch_engine_common, "compute_dtype", lambda *tensors: inputs[0].dtype)
+        return _run(inputs, g, cu_seqlens, reverse, "torch", with_dht)
+
+
+def _reference(inputs64, g, cu_seqlens, reverse, with_dht):
+    """The definition (token loop) in float64, gradients by autograd."""
+    q, k, v, h0 = (None if t is None else t.detach().requires_grad_() for t in inputs64)
+    o, final = recurrent_reference(q, k, v, g, None, h0, True, reverse, cu_seqlens)
+    loss = (o * _random_like(o, 1)).sum()
+    if with_dht:
+        loss = loss + (final * _random_like(final, 2)).sum()
+    grads = torch.autograd.grad(loss, [t for t in (q, k, v, h0) if t is not None])
+    return (o, final, *grads, None) if h0 is None else (o, final, *grads)
+
+
+def _check_against_reference(inputs, g, cu_seqlens, reverse, monkeypatch, with_dht=True):
+    device = inputs[0].device
+    g = torch.tensor(g, dtype=torch.float32)
+    got = _run(inputs, g.to(device), cu_seqlens, reverse, "triton", with_dht)
+    base = _torch_same_dtype(inputs, g.to(device), cu_seqlens, reverse, with_dht, monkeypatch)
+    inputs64 = tuple(None if t is None else t.detach().double().cpu() for t in inputs)
+    cu64 = None if cu_seqlens is None else cu_seqlens.cpu()
+    ref = _reference(inputs64, g.double(), cu64, reverse, with_dht)
+    for name, a, b, r in zip(NAMES, got, base, ref):
+        if r is None:
+            assert a is None, name
+            continue
+        assert a.shape == r.shape, name
+        assert_matches_baseline(a.cpu(), r, b.cpu(), name=name, floor=1e-5)
+
+
+CASES = [
+    pytest.param(2, 100, 16, 32, False, None, torch.float32, id="fp32-T100-K16-V32"),
+    pytest.param(2, 100, 16, 32, True, None, torch.float32, id="fp32-reverse"),
+    pytest.param(1, 150, 24, 40, False, [0, 0, 70, 71, 150, 150], torch.float32, id="fp32-varlen-empty-K24-V40"),
+    pytest.param(1, 150, 40, 24, True, [0, 64, 64, 150], torch.bfloat16, id="bf16-varlen-reverse-K40-V24"),
+    pytest.param(2, 80, 32, 16, False, None, torch.float16, id="fp16-K32-V16"),
+]
+
+
+@pytest.mark.parametrize("B, T, K, V, reverse, cu, dtype", CASES)
+def test_matches_reference(triton_device, monkeypatch, B, T, K, V, reverse, cu, dtype):
+    num_seqs = None if cu is None else len(cu) - 1
+    inputs = make_inputs(B, T, 2, K, V, dtype=dtype, device=triton_device, initial_state=True, num_seqs=num_seqs)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=triton_device)
+    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "B, T, cu, reverse",
+    [
+        pytest.param(1, 200, None, False, id="dense"),
+        pytest.param(1, 300, [0, 0, 130, 131, 300], True, id="varlen-empty-reverse"),
+    ],
+)
+def test_split_sequences_match_reference(triton_device, monkeypatch, split_sequences, B, T, cu, reverse):
+    """Segments of 64 tokens: local states, the scan across segments, and the per-segment scans."""
+    num_seqs = None if cu is None else len(cu) - 1
+    inputs = make_inputs(B, T, 2, 16, 24, device=triton_device, initial_state=True, num_seqs=num_seqs)
+    cu_seqlens = None if cu is None else torch.tensor(cu, device=triton_device)
+    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+
+
+@pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])
+def test_large_heads(triton_device, monkeypatch, split):
+    """K=136 pads to 256: the scans hold K as two halves, and dk, dv come from two scans instead of one kernel."""
+    if split:
+        split_all_sequences(monkeypatch)
+    inputs = make_inputs(1, 70, 2, 136, 72, device=triton_device, initial_state=True)
+    _check_against_reference(inputs, G2, None, False, monkeypatch)
+
+
+def test_head_dims_above_256_fall_back_to_torch(triton_device, monkeypatch):
+    inputs = make_inputs(1, 20, 1, 264, 16, device=triton_device, initial_state=True)
+    _check_against_reference(inputs, G2[:1], None, False, monkeypatch)
+
+
+def test_without_initial_state_or_dht(triton_device, monkeypatch):
+    q, k, v, _ = make_inputs(2, 65, 2, 16, 16, device=triton_device)
+    _check_against_reference((q, k, v, None), G2, None, False, monkeypatch, with_dht=False)
+
+
+def test_final_state_under_strongest_decay_with_partial_chunk(triton_device):
+    """T=100 (a 36-token partial chunk), H=4, layer 2 of 8 ("tnl"): lam^64 underflows for the last head;
+    the final state must stay finite and exact (a widely used kernel returns NaN here)."""
+    q, k, v, h0 = make_inputs(1, 100, 4, 32, device=triton_device, initial_state=True)
+    o, final = chunk_lightning_attn(q, k, v, 2, 8, initial_state=h0, output_final_state=True, backend="triton")
+    args64 = [t.double().cpu() for t in (q, k, v)]
+    g = torch.tensor([-(8 / 4) * (1 - 2 / 8) * h for h in range(4)], dtype=torch.float64)
+    ref_o, ref_final = recurrent_reference(*args64, g, None, h0.double().cpu(), True)
+    assert torch.isfinite(final).all() and torch.isfinite(o).all()
+    assert rel_err(final.cpu(), ref_final) < 1e-5 and rel_err(o.cpu(), ref_o) < 1e-5
+
+
+def test_decay_underflow_never_makes_nan(triton_device):
+    """g = -1000: every lam^n underflows to 0 and lam^(-n) would be inf; masks must select, not multiply."""
+    q, k, v, h0 = make_inputs(1, 70, 1, 16, device=triton_device, initial_state=True, requires_grad=True)
+    g = torch.tensor([-1000.0], device=triton_device)
+    o, final = chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
+    (o.sum() + final.sum()).backward()
+    for t in (o, final, q.grad, k.grad, v.grad, h0.grad):
+        assert torch.isfinite(t).all()
+    # With lam = 0 each token sees only itself: o_t = scale * (q_t . k_t) v_t.
+    expected = 16**-0.5 * (q * k).sum(-1, keepdim=True) * v
+    assert rel_err(o.detach(), expected.detach()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [pytest.param(16, id="C16"), pytest.param(128, id="C128")])
+def test_other_chunk_sizes_give_the_same_result(triton_device, chunk_size):
+    q, k, v, h0 = make_inputs(1, 80, 2, 16, device=triton_device, initial_state=True)
+    g = torch.tensor(G2, device=triton_device)
+    o, final = chunk_simple_gla(q, k, v, g, None, h0, True, chunk_size=chunk_size, backend="triton")
+    o64, final64 = chunk_simple_gla(q, k, v, g, None, h0, True, chunk_size=64, backend="triton")
+    assert torch.equal(o, o64) and torch.equal(final, final64)
+
+
+def _prefill_case(device, cache_dtype):
+    cu = torch.tensor([0, 50, 50, 120, 190], device=device)
+    q, k, v, _ = make_inputs(1, 190, 2, 16, 24, device=device)
+    cache = torch.randn(6, 2, 16, 24, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=cache_dtype)
+    slots = torch.tensor([4, 0, 2, 5], device=device)
+    use = torch.tensor([True, True, False, True], device=device)
+    return q, k, v, cu, cache, slots, use
+
+
+@pytest.mark.parametrize(
+    "cache_dtype, split",
+    [
+        pytest.param(torch.float32, False, id="fp32-cache"),
+        pytest.param(torch.bfloat16, False, id="bf16-cache"),
+        pytest.param(torch.float32, True, id="fp32-cache-split"),
+    ],
+)
+def test_prefill_into_slots(triton_device, monkeypatch, cache_dtype, split):
+    if split:
+        split_all_sequences(monkeypatch)
+    q, k, v, cu, cache, slots, use = _prefill_case(triton_device, cache_dtype)
+    g = torch.tensor(G2, device=triton_device)
+    before = cache.clone()
+    h0 = before.float()[slots] * use[:, None, None, None]
+    o = prefill_into_slots(q, k, v, g, None, cu, cache, slots, use)
+    ref_o, ref_final = recurrent_reference(
+        *(t.double().cpu() for t in (q, k, v)), g.double().cpu(), None, h0.double().cpu(), True, False, cu.cpu()
+    )
+    assert rel_err(o.cpu(), ref_o) < 1e-5
+    tol = 1e-5 if cache_dtype == torch.float32 else 8e-3  # the bf16 cache rounds the stored state
+    assert rel_err(cache[slots].cpu(), ref_final) < tol
+    untouched = torch.tensor([1, 3])
+    assert torch.equal(cache[untouched], before[untouched])
+
+
+def test_prefill_into_slots_dense_batch(triton_device):
+    """Without cu_seqlens the B rows of the batch are the sequences."""
+    q, k, v, _ = make_inputs(2, 70, 2, 16, device=triton_device)
+    cache = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(4)).to(triton_device)
+    slots, use = torch.tensor([2, 0], device=triton_device), torch.tensor([True, False], device=triton_device)
+    h0 = cache[slots] * use[:, None, None, None]
+    g = torch.tensor(G2, device=triton_device)
+    o = prefill_into_slots(q, k, v, g, 0.5, None, cache, slots, use)
+    args64 = [t.double().cpu() for t in (q, k, v, g, h0)]
+    ref_o, ref_final = recurrent_reference(*args64[:4], 0.5, args64[4], True)
+    assert rel_err(o.cpu(), ref_o) < 1e-5 and rel_err(cache[slots].cpu(), ref_final) < 1e-5
+
+
+def test_prefill_into_slots_rejects_bad_arguments(triton_device):
+    q, k, v, cu, cache, slots, use = _prefill_case(triton_device, torch.float32)
+    g = torch.tensor(G2, device=triton_device)
+    with pytest.raises(TypeError, match="state_cache"):
+        prefill_into_slots(q, k, v, g, None, cu, cache.half(), slots, use)
+    with pytest.raises(ValueError, match="state_cache"):
+        prefill_into_slots(q, k, v, g, None, cu, cache[:, :, :8], slots, use)
+    with pytest.raises(ValueError, match="slot_ids"):
+        prefill_into_slots(q, k, v, g, None, cu, cache, slots[:3], use)
+    with pytest.raises(ValueError, match="use_initial_state"):
+        prefill_into_slots(q, k, v, g, None, cu, cache, slots, use.int())
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_no_decay_head_over_a_million_tokens_is_finite_in_bf16():
+    """Head 0 of "tnl" has g = 0: the state only grows. 2^20 tokens in bf16 must stay finite and accurate."""
+    T = 1 << 20
+    q, k, v, _ = make_inputs(1, T, 2, 64, dtype=torch.bfloat16, device="cuda")
+    o, final = chunk_lightning_attn(q, k, v, 0, 8, output_final_state=True, backend="triton")
+    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    ref_final = torch.einsum("tk,tv->kv", k[0, :, 0].double(), v[0, :, 0].double())  # g = 0: a plain sum
+    assert rel_err(final[0, 0], ref_final) < 1e-3
