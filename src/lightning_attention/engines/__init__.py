@@ -9,7 +9,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -27,20 +26,19 @@ ALGORITHMS = ("chunk", "recurrent")
 RECURRENT_MAX_T = 64
 
 
-@functools.cache
+# Looked up once at import: torch.compile cannot trace importlib (it would break the graph on every call).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_engines_exist() -> bool:
-    return importlib.util.find_spec("lightning_attention.engines.triton.interface") is not None
+    return _TRITON_FOUND
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn "auto" into a concrete backend for ``device``; check that the requested one can run there."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    triton_ok = triton_available() and _triton_engines_exist()
+    triton_ok = triton_available()
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_ok else "torch"
     if backend == "triton":
