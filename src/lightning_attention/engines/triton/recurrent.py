@@ -1,0 +1,261 @@
+"""Fused recurrent scan in Triton: one program walks one (sequence, head, V-block) token by token, its
+slice of the state held in registers for the whole sequence.
+
+The scan contract of engines/base.py, per sequence and head (lam = exp(g), 1-based t = 1..L)::
+
+    state_offset = 1:  S_t = lam S_{t-1} + k_t^T v_t,      o_t = scale q_t S_t,   final = S_L      (S_0 = S0)
+    state_offset = 0:  S_t = S_{t-1}' + k_t^T v_t,         o_t = scale q_t S_t,   S_t' = lam S_t,  final = S_L'
+
+(offset 0 is the backward's: the incoming state enters undecayed and the final one is decayed once more.)
+``reverse`` walks t = L..1. Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (any float dtypes, read as the
+state dtype), o ``[B, T, H, V]`` in q's dtype, states ``[N, H, K, V]`` float32 (float64 for float64 inputs).
+
+The same kernel reads the initial state from, and writes the final state into, an indexed *slot* of a state
+cache ``[num_slots, H, K, V]`` (float32 or bfloat16, accumulated in float32): that is the varlen prefill of
+the serving API (engines/triton/decode.py), one launch over a packed batch.
+
+Each program reads all of q, k for its head (V / BV times over the grid) and keeps a K x BV state: the work
+per token is K * BV multiply-adds, a short dependency chain that the chunked kernels avoid. For long
+sequences the engine below therefore routes to the chunked engine (same math; see RECURRENT_TRITON_MAX_T).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import triton
+import triton.language as tl
+
+from lightning_attention.engines.base import ScanEngine
+from lightning_attention.engines.cpu._common import compute_dtype
+
+__all__ = [
+    "RECURRENT_TRITON_MAX_T",
+    "RECURRENT_CONFIG",
+    "recurrent_scan",
+    "recurrent_into_slots",
+    "mean_length",
+    "chunk_module",
+    "ENGINE",
+]
+
+#: Mean tokens per sequence above which the Triton recurrent op runs the chunked engine (engines/triton/chunk.py)
+#: instead of the token loop. NOT YET MEASURED on a GPU: 256 is an estimate (the loop does ~K * BV dependent
+#: multiply-adds per token, ~0.5-1 us, while the chunked kernels are bandwidth-bound). Set it from the crossover
+#: that benchmarks/bench_recurrent.py prints (first T where the loop is slower than the chunked engine).
+RECURRENT_TRITON_MAX_T = 256
+
+#: (state tile elements K x BV per program, num_warps). 4096 fp32 elements at 4 warps is ~32 registers per
+#: thread for the state; more columns per program means fewer re-reads of q, k but fewer programs.
+#: Not yet tuned on a GPU: benchmarks/bench_recurrent.py --sweep times the alternatives.
+RECURRENT_CONFIG = (4096, 4)
+
+
+def _block_v(K: int, V: int, state_tile: int) -> int:
+    BK = triton.next_power_of_2(K)
+    return max(16, min(triton.next_power_of_2(V), state_tile // BK))
+
+
+@triton.jit
+def _recurrent_kernel(
+    q,
+    k,
+    v,
+    o,
+    h0,
+    ht,
+    slot_ids,
+    use_h0,
+    cu_seqlens,
+    g_gamma,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    ACC: tl.constexpr,
+    STATE_OFFSET: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PER_SEQ_H0: tl.constexpr,
+    SLOTTED: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    L = eos - bos
+    slot = tl.load(slot_ids + i_n).to(tl.int64) if SLOTTED else i_n.to(tl.int64)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    lam = tl.exp(tl.load(g_gamma + i_h).to(ACC))
+
+    b_h = tl.zeros([BK, BV], dtype=ACC)
+    if HAS_H0:
+        b_h = tl.load(h0 + o_h, mask=m_h, other=0).to(ACC)
+        if PER_SEQ_H0:
+            # Select, never multiply: an unused cache slot may hold anything, NaN included.
+            b_h = tl.where(tl.load(use_h0 + i_n) != 0, b_h, 0.0)
+
+    # Token pointers at the first position walked; `step` moves them one token (backwards when reversed).
+    start = eos - 1 if REVERSE else bos
+    step = -H if REVERSE else H
+    p_q = q + (start * H + i_h) * K + o_k
+    p_k = k + (start * H + i_h) * K + o_k
+    p_v = v + (start * H + i_h) * V + o_v
+    p_o = o + (start * H + i_h) * V + o_v
+    # Token t + 1 is loaded while token t is computed: the loads do not depend on the state, so their latency
+    # leaves the per-token dependency chain.
+    has_token = L > 0
+    b_q = tl.load(p_q, mask=m_k & has_token, other=0).to(ACC)
+    b_k = tl.load(p_k, mask=m_k & has_token, other=0).to(ACC)
+    b_v = tl.load(p_v, mask=m_v & has_token, other=0).to(ACC)
+    for t in range(0, L):
+        has_next = t + 1 < L
+        n_q = tl.load(p_q + step * K, mask=m_k & has_next, other=0).to(ACC)
+        n_k = tl.load(p_k + step * K, mask=m_k & has_next, other=0).to(ACC)
+        n_v = tl.load(p_v + step * V, mask=m_v & has_next, other=0).to(ACC)
+        if STATE_OFFSET == 1:
+            b_h = lam * b_h + b_k[:, None] * b_v[None, :]
+        else:
+            b_h = b_h + b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+        if STATE_OFFSET == 0:
+            b_h = lam * b_h
+        b_q, b_k, b_v = n_q, n_k, n_v
+        p_q += step * K
+        p_k += step * K
+        p_v += step * V
+        p_o += step * V
+    tl.store(ht + o_h, b_h.to(ht.dtype.element_ty), mask=m_h)
+
+
+def _launch(q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seqlens, slot_ids=None, use_h0=None):
+    """Run the kernel; writes ``o`` (returned) and ``final`` (rows ``slot_ids`` of it when given) in place."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    o = torch.empty_like(v, dtype=q.dtype)
+    acc = tl.float64 if compute_dtype(q, k, v, h0) == torch.float64 else tl.float32
+    state_tile, num_warps = RECURRENT_CONFIG
+    BK, BV = triton.next_power_of_2(K), _block_v(K, V, state_tile)
+    if N * H == 0:
+        return o
+    grid = (N * H, triton.cdiv(V, BV))  # N * H first: grid dims 1 and 2 are limited to 65535
+    _recurrent_kernel[grid](
+        q,
+        k,
+        v,
+        o,
+        h0 if h0 is not None else final,
+        final,
+        slot_ids,
+        use_h0,
+        cu_seqlens,
+        g_gamma,
+        float(scale),
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        ACC=acc,
+        STATE_OFFSET=state_offset,
+        REVERSE=bool(reverse),
+        HAS_H0=h0 is not None,
+        PER_SEQ_H0=use_h0 is not None,
+        SLOTTED=slot_ids is not None,
+        VARLEN=cu_seqlens is not None,
+        num_warps=num_warps,
+    )
+    return o
+
+
+def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size):
+    """The scan contract of engines/base.py, token by token on the GPU (chunk_size is unused)."""
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    final = q.new_empty(N, H, K, v.shape[-1], dtype=compute_dtype(q, k, v, state))
+    h0 = None if state is None else state.to(final.dtype).contiguous()
+    g = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
+    o = _launch(q, k, v, g, scale, h0, final, state_offset=state_offset, reverse=reverse, cu_seqlens=cu_seqlens)
+    return o, final
+
+
+def recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state):
+    """Varlen forward that starts sequence n from ``state_cache[slot_ids[n]]`` (or zero where
+    ``use_initial_state[n]`` is False) and writes its final state back into that slot, in place. One launch.
+
+    q, k ``[1, T, H, K]``, v ``[1, T, H, V]``, cu_seqlens int ``[N + 1]``, state_cache ``[num_slots, H, K, V]``
+    float32/bfloat16 contiguous, slot_ids int ``[N]`` distinct and in range (checked by the caller),
+    use_initial_state bool ``[N]``. Returns o ``[1, T, H, V]`` in q's dtype.
+    """
+    g = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
+    return _launch(
+        q,
+        k,
+        v,
+        g,
+        scale,
+        state_cache,
+        state_cache,
+        state_offset=1,
+        reverse=False,
+        cu_seqlens=cu_seqlens,
+        slot_ids=slot_ids,
+        use_h0=use_initial_state,
+    )
+
+
+_RECURRENT = ScanEngine(recurrent_scan)
+
+
+def mean_length(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> float:
+    """Tokens per sequence, from shapes only (no device sync): T, or T / N for packed sequences."""
+    if cu_seqlens is None:
+        return q.shape[1]
+    return q.shape[1] / max(cu_seqlens.numel() - 1, 1)
+
+
+def chunk_module():
+    """The Triton chunked engine's module (engines/triton/chunk.py), or None while it is not part of the package."""
+    if importlib.util.find_spec("lightning_attention.engines.triton.chunk") is None:
+        return None
+    from lightning_attention.engines.triton import chunk
+
+    return chunk
+
+
+class _RoutedRecurrentEngine:
+    """Token loop for short sequences, chunked kernels above RECURRENT_TRITON_MAX_T tokens per sequence."""
+
+    def _pick(self, q, cu_seqlens):
+        if mean_length(q, cu_seqlens) > RECURRENT_TRITON_MAX_T:
+            chunk = chunk_module()
+            if chunk is not None:
+                return chunk.ENGINE
+        return _RECURRENT
+
+    def forward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens):
+        return self._pick(q, cu_seqlens).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+
+    def backward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht):
+        return self._pick(q, cu_seqlens).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+
+
+ENGINE = _RoutedRecurrentEngine()
