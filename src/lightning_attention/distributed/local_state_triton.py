@@ -67,8 +67,9 @@ def decayed_outer_sum_kernel(
             e = base + o_t.to(tl.float32)
         else:
             e = base - o_t.to(tl.float32)
-        # Select, never multiply: past the shard e_j can be negative and exp(g * e_j) inf.
-        b_w = tl.where(m_t, tl.exp(g * e), 0.0)
+        # Select, never multiply: past the shard e_j can be negative and exp(g * e_j) inf. The clamp keeps
+        # those masked lanes finite too (no overflow, no inf even in the discarded branch).
+        b_w = tl.where(m_t, tl.exp(g * tl.maximum(e, 0.0)), 0.0)
         b_aw = (b_a.to(tl.float32) * b_w[:, None]).to(b_c.dtype)
         b_acc += mma(tl.trans(b_aw), b_c, PRECISION)
     p_out = out_ptr + (i_s * tl.num_programs(1) + i_bh).to(tl.int64) * K * V
