@@ -1,18 +1,20 @@
-"""python -m lightning_attention bench: time the chunked op on the GPU against the bandwidth floor and others.
+"""python -m lightning_attention bench: time the ops on the available device.
 
-The logic lives in :mod:`lightning_attention.bench` (so it works from an installed package);
-benchmarks/bench_chunk.py is the same entry point for a source checkout.
+On CUDA: the chunked op against the bandwidth floor, fla, OpenNLPLab's kernel and SDPA
+(:mod:`lightning_attention.bench`; benchmarks/bench_chunk.py is the same entry point). On CPU: the chunked
+torch engine against the token-loop definition (:mod:`lightning_attention.bench_cpu`).
 """
 
 from __future__ import annotations
 
 
 def add_arguments(parser):
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA if present")
     parser.add_argument(
         "--shapes",
         nargs="*",
         default=None,
-        help="shapes BxTxHxD[:bf16|fp16|fp32] (default: the standard list in lightning_attention.bench.SHAPES)",
+        help="shapes BxTxHxD[:bf16|fp16|fp32] (default: lightning_attention.bench.SHAPES; bench_cpu.SHAPES on CPU)",
     )
     parser.add_argument(
         "--providers",
@@ -26,8 +28,14 @@ def add_arguments(parser):
 def run(args) -> int:
     import torch
 
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        from lightning_attention import bench_cpu
+
+        cpu_args = ["--out", args.out, "--threads", str(torch.get_num_threads())]
+        return bench_cpu.main(cpu_args + (["--shapes", *args.shapes] if args.shapes else []))
     if not torch.cuda.is_available():
-        print("bench: needs a CUDA device (none found)")
+        print("bench: --device cuda needs a CUDA device (none found)")
         return 1
     from lightning_attention import bench
 
