@@ -10,6 +10,12 @@ Ops (layout q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, state ``[N, H, K, V]`` fl
   ``(layer_idx, num_layers)`` through :func:`lightning_attention.decay.g_gamma`.
 - :func:`chunk_simple_gla`, :func:`fused_recurrent_simple_gla`: any per-head ``g_gamma [H]``.
 - :mod:`lightning_attention.reference`: the exact (float64-capable) references.
+
+Beyond the ops: :mod:`lightning_attention.nn` (the MiniMax / TransNormerLLM token-mixing layer and its decode
+cache), :mod:`lightning_attention.serving` (decode step and prefill on a slot-indexed state cache),
+:mod:`lightning_attention.distributed` (context parallelism over a process group),
+:mod:`lightning_attention.integrations.transformers` (run transformers' MiniMax on these kernels), and
+``python -m lightning_attention {demo,check,bench}``.
 """
 
 from lightning_attention import decay
