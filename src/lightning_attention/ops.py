@@ -27,7 +27,7 @@ import torch
 
 from lightning_attention import decay
 from lightning_attention import _validation as val
-from lightning_attention.engines import get_engine, resolve_backend
+from lightning_attention.engines import autocast_off, get_engine, resolve_backend
 
 __all__ = [
     "chunk_simple_gla",
@@ -37,13 +37,6 @@ __all__ = [
 ]
 
 _EMPTY = (0,)
-
-
-def _autocast_off(device: torch.device):
-    """The engines pick their own precision (fp32 state and accumulation, o in q's dtype). Without this an
-    enclosing ``torch.autocast`` region reaches the engine's internal matmuls and runs them in bf16/fp16,
-    rounding the fp32 state. Deliberately no ``register_autocast``: it would cast the fp32 state down too."""
-    return torch.autocast(device.type, enabled=False)
 
 
 def _define_scan_op(algorithm: str):
@@ -69,7 +62,7 @@ def _define_scan_op(algorithm: str):
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = val.ScanConfig(scale, reverse, chunk_size, output_final_state)
-        with _autocast_off(q.device):
+        with autocast_off(q.device):
             o, final = get_engine(backend, algorithm).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
         return o, (final if output_final_state else q.new_empty(_EMPTY, dtype=val.state_dtype(q)))
 
@@ -98,7 +91,7 @@ def _define_scan_op(algorithm: str):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = val.ScanConfig(scale, reverse, chunk_size, True)
         engine = get_engine(backend, algorithm)
-        with _autocast_off(q.device):
+        with autocast_off(q.device):
             dq, dk, dv, dh0 = engine.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
         return dq, dk, dv, (dh0 if dh0 is not None else q.new_empty(_EMPTY, dtype=val.state_dtype(q)))
 

@@ -53,7 +53,7 @@ from typing import Union
 import torch
 
 from lightning_attention import _validation as val
-from lightning_attention.engines import resolve_backend
+from lightning_attention.engines import autocast_off, resolve_backend
 
 __all__ = ["PADDING_SLOT", "new_state_cache", "lightning_attn_decode", "lightning_attn_prefill"]
 
@@ -66,11 +66,6 @@ _CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops: the cache is declared mutated, outputs are fresh tensors.
-
-
-def _autocast_off(device: torch.device):
-    """The engines choose their precision (float32 state and accumulation); an enclosing autocast must not."""
-    return torch.autocast(device.type, enabled=False)
 
 
 def _engine(backend: str):
@@ -92,7 +87,7 @@ def decode_op(
     scale: float,
     backend: str,
 ) -> torch.Tensor:
-    with _autocast_off(q.device):
+    with autocast_off(q.device):
         return _engine(backend).decode_step(q, k, v, state_cache, slot_ids, g_gamma, scale)
 
 
@@ -114,7 +109,7 @@ def prefill_op(
     scale: float,
     backend: str,
 ) -> torch.Tensor:
-    with _autocast_off(q.device):
+    with autocast_off(q.device):
         return _engine(backend).prefill_into_slots(
             q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state
         )

@@ -16,7 +16,15 @@ import torch
 
 from lightning_attention.engines.base import Engine
 
-__all__ = ["BACKENDS", "ALGORITHMS", "RECURRENT_MAX_T", "resolve_backend", "get_engine", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "ALGORITHMS",
+    "RECURRENT_MAX_T",
+    "resolve_backend",
+    "get_engine",
+    "triton_available",
+    "autocast_off",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 ALGORITHMS = ("chunk", "recurrent")
@@ -32,6 +40,14 @@ _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 def triton_available() -> bool:
     return _TRITON_FOUND
+
+
+def autocast_off(device: torch.device):
+    """Context for running an engine: the engines pick their own precision (fp32 state and accumulation, outputs
+    in the inputs' dtype). Without this an enclosing ``torch.autocast`` region reaches the engines' internal
+    matmuls and runs them in bf16/fp16, rounding the fp32 state. The ops deliberately register no autocast rule
+    either: it would cast the fp32 state down too."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
