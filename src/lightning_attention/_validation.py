@@ -61,13 +61,13 @@ def check_g_gamma(g_gamma: torch.Tensor, num_heads: int, device: torch.device) -
         raise TypeError(f"g_gamma must be a floating tensor, got {shape_str(g_gamma)}")
     if g_gamma.shape != (num_heads,):
         raise ValueError(f"g_gamma must have shape [H={num_heads}], got {shape_str(g_gamma)}")
-    if _values_readable(g_gamma):
+    if values_readable(g_gamma):
         if not bool(torch.isfinite(g_gamma).all()) or bool((g_gamma > 0).any()):
             raise ValueError(f"g_gamma must be finite and <= 0 (decay exp(g) <= 1), got {g_gamma.tolist()}")
     return g_gamma.detach().to(device=device, dtype=torch.float32)
 
 
-def _values_readable(t: torch.Tensor) -> bool:
+def values_readable(t: torch.Tensor) -> bool:
     """Values can be checked without a device sync or a trace break: a real CPU tensor, eager mode."""
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -88,7 +88,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
         raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1, got {shape_str(cu_seqlens)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {shape_str(cu_seqlens)}")
-    if _values_readable(cu_seqlens):
+    if values_readable(cu_seqlens):
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {bounds[:8]}")

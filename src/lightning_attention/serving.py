@@ -198,7 +198,7 @@ def _check_slot_ids(slot_ids, num_ids: int, num_slots: int, device, allow_paddin
         raise ValueError(f"slot_ids must be [N={num_ids}] (one slot per sequence), got {val.shape_str(slot_ids)}")
     if slot_ids.device != device and slot_ids.device.type != "cpu":
         raise ValueError(f"slot_ids must be on q's device {device} or on the CPU, got {val.shape_str(slot_ids)}")
-    if val._values_readable(slot_ids):
+    if val.values_readable(slot_ids):
         error = _slot_id_errors(slot_ids.tolist(), num_slots, allow_padding)
     elif check and not torch.compiler.is_compiling() and not _capturing(slot_ids):
         valid = _device_ids_are_valid(slot_ids, num_slots, allow_padding)
