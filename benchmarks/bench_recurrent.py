@@ -61,7 +61,7 @@ def _fwd_bwd(op, q, k, v, h0, g):
 
 
 def bench_t_sweep(rows, table):
-    chunk_engine = recurrent.chunk_module().ENGINE
+    chunk_engine = recurrent.chunk.ENGINE
     table.add("| B | H | T | loop fwd ms | chunked fwd ms | loop / chunked | recurrent op fwd ms | op / chunked op fwd+bwd |",
               "|---|---|---|---|---|---|---|---|")
     for B, H in SHAPES:

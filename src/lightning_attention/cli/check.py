@@ -47,7 +47,7 @@ CASES = (
     Case("B2 T100 h0", 2, 100),
     Case("B1 T100 h0 reverse", 1, 100, reverse=True),
     Case("varlen [0,0,1,40,100] h0", 1, 100, cu_seqlens=(0, 0, 1, 40, 100)),
-    Case("B2 T37 h0", 2, 37),  # the recurrent op's token loop (T <= engines.RECURRENT_MAX_T)
+    Case("B2 T37 h0", 2, 37),  # the recurrent op's token loop (<= engines.RECURRENT_MAX_T tokens per sequence)
 )
 
 

@@ -2,7 +2,7 @@
 
 Backends:
     "torch"  : chunked torch engine (engines/cpu), any device; the recurrent algorithm runs token by token
-               for T <= RECURRENT_MAX_T and chunked above (same math, same results within rounding).
+               up to RECURRENT_MAX_T tokens per sequence (mean) and chunked above (base.LengthRoutedEngine).
     "triton" : Triton kernels (engines/triton) on CUDA; on CPU only under TRITON_INTERPRET=1 (tests).
     "auto"   : "triton" for CUDA tensors when Triton is importable, else "torch".
 """
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from lightning_attention.engines.base import Engine
+from lightning_attention.engines.base import Engine, LengthRoutedEngine
 
 __all__ = [
     "BACKENDS",
@@ -29,7 +29,7 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton")
 ALGORITHMS = ("chunk", "recurrent")
 
-#: Above this many tokens per sequence the torch recurrent op runs the chunked scan: a token loop costs a
+#: Above this many tokens per sequence (mean) the torch recurrent op runs the chunked scan: a token loop costs a
 #: few small kernel calls per token, the chunked form a few large ones per 64 tokens.
 RECURRENT_MAX_T = 64
 
@@ -65,32 +65,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-class _TorchEngine:
-    """The torch backend: chunked scan, or the token loop for short recurrent calls."""
-
-    def __init__(self, algorithm: str):
-        self.algorithm = algorithm
-
-    def _pick(self, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> Engine:
-        from lightning_attention.engines.cpu import chunk, recurrent
-
-        if self.algorithm == "recurrent" and q.shape[1] <= RECURRENT_MAX_T:
-            return recurrent.ENGINE
-        return chunk.ENGINE
-
-    def forward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens):
-        return self._pick(q, cu_seqlens).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
-
-    def backward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht):
-        return self._pick(q, cu_seqlens).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
-
-
 def get_engine(backend: str, algorithm: str) -> Engine:
     """``backend`` already resolved (see :func:`resolve_backend`); ``algorithm`` in :data:`ALGORITHMS`."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if backend == "torch":
-        return _TorchEngine(algorithm)
+        from lightning_attention.engines.cpu import chunk, recurrent
+
+        if algorithm == "chunk":
+            return chunk.ENGINE
+        return LengthRoutedEngine(recurrent.ENGINE, chunk.ENGINE, lambda: RECURRENT_MAX_T)
     from lightning_attention.engines.triton import interface
 
     return interface.get_engine(algorithm)

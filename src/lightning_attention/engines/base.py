@@ -30,7 +30,7 @@ import torch
 
 from lightning_attention._validation import ScanConfig
 
-__all__ = ["Scan", "Engine", "ScanEngine"]
+__all__ = ["Scan", "Engine", "ScanEngine", "LengthRoutedEngine", "tokens_per_sequence"]
 
 
 class Scan(Protocol):
@@ -78,3 +78,28 @@ class ScanEngine:
         dv, dh0 = scan(k, q_scaled, do, g_gamma, 1.0, dht, 0, not cfg.reverse, cu_seqlens, C)
         dk, _ = scan(v, do, q_scaled, g_gamma, 1.0, transpose_state(dht), 0, not cfg.reverse, cu_seqlens, C)
         return dq, dk, dv, (dh0 if initial_state is not None else None)
+
+
+def tokens_per_sequence(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> float:
+    """Mean tokens per sequence, from shapes only (no device sync): T, or T / N for packed sequences."""
+    if cu_seqlens is None:
+        return q.shape[1]
+    return q.shape[1] / max(cu_seqlens.numel() - 1, 1)
+
+
+class LengthRoutedEngine:
+    """The recurrent op's rule: a token-loop engine for short sequences, the chunked engine above a threshold
+    (same math, same results within rounding), so a long prompt through the recurrent op costs what the chunked
+    op costs. The threshold is read at call time (``max_tokens()``), in mean tokens per sequence."""
+
+    def __init__(self, short: Engine, long: Engine, max_tokens: Callable[[], float]):
+        self.short, self.long, self.max_tokens = short, long, max_tokens
+
+    def pick(self, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> Engine:
+        return self.short if tokens_per_sequence(q, cu_seqlens) <= self.max_tokens() else self.long
+
+    def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens):
+        return self.pick(q, cu_seqlens).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+
+    def backward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht):
+        return self.pick(q, cu_seqlens).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)

@@ -146,7 +146,5 @@ def test_recurrent_kernel_prefill_into_slots(triton_device, schedule, cache_dtyp
 @pytest.mark.parametrize("schedule, cache_dtype", SCHEDULES_AND_CACHES)
 def test_prefill_routed_to_the_chunked_kernel(triton_device, monkeypatch, schedule, cache_dtype):
     """Long prompts run the chunked engine's prefill (issue 8): lengths crossing several 64-token chunks."""
-    if getattr(triton_recurrent.chunk_module(), "prefill_into_slots", None) is None:
-        pytest.skip("engines/triton/chunk.py has no prefill_into_slots yet")
     monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 0)
     _check_prefill(triton_device, triton_decode.prefill_into_slots, schedule, cache_dtype, [200, 1, 0, 67])

@@ -21,6 +21,7 @@ from tests.closed_form import closed_form_scan
 from tests.engines.triton.rounding import round_like_kernel
 
 triton_recurrent = pytest.importorskip("lightning_attention.engines.triton.recurrent")
+triton_chunk = pytest.importorskip("lightning_attention.engines.triton.chunk")
 
 H, K, V = 3, 16, 8  # K != V
 # "tnl", layer 0 of 3 heads: g = 0 (no decay), -8/3, -16/3 (lam^64 underflows in float32).
@@ -143,23 +144,19 @@ def test_empty_sequence_passes_the_state_through(triton_device):
 
 
 def test_routing_rule():
-    """Mean tokens per sequence above RECURRENT_TRITON_MAX_T -> chunked engine (when it exists), else the loop."""
+    """Mean tokens per sequence above RECURRENT_TRITON_MAX_T -> the chunked engine, else the token loop."""
     threshold = triton_recurrent.RECURRENT_TRITON_MAX_T
     short = torch.empty(1, threshold, 1, 1)
     long = torch.empty(1, threshold + 1, 1, 1)
     two_seqs = torch.tensor([0, 1, threshold + 1])  # mean length (threshold + 1) / 2: the loop
     engine = triton_recurrent.ENGINE
-    assert engine._pick(short, None) is triton_recurrent._RECURRENT
-    assert engine._pick(long, two_seqs) is triton_recurrent._RECURRENT
-    chunk = triton_recurrent.chunk_module()
-    expected = triton_recurrent._RECURRENT if chunk is None else chunk.ENGINE
-    assert engine._pick(long, None) is expected
+    assert engine.pick(short, None) is triton_recurrent._RECURRENT
+    assert engine.pick(long, two_seqs) is triton_recurrent._RECURRENT
+    assert engine.pick(long, None) is triton_chunk.ENGINE
 
 
 def test_routed_long_sequence_matches_reference(triton_device, monkeypatch):
-    """Past the threshold the op gives the same results (the chunked engine when present)."""
-    if triton_recurrent.chunk_module() is None:
-        pytest.skip("engines/triton/chunk.py is not part of the package yet")
+    """Past the threshold the op gives the same results (on the chunked engine)."""
     monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 16)
     q, k, v, h0 = make_inputs(1, 70, H, K, V, initial_state=True)
     q_d, k_d, v_d, g_d, h0_d = _to(triton_device, q, k, v, G_GAMMA, h0)

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_attention.engines.triton import recurrent
+from lightning_attention.engines.base import tokens_per_sequence
+from lightning_attention.engines.triton import chunk, recurrent
 
 __all__ = ["DECODE_CONFIGS", "decode_step", "prefill_into_slots"]
 
@@ -117,18 +118,12 @@ def decode_step(q, k, v, state_cache, slot_ids, g_gamma, scale, config=None):
     return o
 
 
-def _chunk_prefill():
-    """The chunked engine's slot-indexed prefill (engines/triton/chunk.py), or None while it is absent."""
-    return getattr(recurrent.chunk_module(), "prefill_into_slots", None)
-
-
 def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state):
     """Varlen prefill into cache slots, one launch (arguments as recurrent.recurrent_into_slots). Returns o.
 
     Long prompts (mean length above recurrent.RECURRENT_TRITON_MAX_T) run the chunked kernel, short ones the
     token loop: the same routing rule as the recurrent op.
     """
-    chunked = _chunk_prefill()
-    if chunked is not None and recurrent.mean_length(q, cu_seqlens) > recurrent.RECURRENT_TRITON_MAX_T:
-        return chunked(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
+    if tokens_per_sequence(q, cu_seqlens) > recurrent.RECURRENT_TRITON_MAX_T:
+        return chunk.prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
     return recurrent.recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)

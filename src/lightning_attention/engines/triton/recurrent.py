@@ -21,22 +21,19 @@ sequences the engine below therefore routes to the chunked engine (same math; se
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import triton
 import triton.language as tl
 
-from lightning_attention.engines.base import ScanEngine
+from lightning_attention.engines.base import LengthRoutedEngine, ScanEngine
 from lightning_attention.engines.cpu._common import compute_dtype
+from lightning_attention.engines.triton import chunk
 
 __all__ = [
     "RECURRENT_TRITON_MAX_T",
     "RECURRENT_CONFIG",
     "recurrent_scan",
     "recurrent_into_slots",
-    "mean_length",
-    "chunk_module",
     "ENGINE",
 ]
 
@@ -225,37 +222,5 @@ def recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_
 _RECURRENT = ScanEngine(recurrent_scan)
 
 
-def mean_length(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> float:
-    """Tokens per sequence, from shapes only (no device sync): T, or T / N for packed sequences."""
-    if cu_seqlens is None:
-        return q.shape[1]
-    return q.shape[1] / max(cu_seqlens.numel() - 1, 1)
-
-
-def chunk_module():
-    """The Triton chunked engine's module (engines/triton/chunk.py), or None while it is not part of the package."""
-    if importlib.util.find_spec("lightning_attention.engines.triton.chunk") is None:
-        return None
-    from lightning_attention.engines.triton import chunk
-
-    return chunk
-
-
-class _RoutedRecurrentEngine:
-    """Token loop for short sequences, chunked kernels above RECURRENT_TRITON_MAX_T tokens per sequence."""
-
-    def _pick(self, q, cu_seqlens):
-        if mean_length(q, cu_seqlens) > RECURRENT_TRITON_MAX_T:
-            chunk = chunk_module()
-            if chunk is not None:
-                return chunk.ENGINE
-        return _RECURRENT
-
-    def forward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens):
-        return self._pick(q, cu_seqlens).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
-
-    def backward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht):
-        return self._pick(q, cu_seqlens).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
-
-
-ENGINE = _RoutedRecurrentEngine()
+# The chunked engine above RECURRENT_TRITON_MAX_T tokens per sequence (read at call time, so it can be tuned).
+ENGINE = LengthRoutedEngine(_RECURRENT, chunk.ENGINE, lambda: RECURRENT_TRITON_MAX_T)
