@@ -187,7 +187,9 @@ def fused_recurrent_simple_gla(
 
     Same arguments and returns as :func:`chunk_simple_gla`. Short sequences run token by token with the
     state held on chip; long ones are routed to the chunked kernels internally (same results within
-    rounding, and no 10x slowdown for a long prompt): see :data:`lightning_attention.engines.RECURRENT_MAX_T`.
+    rounding, and no 10x slowdown for a long prompt): the threshold in mean tokens per sequence is
+    :data:`lightning_attention.engines.RECURRENT_MAX_T` (torch) and
+    :data:`lightning_attention.engines.triton.recurrent.RECURRENT_TRITON_MAX_T` (Triton).
     """
     return _run(
         recurrent_scan_op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, 64, backend
