@@ -144,3 +144,12 @@ def check_chunk_size(chunk_size) -> int:
 def check_no_extra_kwargs(op: str, kwargs: dict) -> None:
     if kwargs:
         raise TypeError(f"{op}() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+
+
+def check_scan_inputs(q, k, v, g_gamma, scale, initial_state, cu_seqlens, chunk_size):
+    """Every check of a scan op's arguments, in order. Returns ``(g_gamma float32 [H], scale, chunk_size)``."""
+    check_qkv(q, k, v)
+    num_seqs = check_cu_seqlens(cu_seqlens, q)
+    check_initial_state(initial_state, q, v, num_seqs)
+    g = check_g_gamma(g_gamma, q.shape[2], q.device)
+    return g, check_scale(scale, q.shape[-1]), check_chunk_size(chunk_size)

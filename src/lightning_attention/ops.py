@@ -124,12 +124,7 @@ recurrent_scan_op = _define_scan_op("recurrent")
 
 
 def _run(op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, chunk_size, backend):
-    val.check_qkv(q, k, v)
-    num_seqs = val.check_cu_seqlens(cu_seqlens, q)
-    val.check_initial_state(initial_state, q, v, num_seqs)
-    g = val.check_g_gamma(g_gamma, q.shape[2], q.device)
-    scale = val.check_scale(scale, q.shape[-1])
-    chunk_size = val.check_chunk_size(chunk_size)
+    g, scale, chunk_size = val.check_scan_inputs(q, k, v, g_gamma, scale, initial_state, cu_seqlens, chunk_size)
     backend = resolve_backend(backend, q.device)
     o, final = op(q, k, v, g, initial_state, cu_seqlens, scale, bool(reverse), chunk_size, bool(output_final_state), backend)
     return o, (final if output_final_state else None)

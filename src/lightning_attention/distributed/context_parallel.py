@@ -240,11 +240,7 @@ def context_parallel_simple_gla(
 
     Varlen (``cu_seqlens``) is not supported: every batch row is one sequence spanning all shards.
     """
-    val.check_qkv(q, k, v)
-    val.check_initial_state(initial_state, q, v, q.shape[0])
-    g = val.check_g_gamma(g_gamma, q.shape[2], q.device)
-    scale = val.check_scale(scale, q.shape[-1])
-    chunk_size = val.check_chunk_size(chunk_size)
+    g, scale, chunk_size = val.check_scan_inputs(q, k, v, g_gamma, scale, initial_state, None, chunk_size)
     backend = resolve_backend(backend, q.device)
     group, rank, world_size = _check_group(group, q.device)
     cfg = val.ScanConfig(scale, bool(reverse), chunk_size, bool(output_final_state))
