@@ -213,6 +213,17 @@ def test_empty_sequence(op):
     torch.testing.assert_close(final, torch.zeros(2, H, K, V), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("T", [0, 1, 70])
+@pytest.mark.parametrize("op", OPS)
+def test_empty_batch(op, T):
+    """B == 0 (an empty batch, e.g. a serving step with no running sequence): empty outputs and gradients."""
+    q, k, v, h0 = make_inputs(0, T, H, K, V, requires_grad=True, initial_state=True)
+    o, final = op(q, k, v, G_GAMMA, initial_state=h0, output_final_state=True)
+    assert o.shape == (0, T, H, V) and final.shape == (0, H, K, V)
+    grads = torch.autograd.grad(o.sum() + final.sum(), (q, k, v, h0), allow_unused=False)
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v, h0)]
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_inputs_not_modified(op):
     cu_seqlens = torch.tensor([0, 0, 1, 70, 130])

@@ -17,13 +17,14 @@ from lightning_attention.engines.cpu._common import run_scan
 def recurrent_scan_dense(q, k, v, g, state):
     """Unscaled scan from ``state`` [B, H, K, V] or None (engines/cpu/_common.py's DenseScan)."""
     B, H, T, K = q.shape
+    V = v.shape[-1]
     lam = torch.exp(g)[None, :, None, None]
-    state = state.clone() if state is not None else q.new_zeros(B, H, K, v.shape[-1])
-    o = q.new_empty(B, H, T, v.shape[-1])
+    state = state.clone() if state is not None else q.new_zeros(B, H, K, V)
+    o = q.new_empty(B, H, T, V)
     for t in range(T):
         state = torch.baddbmm(
-            (lam * state).reshape(B * H, K, -1), k[:, :, t].reshape(B * H, K, 1), v[:, :, t].reshape(B * H, 1, -1)
-        ).view(B, H, K, -1)
+            (lam * state).reshape(B * H, K, V), k[:, :, t].reshape(B * H, K, 1), v[:, :, t].reshape(B * H, 1, V)
+        ).view(B, H, K, V)
         o[:, :, t] = (q[:, :, t, None, :] @ state).squeeze(-2)
     return o, state
 
