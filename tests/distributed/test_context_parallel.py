@@ -219,6 +219,9 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
             results["chained"] = "ERROR: " + traceback.format_exc()
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # Tear down only once every rank is done: a rank destroying its gloo pairs while a peer still sends
+        # was seen to abort the process ("terminate called without an active exception") in one CI run.
+        dist.barrier()
         dist.destroy_process_group()
 
 
