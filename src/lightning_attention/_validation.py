@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: dtypes of the serving state cache (accumulation is float32 either way).
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -153,3 +155,22 @@ def check_scan_inputs(q, k, v, g_gamma, scale, initial_state, cu_seqlens, chunk_
     check_initial_state(initial_state, q, v, num_seqs)
     g = check_g_gamma(g_gamma, q.shape[2], q.device)
     return g, check_scale(scale, q.shape[-1]), check_chunk_size(chunk_size)
+
+
+def check_state_cache(state_cache, q: torch.Tensor, v: torch.Tensor) -> int:
+    """A slot-indexed state cache [num_slots, H, K, V] for q [..., H, K], v [..., V]. Returns num_slots."""
+    if not isinstance(state_cache, torch.Tensor):
+        raise TypeError(f"state_cache must be a torch.Tensor, got {type(state_cache).__name__}")
+    H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
+    if state_cache.dim() != 4 or tuple(state_cache.shape[1:]) != (H, K, V):
+        raise ValueError(f"state_cache must be [num_slots, H={H}, K={K}, V={V}], got {shape_str(state_cache)}")
+    if state_cache.dtype not in CACHE_DTYPES:
+        raise TypeError(f"state_cache must be float32 or bfloat16, got {shape_str(state_cache)}")
+    if state_cache.device != q.device:
+        raise ValueError(f"state_cache must be on q's device {q.device}, got {shape_str(state_cache)}")
+    if not state_cache.is_contiguous():
+        raise ValueError(
+            f"state_cache must be contiguous (it is updated in place, a copy would lose the update), "
+            f"got strides {state_cache.stride()}"
+        )
+    return state_cache.shape[0]

@@ -61,7 +61,6 @@ __all__ = ["PADDING_SLOT", "new_state_cache", "lightning_attn_decode", "lightnin
 PADDING_SLOT = -1
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,25 +146,6 @@ def _check_common_dtype_device(q, k, v) -> None:
         raise ValueError(f"q, k, v must be on one device: q {val.shape_str(q)}, k {val.shape_str(k)}, v {val.shape_str(v)}")
 
 
-def _check_state_cache(state_cache, q: torch.Tensor, v: torch.Tensor) -> int:
-    """Returns num_slots."""
-    if not isinstance(state_cache, torch.Tensor):
-        raise TypeError(f"state_cache must be a torch.Tensor, got {type(state_cache).__name__}")
-    H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-    if state_cache.dim() != 4 or tuple(state_cache.shape[1:]) != (H, K, V):
-        raise ValueError(f"state_cache must be [num_slots, H={H}, K={K}, V={V}], got {val.shape_str(state_cache)}")
-    if state_cache.dtype not in _CACHE_DTYPES:
-        raise TypeError(f"state_cache must be float32 or bfloat16, got {val.shape_str(state_cache)}")
-    if state_cache.device != q.device:
-        raise ValueError(f"state_cache must be on q's device {q.device}, got {val.shape_str(state_cache)}")
-    if not state_cache.is_contiguous():
-        raise ValueError(
-            f"state_cache must be contiguous (it is updated in place, a copy would lose the update), "
-            f"got strides {state_cache.stride()}"
-        )
-    return state_cache.shape[0]
-
-
 def _slot_id_errors(ids: list[int], num_slots: int, allow_padding: bool) -> str | None:
     low = PADDING_SLOT if allow_padding else 0
     bad = sorted({s for s in ids if not low <= s < num_slots})
@@ -240,7 +220,7 @@ def new_state_cache(
     device: Union[str, torch.device, None] = None,
 ) -> torch.Tensor:
     """A zeroed state cache ``[num_slots, H, K, V]`` (float32 or bfloat16) for one layer."""
-    if dtype not in _CACHE_DTYPES:
+    if dtype not in val.CACHE_DTYPES:
         raise TypeError(f"dtype must be float32 or bfloat16, got {dtype}")
     V = head_k_dim if head_v_dim is None else head_v_dim
     return torch.zeros(num_slots, num_heads, head_k_dim, V, dtype=dtype, device=device)
@@ -275,7 +255,7 @@ def lightning_attn_decode(
         ``o [N, H, V]`` in q's dtype.
     """
     _check_decode_qkv(q, k, v)
-    num_slots = _check_state_cache(state_cache, q, v)
+    num_slots = val.check_state_cache(state_cache, q, v)
     H, K = q.shape[1], q.shape[2]
     g = val.check_g_gamma(g_gamma, H, q.device)
     scale = val.check_scale(scale, K)
@@ -322,7 +302,7 @@ def lightning_attn_prefill(
     if cu_seqlens is None:
         raise ValueError("cu_seqlens is required: prefill runs a packed batch of sequences, q [1, T, H, K]")
     num_seqs = val.check_cu_seqlens(cu_seqlens, q)
-    num_slots = _check_state_cache(state_cache, q, v)
+    num_slots = val.check_state_cache(state_cache, q, v)
     H, K = q.shape[2], q.shape[3]
     g = val.check_g_gamma(g_gamma, H, q.device)
     scale = val.check_scale(scale, K)

@@ -155,13 +155,7 @@ def prefill_into_slots(
         raise ValueError(
             f"prefill_into_slots supports head dims K, V <= {MAX_DIM}, got q {val.shape_str(q)}, v {val.shape_str(v)}"
         )
-    if not isinstance(state_cache, torch.Tensor) or state_cache.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"state_cache must be a float32 or bfloat16 tensor, got {val.shape_str(state_cache)}")
-    if state_cache.dim() != 4 or tuple(state_cache.shape[1:]) != (H, K, V) or not state_cache.is_contiguous():
-        raise ValueError(
-            f"state_cache must be contiguous [num_slots, H, K, V] = [*, {H}, {K}, {V}], "
-            f"got {val.shape_str(state_cache)}"
-        )
+    val.check_state_cache(state_cache, q, v)
     for name, t, dtypes in (
         ("slot_ids", slot_ids, (torch.int32, torch.int64)),
         ("use_initial_state", use_initial_state, (torch.bool,)),
@@ -169,7 +163,7 @@ def prefill_into_slots(
         if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != (num_seqs,):
             got = val.shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a {'/'.join(map(str, dtypes))} tensor of shape [N={num_seqs}], got {got}")
-    for name, t in (("state_cache", state_cache), ("slot_ids", slot_ids), ("use_initial_state", use_initial_state)):
+    for name, t in (("slot_ids", slot_ids), ("use_initial_state", use_initial_state)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {val.shape_str(t)}")
     g = val.check_g_gamma(g_gamma, H, q.device).contiguous()
