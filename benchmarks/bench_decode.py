@@ -36,7 +36,8 @@ from lightning_attention.testing import rel_err
 H, K, V = 64, 128, 128
 BATCHES = (64, 256)
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SWEEP = [(16, 128, 2), (32, 128, 4), (64, 128, 4), (64, 128, 8), (64, 32, 4), (128, 128, 8), (128, 32, 4), (128, 64, 8)]
+SWEEP = [(64, 128, 4), (64, 128, 2), (64, 64, 4), (64, 64, 2), (64, 32, 2), (128, 128, 4), (128, 64, 4), (128, 64, 8),
+         (128, 32, 8), (128, 128, 8), (128, 128, 16)]
 GRAPH_STEPS = 16
 #: "cuda", or "cpu" for a --smoke run of the script's logic through the Triton interpreter at tiny shapes.
 DEVICE = "cuda"

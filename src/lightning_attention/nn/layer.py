@@ -107,8 +107,10 @@ class LightningAttention(nn.Module):
         self.schedule, self.activation = schedule, activation
         self.scale = decay.default_scale(schedule, head_dim) if scale is None else float(scale)
         self.chunk_size, self.backend = chunk_size, backend
-        # Kept outside the module's buffers so that model.to(torch.bfloat16) cannot round the decay.
-        self._g_gamma = {torch.device("cpu"): decay.g_gamma(num_heads, layer_idx, num_layers, schedule=schedule)}
+        # Kept outside the module's buffers so that model.to(torch.bfloat16) cannot round the decay; copies
+        # per device are made on first (eager) use.
+        self._g_gamma_host = decay.g_gamma(num_heads, layer_idx, num_layers, schedule=schedule)
+        self._g_gamma_on: dict[torch.device, torch.Tensor] = {}
 
         inner = num_heads * head_dim
         factory = {"device": device, "dtype": dtype}
@@ -120,14 +122,13 @@ class LightningAttention(nn.Module):
     def g_gamma(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """This layer's per-head log-decay, float32 ``[H]`` on ``device`` (cached per device)."""
         device = torch.device(device)
-        if device not in self._g_gamma:
-            g_gamma = self._g_gamma[torch.device("cpu")].to(device)
-            if torch.compiler.is_compiling():
-                # Filling the cache while tracing makes dynamo guard on the dict, so the next call (which
-                # finds the entry) would recompile: seen on CUDA as 2 graphs instead of 1.
-                return g_gamma
-            self._g_gamma[device] = g_gamma
-        return self._g_gamma[device]
+        if torch.compiler.is_compiling():
+            # Traced into the graph as a constant, never through the cache: dynamo would guard on the dict's
+            # keys, and the next eager call filling it would force a recompile (seen on CUDA: 2 graphs, not 1).
+            return decay.g_gamma(self.num_heads, self.layer_idx, self.num_layers, schedule=self.schedule, device=device)
+        if device not in self._g_gamma_on:
+            self._g_gamma_on[device] = self._g_gamma_host.to(device)
+        return self._g_gamma_on[device]
 
     def forward(
         self,

@@ -33,9 +33,9 @@ from lightning_attention.engines.triton import chunk, recurrent
 __all__ = ["DECODE_CONFIGS", "decode_step", "prefill_into_slots"]
 
 #: (BV, BK, num_warps) per cache dtype: each program owns a K x BV tile of one slot and head, walked in
-#: BK-row blocks. Not yet tuned on a GPU (a 16 KB fp32 tile per program, 128-byte rows): benchmarks/bench_decode.py
-#: --sweep times the alternatives against the memory floor.
-DECODE_CONFIGS = {torch.float32: (32, 128, 4), torch.bfloat16: (64, 128, 4)}
+#: BK-row blocks. Tuned on H100 (benchmarks/bench_decode.py --sweep, benchmarks/results/decode_sweep_h100.md):
+#: fp32 (128, 64, 8) ran at 1.055x / 1.021x the floor at N = 64 / 256 (the first guess, (32, 128, 4): 1.16x / 1.14x).
+DECODE_CONFIGS = {torch.float32: (128, 64, 8), torch.bfloat16: (64, 128, 4)}
 
 
 @triton.jit
