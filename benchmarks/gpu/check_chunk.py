@@ -96,9 +96,10 @@ def main() -> int:
     ok = True
     ok &= check("2x65536x4 K128 V128 bf16", 2, 65536, 4, 128, 128, torch.bfloat16)
     ok &= check("1x65536x4 K64 V96 fp16 reverse", 1, 65536, 4, 64, 96, torch.float16, reverse=True)
-    cu = _mixed_lengths(200, 6000)
+    cu = _mixed_lengths(150, 4000)  # (~300k tokens: the float64 baseline's backward must fit the card)
     ok &= check(f"varlen {len(cu) - 1} seqs T={cu[-1]} bf16", 1, cu[-1], 8, 128, 128, torch.bfloat16, cu=cu)
-    ok &= check(f"varlen {len(cu) - 1} seqs reverse fp32", 1, cu[-1], 4, 128, 64, torch.float32, True, cu)
+    cu = _mixed_lengths(100, 3000, seed=1)  # (the fp64 baseline of the case above in fp32 ran out of memory)
+    ok &= check(f"varlen {len(cu) - 1} seqs T={cu[-1]} reverse fp32", 1, cu[-1], 4, 128, 64, torch.float32, True, cu)
     ok &= check("1x32768x8 K128 V128 bf16 (split)", 1, 32768, 8, 128, 128, torch.bfloat16)
     ok &= check("4x8192x8 K128 V128 fp32", 4, 8192, 8, 128, 128, torch.float32)
     ok &= check("2x8192x4 K256 V256 bf16", 2, 8192, 4, 256, 256, torch.bfloat16)

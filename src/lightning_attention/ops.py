@@ -39,6 +39,21 @@ __all__ = [
 _EMPTY = (0,)
 
 
+def _scan_forward(algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend):
+    """The engine's forward (shared by the custom op and the eager path): ``(o, final or None)``."""
+    cfg = val.ScanConfig(scale, reverse, chunk_size, output_final_state)
+    with autocast_off(q.device):
+        o, final = get_engine(backend, algorithm).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+    return o, (final if output_final_state else None)
+
+
+def _scan_backward(algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend):
+    """The engine's backward: ``(dq, dk, dv, dh0 or None)``."""
+    cfg = val.ScanConfig(scale, reverse, chunk_size, True)
+    with autocast_off(q.device):
+        return get_engine(backend, algorithm).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+
+
 def _define_scan_op(algorithm: str):
     """Register ``lightning_attention::{algorithm}_scan`` (+ its backward op) as custom ops with autograd.
 
@@ -46,6 +61,9 @@ def _define_scan_op(algorithm: str):
     """
     fwd_name = f"lightning_attention::{algorithm}_scan"
     bwd_name = f"lightning_attention::{algorithm}_scan_backward"
+
+    def _empty_state(q):
+        return q.new_empty(_EMPTY, dtype=val.state_dtype(q))
 
     @torch.library.custom_op(fwd_name, mutates_args=())
     def scan(
@@ -61,10 +79,10 @@ def _define_scan_op(algorithm: str):
         output_final_state: bool,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = val.ScanConfig(scale, reverse, chunk_size, output_final_state)
-        with autocast_off(q.device):
-            o, final = get_engine(backend, algorithm).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
-        return o, (final if output_final_state else q.new_empty(_EMPTY, dtype=val.state_dtype(q)))
+        o, final = _scan_forward(
+            algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend
+        )
+        return o, (final if final is not None else _empty_state(q))
 
     @scan.register_fake
     def _(q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend):
@@ -89,15 +107,14 @@ def _define_scan_op(algorithm: str):
         chunk_size: int,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg = val.ScanConfig(scale, reverse, chunk_size, True)
-        engine = get_engine(backend, algorithm)
-        with autocast_off(q.device):
-            dq, dk, dv, dh0 = engine.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
-        return dq, dk, dv, (dh0 if dh0 is not None else q.new_empty(_EMPTY, dtype=val.state_dtype(q)))
+        dq, dk, dv, dh0 = _scan_backward(
+            algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend
+        )
+        return dq, dk, dv, (dh0 if dh0 is not None else _empty_state(q))
 
     @scan_backward.register_fake
     def _(q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend):
-        dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(_EMPTY, dtype=val.state_dtype(q))
+        dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
 
     def setup_context(ctx, inputs, output):
@@ -123,11 +140,44 @@ chunk_scan_op = _define_scan_op("chunk")
 recurrent_scan_op = _define_scan_op("recurrent")
 
 
-def _run(op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, chunk_size, backend):
+class _EagerScan(torch.autograd.Function):
+    """The eager path: the same engine calls as the custom ops, without the dispatcher's per-call cost.
+
+    Measured on H100 (benchmarks/gpu/host_overhead.py, 8x4096x16x64 bf16): through the custom op, a forward
+    cost ~250 us of host time on top of the engine's ~100 us, so small shapes were host-bound. The custom ops
+    serve torch.compile / export (they are what a traced graph records) and torch.library.opcheck.
+    """
+
+    @staticmethod
+    def forward(ctx, algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend):  # noqa: E501
+        o, final = _scan_forward(
+            algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend
+        )
+        ctx.save_for_backward(q, k, v, g_gamma, initial_state, cu_seqlens)
+        ctx.config = (algorithm, scale, reverse, chunk_size, backend)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g_gamma, initial_state, cu_seqlens = ctx.saved_tensors
+        algorithm, scale, reverse, chunk_size, backend = ctx.config
+        dq, dk, dv, dh0 = _scan_backward(
+            algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend
+        )
+        return None, dq, dk, dv, None, (dh0 if initial_state is not None else None), *(None,) * 6
+
+
+_OPS = {"chunk": chunk_scan_op, "recurrent": recurrent_scan_op}
+
+
+def _run(algorithm, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, chunk_size, backend):
     g, scale, chunk_size = val.check_scan_inputs(q, k, v, g_gamma, scale, initial_state, cu_seqlens, chunk_size)
     backend = resolve_backend(backend, q.device)
-    o, final = op(q, k, v, g, initial_state, cu_seqlens, scale, bool(reverse), chunk_size, bool(output_final_state), backend)
-    return o, (final if output_final_state else None)
+    args = (q, k, v, g, initial_state, cu_seqlens, scale, bool(reverse), chunk_size, bool(output_final_state), backend)
+    if torch.compiler.is_compiling():
+        o, final = _OPS[algorithm](*args)
+        return o, (final if output_final_state else None)
+    return _EagerScan.apply(algorithm, *args)
 
 
 def chunk_simple_gla(
@@ -160,9 +210,7 @@ def chunk_simple_gla(
     Returns:
         ``(o [B, T, H, V] in q's dtype, final_state [N, H, K, V] or None)``.
     """
-    return _run(
-        chunk_scan_op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, chunk_size, backend
-    )
+    return _run("chunk", q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, chunk_size, backend)
 
 
 def fused_recurrent_simple_gla(
@@ -186,9 +234,7 @@ def fused_recurrent_simple_gla(
     :data:`lightning_attention.engines.RECURRENT_MAX_T` (torch) and
     :data:`lightning_attention.engines.triton.recurrent.RECURRENT_TRITON_MAX_T` (Triton).
     """
-    return _run(
-        recurrent_scan_op, q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, 64, backend
-    )
+    return _run("recurrent", q, k, v, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens, 64, backend)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,6 +14,7 @@ import torch
 from lightning_attention import chunk_lightning_attn, chunk_simple_gla
 from lightning_attention.engines.cpu import _common as torch_engine_common
 from lightning_attention.engines.triton import _common as triton_common
+from lightning_attention.engines.triton import chunk as chunk_engine
 from lightning_attention.engines.triton.chunk import prefill_into_slots
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import assert_matches_baseline, make_inputs, rel_err
@@ -114,6 +115,16 @@ def test_split_sequences_match_reference(triton_device, monkeypatch, split_seque
     inputs = make_inputs(B, T, 2, 16, 24, device=triton_device, initial_state=True, num_seqs=num_seqs)
     cu_seqlens = None if cu is None else torch.tensor(cu, device=triton_device)
     _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, id="fused-dkdv"), pytest.param(False, id="two-scans")])
+def test_both_dkdv_routes_match_reference(triton_device, monkeypatch, fused):
+    """dk, dv come from the fused kernel (small heads) or two scans (heads from 128 x 128 on); both routes, forced
+    at one shape, against the reference (varlen with an empty sequence, reverse, initial state)."""
+    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv, dtype: fused)
+    cu = [0, 70, 70, 150]
+    inputs = make_inputs(1, 150, 2, 40, 24, device=triton_device, initial_state=True, num_seqs=len(cu) - 1)
+    _check_against_reference(inputs, G2, torch.tensor(cu, device=triton_device), True, monkeypatch)
 
 
 @pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])

@@ -85,13 +85,14 @@ def store_rows(ptr, value, rows, valid, row_stride, cols, col_mask):
 
 
 @triton.jit
-def mma(a, b, PRECISION: tl.constexpr):
-    """tl.dot with fp32 accumulation. PRECISION "upcast": multiply in fp32 (exact for 16-bit operands), used
-    for bf16 under the CPU interpreter, whose bf16 tl.dot returns garbage (triton 3.6)."""
+def mma(a, b, PRECISION: tl.constexpr, acc=None):
+    """``acc + a @ b`` (``a @ b`` without acc) with fp32 accumulation. PRECISION "upcast": multiply in fp32
+    (exact for 16-bit operands), used for bf16 under the CPU interpreter, whose bf16 tl.dot returns garbage
+    (triton 3.6)."""
     if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PRECISION)
+        return tl.dot(a, b, acc=acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -164,11 +165,16 @@ def state_strides(state: torch.Tensor | None) -> tuple[int, int, int, int]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: three tf32 products per dot (fp32-level accuracy on the tensor cores); 16-bit: native
-    (see :func:`mma` for bf16 under the interpreter). Read at launch, after TRITON_INTERPRET is set."""
+    """Tensor-core precision of the kernels' products. 16-bit inputs: native (see :func:`mma` for bf16 under the
+    interpreter). fp32 inputs follow ``torch.get_float32_matmul_precision()``, as torch's own matmuls do:
+    "highest" (torch's default): three tf32 products per dot, fp32-level accuracy; "high" or "medium": one tf32
+    product (about 1e-3 relative error, several times faster; benchmarks/results/chunk.md).
+    Read at launch, after TRITON_INTERPRET is set."""
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         return "upcast"
-    return "tf32x3" if dtype == torch.float32 else "tf32"  # (the precision flag only affects fp32 operands)
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"  # (the precision flag only affects fp32 operands)
 
 
 @functools.cache

@@ -26,7 +26,7 @@ import torch
 
 from lightning_attention import _validation as val
 from lightning_attention.engines.triton._common import plan_segments, sequence_bounds
-from lightning_attention.engines.triton.chunk_bwd import dkdv, fused_dkdv_fits
+from lightning_attention.engines.triton.chunk_bwd import dkdv, use_fused_dkdv
 from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment
 from lightning_attention.engines.triton.chunk_state import segment_states
 
@@ -56,7 +56,7 @@ def _scan(q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_
 
 def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
     """dk, dv (and dh0) from the state-gradient scan D, run in direction ``reverse``."""
-    if fused_dkdv_fits(q.shape[2], v.shape[2], q.dtype):
+    if use_fused_dkdv(q.shape[2], v.shape[2], q.dtype):
         plan = plan_segments(bounds, q.shape[1], q.device)
         if plan.split:
             s_in = segment_states(q, do, g, plan, k_scale=scale, reverse=reverse, shift=1, state_in=dht, state_out=dh0)

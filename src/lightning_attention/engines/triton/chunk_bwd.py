@@ -9,7 +9,7 @@ the scan direction opposite to the forward's. Per chunk (local i, j in that orde
     D' = lam^(n-e) D + scale (diag(lam^(n-1-j)) Q)^T dO            dh0 = lam D_1 (dht for an empty sequence)
 
 q, k, v, do are read once and dk, dv written once: no per-chunk state, no second scan for dk.
-Used when K x V fits a program (see fused_dkdv_fits); larger heads use two scans of chunk_scan.py.
+Used for small heads (see use_fused_dkdv); larger heads use two scans of chunk_scan.py.
 Shapes: q, k, dk ``[R, H, DK]``; v, do, dv ``[R, H, DV]``; dht, dh0 ``[N, H, DK, DV]``.
 """
 
@@ -39,14 +39,15 @@ from lightning_attention.engines.triton._common import (
     store_state_block,
 )
 
-#: Largest padded K * V the fused kernel holds (a 128 x 128 fp32 state is 64 KiB of registers at 8 warps).
-FUSED_MAX_STATE = 128 * 128
+#: Largest padded K * V the fused kernel takes (a 128 x 64 fp32 state is 32 KiB of registers).
+FUSED_MAX_STATE = 128 * 64
 
 
 @dataclass(frozen=True)
 class DkDvConfig:
     num_warps: int
     num_stages: int
+    chunk: int = CHUNK
 
 
 def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
@@ -56,8 +57,10 @@ def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
     return DkDvConfig(8, 2) if block_dim(dk) * block_dim(dv) >= 128 * 128 else DkDvConfig(4, 3)
 
 
-def fused_dkdv_fits(dk: int, dv: int, dtype: torch.dtype) -> bool:
-    """Whether one program can hold D: K and V at most 128 each (padded), half that area for fp32 tiles."""
+def use_fused_dkdv(dk: int, dv: int, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel runs (else two scans of chunk_scan.py): it holds the whole K x V state in one
+    program, which spills registers from 128 x 128 on, where the two scans (two programs per SM each) are
+    faster on H100 despite reading q, do twice (benchmarks/results/chunk_NOTES.md)."""
     bk, bv = block_dim(dk), block_dim(dv)
     limit = FUSED_MAX_STATE // 2 if dtype == torch.float32 else FUSED_MAX_STATE
     return bk <= 128 and bv <= 128 and bk * bv <= limit
@@ -139,7 +142,7 @@ def dkdv(
     _dkdv_kernel[(plan.num_segments * H,)](
         q, k, v, do, dk, dv, g_gamma, state_in, state_out, plan.segments,
         float(scale), H, *state_strides(state_in), *state_strides(state_out),
-        DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=CHUNK,
+        DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
         REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, STATE_IN_PER_SEGMENT=bool(state_in_per_segment),
         STORE_STATE_OUT=state_out is not None, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -52,16 +52,17 @@ class ScanConfig:
     block_v: int
     num_warps: int
     num_stages: int
+    chunk: int = CHUNK
 
 
 def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
-    """Tuned once on H100 (benchmarks/gpu/tune_chunk.py, benchmarks/results/chunk_tune_h100.log); cached here so nothing
-    autotunes at run time. fp32 tiles and two K halves need one pipeline stage to fit shared memory."""
-    bk, bv = block_dim(dk), block_dim(dv)
-    if dtype == torch.float32 or bk >= 256:
+    """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
+    nothing autotunes at run time. 16-bit tiles run 4 warps: about 240 registers per thread, so two programs
+    share an SM. Two K halves (K > 128) need 8 warps and fp32 tiles one pipeline stage to fit shared memory."""
+    if dtype == torch.float32:
         return ScanConfig(64, 8, 1)
-    if bk * bv >= 128 * 64:
-        return ScanConfig(64, 8, 3)
+    if block_dim(dk) >= 256:
+        return ScanConfig(64, 8, 2)
     return ScanConfig(64, 4, 3)
 
 
@@ -109,20 +110,28 @@ def _scan_kernel(
         b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
         b_q0 = load_rows(q, rows, valid, H * DK, o_k0, m_k0)
         b_k0 = load_rows(k, rows, valid, H * DK, o_k0, m_k0)
-        scores = mma(b_q0, tl.trans(b_k0), PRECISION)
         if TWO_K:
             b_q1 = load_rows(q, rows, valid, H * DK, o_k1, m_k1)
             b_k1 = load_rows(k, rows, valid, H * DK, o_k1, m_k1)
-            scores += mma(b_q1, tl.trans(b_k1), PRECISION)
-        b_o = mma((scores * mask).to(b_v.dtype), b_v, PRECISION)
-        b_o += mma((b_q0 * q_decay[:, None]).to(b_v.dtype), state0.to(b_v.dtype), PRECISION)
+        # Order and operand choices keep registers low enough for two programs per SM (measured on H100:
+        # 243 registers at 4 warps, no spills; 0.425 ms vs 0.58 ms at 4x8192x32x128 bf16): the state is
+        # advanced first and only its low-precision copy (a shared-memory operand) stays live for Q S; the
+        # per-token decays scale V (the smaller tile) and the Q S product, so Q and K feed the tensor cores
+        # straight from shared memory.
+        s_low0 = state0.to(b_v.dtype)
         if TWO_K:
-            b_o += mma((b_q1 * q_decay[:, None]).to(b_v.dtype), state1.to(b_v.dtype), PRECISION)
+            s_low1 = state1.to(b_v.dtype)
+        v_weighted = (b_v * (k_decay * k_scale)[:, None]).to(b_v.dtype)
+        state0 = mma(tl.trans(b_k0), v_weighted, PRECISION, state0 * block_decay)
+        if TWO_K:
+            state1 = mma(tl.trans(b_k1), v_weighted, PRECISION, state1 * block_decay)
+        b_o = mma(b_q0, s_low0, PRECISION)
+        scores = mma(b_q0, tl.trans(b_k0), PRECISION)
+        if TWO_K:
+            b_o = mma(b_q1, s_low1, PRECISION, b_o)
+            scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
+        b_o = mma((scores * mask).to(b_v.dtype), b_v, PRECISION, b_o * q_decay[:, None])
         store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
-        k_weight = (k_decay * k_scale)[:, None]
-        state0 = state0 * block_decay + mma(tl.trans((b_k0 * k_weight).to(b_v.dtype)), b_v, PRECISION)
-        if TWO_K:
-            state1 = state1 * block_decay + mma(tl.trans((b_k1 * k_weight).to(b_v.dtype)), b_v, PRECISION)
     if STORE_STATE_OUT:
         final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
         store_state_block(
@@ -166,7 +175,7 @@ def scan(
         q, k, v, out, g_gamma, state_in, state_out, plan.segments, slot_ids, slot_used,
         float(scale), float(k_scale), H,
         *state_strides(state_in), *state_strides(state_out),
-        DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=CHUNK,
+        DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
         REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
         STATE_IN_PER_SEGMENT=bool(state_in_per_segment), STORE_STATE_OUT=state_out is not None,
         USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype),

@@ -34,8 +34,9 @@ __all__ = ["DECODE_CONFIGS", "decode_step", "prefill_into_slots"]
 
 #: (BV, BK, num_warps) per cache dtype: each program owns a K x BV tile of one slot and head, walked in
 #: BK-row blocks. Tuned on H100 (benchmarks/bench_decode.py --sweep, benchmarks/results/decode_sweep_h100.md):
-#: fp32 (128, 64, 8) ran at 1.055x / 1.021x the floor at N = 64 / 256 (the first guess, (32, 128, 4): 1.16x / 1.14x).
-DECODE_CONFIGS = {torch.float32: (128, 64, 8), torch.bfloat16: (64, 128, 4)}
+#: fp32 (128, 64, 8) ran at 1.055x / 1.021x the floor at N = 64 / 256 (the first guess, (32, 128, 4): 1.16x / 1.14x);
+#: bf16 (128, 128, 4) at 1.10x / 1.03x (first guess (64, 128, 4): 1.16x / 1.11x).
+DECODE_CONFIGS = {torch.float32: (128, 64, 8), torch.bfloat16: (128, 128, 4)}
 
 
 @triton.jit

@@ -38,14 +38,16 @@ __all__ = [
 ]
 
 #: Mean tokens per sequence above which the Triton recurrent op runs the chunked engine (engines/triton/chunk.py)
-#: instead of the token loop. NOT YET MEASURED on a GPU: 256 is an estimate (the loop does ~K * BV dependent
-#: multiply-adds per token, ~0.5-1 us, while the chunked kernels are bandwidth-bound). Set it from the crossover
-#: that benchmarks/bench_recurrent.py prints (first T where the loop is slower than the chunked engine).
-RECURRENT_TRITON_MAX_T = 256
+#: instead of the token loop. Measured on H100 (benchmarks/bench_recurrent.py, K = V = 128, bf16;
+#: benchmarks/results/recurrent_h100.md): the loop does ~K * BV dependent multiply-adds per token (0.6 us per
+#: token at B=4, H=16) and ties with the one-chunk chunked kernel at T = 16 (1.04x; 0.60x at B=16, H=32), but is
+#: 1.5-1.9x slower at T = 32 and 12-18x at T = 8192. So the loop only serves very short inputs (a few decode
+#: tokens per sequence, short prefills), where its single launch without a segment plan wins.
+RECURRENT_TRITON_MAX_T = 16
 
 #: (state tile elements K x BV per program, num_warps). 4096 fp32 elements at 4 warps is ~32 registers per
 #: thread for the state; more columns per program means fewer re-reads of q, k but fewer programs.
-#: Not yet tuned on a GPU: benchmarks/bench_recurrent.py --sweep times the alternatives.
+#: Tuned on H100 (bench_recurrent.py --sweep, B=4, H=16, T=256): 0.128 ms, best of six (0.143-0.264 ms).
 RECURRENT_CONFIG = (4096, 4)
 
 

@@ -1,0 +1,225 @@
+"""Design exploration for the chunked Triton engine (device only; notes in benchmarks/results/chunk_NOTES.md).
+
+Answers, at the issue's main shape (4 x 8192 x 32 x 128 bf16) and a few others:
+1. ``stream``: how fast the scan's access pattern can go with no math at all (one program per (sequence, head,
+   V-block) walking 64-row chunks, reading q, k, v and writing o), for V-blocks of 64 (q, k read twice) and 128.
+2. ``fwd``: the forward scan over (V-block, warps, stages, chunk), with registers / spills / shared memory.
+3. ``bwd``: the backward's two launches (dq scan, fused dk/dv) alone, in sequence, and on two CUDA streams.
+4. ``candidates``: at every benchmark shape, the forward's candidate configs, the backward with the fused dk/dv
+   kernel vs two scans, and the segment policy where sequences are split.
+5. ``--ncu``: one forward and one backward at the main shape, for Nsight Compute (see run_explore.sh).
+
+    python benchmarks/gpu/explore_chunk.py [stream] [fwd] [bwd] [candidates] | --ncu
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from lightning_attention import _validation as val
+from lightning_attention import decay
+import os
+
+from lightning_attention.engines.triton import _common, chunk_bwd, chunk_scan
+from lightning_attention.engines.triton import chunk as chunk_engine
+from lightning_attention.engines.triton.chunk import ENGINE, _dkdv, _rows, _scan
+
+MAIN = (4, 8192, 32, 128)
+OTHERS = [(4, 2048, 32, 128), (1, 32768, 8, 128), (8, 4096, 16, 64)]
+
+
+def _time(fn) -> float:
+    try:
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    except Exception as e:  # a config that does not compile (e.g. out of shared memory) is skipped
+        print(f"    failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        return float("inf")
+
+
+def _inputs(B, T, H, D, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+    return q, k, v, do, decay.g_gamma(H, 2, 8, device="cuda")
+
+
+def _floor_ms(nbytes: int, bw: float) -> float:
+    return nbytes / bw * 1e3
+
+
+def _kernel_stats(jit_fn) -> str:
+    """Registers, spills and shared memory of the most recently compiled variant of ``jit_fn``."""
+    try:
+        kernels = [k for cache in jit_fn.device_caches.values() for k in cache[0].values()]
+        k = kernels[-1]
+        return f"regs {k.n_regs} spills {k.n_spills} smem {k.metadata.shared // 1024} KiB"
+    except Exception as e:  # diagnostics only
+        return f"(stats unavailable: {type(e).__name__})"
+
+
+@triton.jit
+def _stream_kernel(q, k, v, o, T, H, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    NV: tl.constexpr = DV // BV
+    pid = tl.program_id(0)
+    i_v, i_h, i_b = pid % NV, (pid // NV) % H, pid // (NV * H)
+    o_k, o_v, o_c = tl.arange(0, DK), i_v * BV + tl.arange(0, BV), tl.arange(0, C)
+    base = i_b.to(tl.int64) * T * H
+    for c in range(0, tl.cdiv(T, C)):
+        rows = base + (c * C + o_c) * H + i_h
+        b_q = tl.load(q + rows[:, None] * DK + o_k[None, :])
+        b_k = tl.load(k + rows[:, None] * DK + o_k[None, :])
+        b_v = tl.load(v + rows[:, None] * DV + o_v[None, :])
+        extra = tl.sum(b_q.to(tl.float32) + b_k.to(tl.float32), axis=1)
+        tl.store(o + rows[:, None] * DV + o_v[None, :], (b_v.to(tl.float32) + extra[:, None]).to(o.dtype.element_ty))
+
+
+def explore_stream(bw: float) -> None:
+    B, T, H, D = MAIN
+    q, k, v, _, _ = _inputs(B, T, H, D)
+    o = torch.empty_like(v)
+    floor = _floor_ms(4 * q.numel() * q.element_size(), bw)
+    print(f"== stream (no math) {B}x{T}x{H}x{D} bf16, floor {floor:.3f} ms", flush=True)
+    for bv, warps, stages in itertools.product((64, 128), (4, 8), (1, 2, 3)):
+        grid = (B * H * (D // bv),)
+        ms = _time(lambda: _stream_kernel[grid](q, k, v, o, T, H, DK=D, DV=D, BV=bv, C=64, num_warps=warps, num_stages=stages))
+        print(f"  BV={bv} warps={warps} stages={stages}: {ms:.3f} ms = {ms / floor:.2f}x floor  {_kernel_stats(_stream_kernel)}", flush=True)
+
+
+def explore_fwd(bw: float) -> None:
+    cfg = val.ScanConfig(scale=128**-0.5)
+    default = chunk_scan.scan_config
+    for shape in [MAIN] + OTHERS:
+        B, T, H, D = shape
+        q, k, v, _, g = _inputs(B, T, H, D)
+        floor = _floor_ms(4 * q.numel() * q.element_size(), bw)
+        print(f"== fwd {B}x{T}x{H}x{D} bf16, floor {floor:.3f} ms; default {default(D, D, q.dtype)}", flush=True)
+        configs = itertools.product((64, 128), (4, 8), (1, 2, 3), (64, 128))
+        if shape != MAIN:  # the main shape's sweep picks the candidates; here the plausible ones
+            configs = [(64, 4, 3, 64), (64, 8, 3, 64), (64, 4, 1, 64), (128, 8, 2, 64), (64, 8, 2, 128), (128, 8, 2, 128)]
+        for bv, warps, stages, chunk in configs:
+            if bv > _common.block_dim(D):
+                continue
+            conf = chunk_scan.ScanConfig(bv, warps, stages, chunk)
+            chunk_scan.scan_config = lambda dk, dv, dt, conf=conf: conf
+            ms = _time(lambda: ENGINE.forward(q, k, v, g, cfg, None, None))
+            print(f"  {conf}: {ms:.3f} ms = {ms / floor:.2f}x  {_kernel_stats(chunk_scan._scan_kernel)}", flush=True)
+        for pps in (2.0, 4.0):
+            _common.POLICY = _common.SegmentPolicy(pps)
+            for bv in (64, 128):
+                conf = chunk_scan.ScanConfig(bv, 8, 2 if bv == 128 else 3)
+                chunk_scan.scan_config = lambda dk, dv, dt, conf=conf: conf
+                ms = _time(lambda: ENGINE.forward(q, k, v, g, cfg, None, None))
+                print(f"  policy {pps} {conf}: {ms:.3f} ms = {ms / floor:.2f}x", flush=True)
+        _common.POLICY = _common.SegmentPolicy()
+        chunk_scan.scan_config = default
+
+
+def explore_bwd(bw: float) -> None:
+    cfg = val.ScanConfig(scale=128**-0.5)
+    side = torch.cuda.Stream()
+    for shape in [MAIN] + OTHERS:
+        B, T, H, D = shape
+        q, k, v, do, g = _inputs(B, T, H, D)
+        floor = _floor_ms(7 * q.numel() * q.element_size(), bw)
+        bounds = _common.sequence_bounds(B, T, None)
+        q2, k2, v2, do2 = _rows(q), _rows(k), _rows(v), _rows(do)
+        dq, dk, dv = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
+        s = cfg.scale
+
+        def dq_scan():
+            _scan(do2, v2, k2, dq, g, bounds, scale=s, reverse=False, shift=0, state_in=None)
+
+        def dkdv():
+            _dkdv(q2, k2, v2, do2, dk, dv, g, bounds, scale=s, reverse=True, dht=None, dh0=None)
+
+        def both_streams():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                dq_scan()
+            dkdv()
+            torch.cuda.current_stream().wait_stream(side)
+
+        t_dq, t_dkdv = _time(dq_scan), _time(dkdv)
+        t_seq = _time(lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None))
+        t_par = _time(both_streams)
+        print(f"== bwd {B}x{T}x{H}x{D} bf16 (floor {floor:.3f} ms): dq {t_dq:.3f}, dkdv {t_dkdv:.3f}, engine {t_seq:.3f}, "
+              f"two streams {t_par:.3f} ms  {_kernel_stats(chunk_bwd._dkdv_kernel)}", flush=True)
+        if shape == MAIN:
+            default = chunk_bwd.dkdv_config
+            for warps, stages, chunk in itertools.product((4, 8), (1, 2, 3), (64, 128)):
+                conf = chunk_bwd.DkDvConfig(warps, stages, chunk)
+                chunk_bwd.dkdv_config = lambda dk_, dv_, dt, conf=conf: conf
+                print(f"  dkdv {conf}: {_time(dkdv):.3f} ms  {_kernel_stats(chunk_bwd._dkdv_kernel)}", flush=True)
+            chunk_bwd.dkdv_config = default
+
+
+def explore_candidates(bw: float) -> None:
+    from lightning_attention.bench import SHAPES
+
+    cfg = val.ScanConfig(scale=128**-0.5)
+    default_scan, default_fused = chunk_scan.scan_config, chunk_engine.use_fused_dkdv
+    only = os.environ.get("SHAPES")  # e.g. "4x8192x32x128:bfloat16,2x8192x16x256:bfloat16"
+    for B, T, H, D, dtype in SHAPES:
+        if only and f"{B}x{T}x{H}x{D}:{str(dtype)[6:]}" not in only.split(","):
+            continue
+        q, k, v, do, g = _inputs(B, T, H, D, dtype)
+        nbytes = q.numel() * q.element_size()
+        ffwd, fbwd = _floor_ms(4 * nbytes, bw), _floor_ms(7 * nbytes, bw)
+        print(f"== {B}x{T}x{H}x{D} {dtype}: floors fwd {ffwd:.3f} bwd {fbwd:.3f} ms; default {default_scan(D, D, dtype)}", flush=True)
+        fwd = lambda: ENGINE.forward(q, k, v, g, cfg, None, None)  # noqa: E731
+        bwd = lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None)  # noqa: E731
+        configs = [tuple(map(int, c.split("/"))) for c in os.environ.get("CONFIGS", "64/4/2,64/4/3,64/8/3,64/4/1,64/8/1").split(",")]
+        for bv, warps, stages in configs:
+            if bv > _common.block_dim(D):
+                continue
+            conf = chunk_scan.ScanConfig(bv, warps, stages)
+            chunk_scan.scan_config = lambda dk, dv, dt, conf=conf: conf
+            ms = _time(fwd)
+            print(f"  fwd {conf}: {ms:.3f} ms = {ms / ffwd:.2f}x  {_kernel_stats(chunk_scan._scan_kernel)}", flush=True)
+        chunk_scan.scan_config = default_scan
+        print(f"  fwd default: {_time(fwd):.3f} ms; bwd default: {_time(bwd):.3f} ms", flush=True)
+        if max(_common.block_dim(D), 64) <= 128:
+            for fused in (True, False):
+                chunk_engine.use_fused_dkdv = lambda dk, dv, dt, fused=fused: fused
+                ms = _time(bwd)
+                print(f"  bwd {'fused dk/dv' if fused else 'two scans'}: {ms:.3f} ms = {ms / fbwd:.2f}x", flush=True)
+            chunk_engine.use_fused_dkdv = default_fused
+        if B * H <= 16:
+            for pps in (1.0, 1.5, 2.0):
+                _common.POLICY = _common.SegmentPolicy(pps)
+                print(f"  policy {pps}: fwd {_time(fwd):.3f} ms bwd {_time(bwd):.3f} ms", flush=True)
+            _common.POLICY = _common.SegmentPolicy()
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
+def ncu_target() -> None:
+    cfg = val.ScanConfig(scale=128**-0.5)
+    q, k, v, do, g = _inputs(*MAIN)
+    ENGINE.forward(q, k, v, g, cfg, None, None)
+    ENGINE.backward(q, k, v, g, cfg, None, None, do, None)
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    if "--ncu" in sys.argv:
+        return ncu_target()
+    from lightning_attention.bench import copy_bandwidth
+
+    bw = copy_bandwidth()
+    if os.environ.get("F32_PRECISION"):  # "highest" (tf32x3) or "high" (tf32) for fp32 inputs
+        torch.set_float32_matmul_precision(os.environ["F32_PRECISION"])
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    steps = sys.argv[1:] or ["stream", "fwd", "bwd"]
+    for step in steps:
+        steps_fns = {"stream": explore_stream, "fwd": explore_fwd, "bwd": explore_bwd, "candidates": explore_candidates}
+        steps_fns[step](bw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Host (Python) overhead of the public chunked op on CUDA: where the time goes when the GPU work is small.
+
+Prints, at one small shape: do_bench medians of the op and of the engine alone, the host time to enqueue one
+call (no synchronisation: if it exceeds the GPU time, the op is host-bound), and a cProfile of 200 calls.
+
+    python benchmarks/gpu/host_overhead.py
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import time
+
+import torch
+import triton.testing
+
+from lightning_attention import _validation as val
+from lightning_attention import decay
+from lightning_attention.engines.triton.chunk import ENGINE
+from lightning_attention.ops import chunk_simple_gla
+
+
+def _enqueue_us(fn, n=200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main() -> None:
+    B, T, H, D = 8, 4096, 16, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    g = decay.g_gamma(H, 2, 8, device="cuda")
+    cfg = val.ScanConfig(scale=D**-0.5)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    cases = {
+        "engine fwd": lambda: ENGINE.forward(q, k, v, g, cfg, None, None),
+        "op fwd (no grad)": lambda: chunk_simple_gla(q, k, v, g, backend="triton"),
+        "op fwd (requires_grad)": lambda: chunk_simple_gla(qg, kg, vg, g, backend="triton"),
+        "engine bwd": lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None),
+        "op fwd+bwd": lambda: torch.autograd.grad(chunk_simple_gla(qg, kg, vg, g, backend="triton")[0], (qg, kg, vg), do),
+    }
+    print(f"{torch.cuda.get_device_name()} {B}x{T}x{H}x{D} bf16")
+    for name, fn in cases.items():
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        print(f"  {name:24s} do_bench {ms * 1e3:8.1f} us   host enqueue {_enqueue_us(fn):8.1f} us", flush=True)
+    for name in ("op fwd (requires_grad)", "op fwd+bwd"):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            cases[name]()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"== cProfile, 200 x {name}, by own time")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+if __name__ == "__main__":
+    main()
