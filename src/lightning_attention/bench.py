@@ -215,12 +215,15 @@ def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
                 series.setdefault(family, {}).setdefault(r.provider, []).append((T, r.fwd_ms, r.fwdbwd_ms))
         series.setdefault(family, {}).setdefault("floor", []).append((T, row.floor_fwd_ms, row.floor_fwdbwd_ms))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for family, provs in series.items():
+    colors = {"ours": "C0", "fla": "C1", "lightning_attn": "C2", "sdpa_flash": "C3", "floor": "k"}  # one per provider
+    markers = "osD^vP*X"  # one per shape family (B, H, D, dtype)
+    for i, (family, provs) in enumerate(series.items()):
         B, H, D, dt = family
         for name, pts in provs.items():
             pts.sort()
+            style = dict(color=colors.get(name), marker=markers[i % len(markers)], linestyle=":" if name == "floor" else "-")
             for ax, idx in zip(axes, (1, 2)):
-                ax.plot([p[0] for p in pts], [p[idx] for p in pts], marker="o", label=f"{name} B{B} H{H} D{D} {dt}")
+                ax.plot([p[0] for p in pts], [p[idx] for p in pts], label=f"{name} B{B} H{H} D{D} {dt}", **style)
     for ax, title in zip(axes, ("forward", "forward+backward")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -235,6 +238,18 @@ def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
     plt.close(fig)
 
 
+def write_results(rows: list[Row], out_dir: str, env: dict[str, str], bandwidth: float, plot_too: bool = True) -> None:
+    """chunk.md (and chunk.png) of ``rows`` in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "chunk.md"), "w") as f:
+        f.write(to_markdown(rows, env, bandwidth))
+    if plot_too:
+        try:
+            plot(rows, os.path.join(out_dir, "chunk.png"), env)
+        except ImportError:
+            print("matplotlib missing: no plot written")
+
+
 def run(out_dir: str | None = "benchmarks/results", shapes=None, providers: list[str] | None = None) -> list[Row]:
     """Run the benchmark, print the table, and write chunk.md / chunk.png into ``out_dir`` (if not None)."""
     if not torch.cuda.is_available():
@@ -247,16 +262,11 @@ def run(out_dir: str | None = "benchmarks/results", shapes=None, providers: list
     for B, T, H, D, dtype in shapes or SHAPES:
         rows.append(run_shape(B, T, H, D, dtype, chosen, bandwidth))
         print("\n".join(to_markdown(rows[-1:], env, bandwidth).splitlines()[_HEADER_LINES:]), flush=True)
-    table = to_markdown(rows, env, bandwidth)
-    print(table)
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "chunk.md"), "w") as f:
-            f.write(table)
-        try:
-            plot(rows, os.path.join(out_dir, "chunk.png"), env)
-        except ImportError:
-            print("matplotlib missing: no plot written")
+        if out_dir:  # after every shape, so that a run cut off by a time limit still leaves its rows
+            write_results(rows, out_dir, env, bandwidth, plot_too=False)
+    print(to_markdown(rows, env, bandwidth))
+    if out_dir:
+        write_results(rows, out_dir, env, bandwidth)
     return rows
 
 
