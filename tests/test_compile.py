@@ -162,6 +162,41 @@ def test_opcheck_scan_ops(op, case, target):
     torch.library.opcheck(backward_op, _backward_args(args))
 
 
+PUBLIC_OPS = {"chunk_scan": chunk_simple_gla, "recurrent_scan": fused_recurrent_simple_gla}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", [pytest.param(case, id=case_id) for case_id, case in SCAN_CASES.items()])
+@pytest.mark.parametrize("op", SCAN_OPS)
+def test_eager_path_equals_custom_op(op, case, target):
+    """Eager calls of the public ops skip the custom-op dispatcher (an autograd.Function over the same engine
+    calls); compiled graphs record the custom op. Both paths: identical outputs and gradients."""
+    device, backend = target
+    skip_without_engine(backend)
+    q, k, v, g, h0, cu, scale, reverse, chunk_size, final, backend = _scan_args(case, device, backend)
+    do, dht = _backward_args((q, k, v, g, h0, cu, scale, reverse, chunk_size, final, backend))[6:8]
+    results = []
+    for path in ("eager", "custom_op"):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (q, k, v, h0)]
+        if path == "eager":
+            kwargs = dict(scale=scale, initial_state=leaves[3], output_final_state=final, reverse=reverse,
+                          cu_seqlens=cu, backend=backend)
+            if op is chunk_scan_op:
+                kwargs["chunk_size"] = chunk_size
+            o, state = PUBLIC_OPS[op._name.split("::")[-1]](*leaves[:3], g, **kwargs)
+        else:
+            op_chunk = chunk_size if op is chunk_scan_op else 64  # (the public recurrent op passes 64)
+            o, state = op(*leaves[:3], g, leaves[3], cu, scale, reverse, op_chunk, final, backend)
+        outputs, grads_out = [o], [do]
+        if final:
+            outputs.append(state)
+            grads_out.append(dht)
+        wrt = [t for t in leaves if t is not None]
+        results.append([*outputs, *torch.autograd.grad(outputs, wrt, grads_out)])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("op", SCAN_OPS)
 def test_opcheck_scan_ops_triton_interpreter(op, triton_device):
     """The Triton engines on CPU under TRITON_INTERPRET=1 (on CUDA when present): opcheck's schema test also
