@@ -187,6 +187,24 @@ def test_custom_ops_declare_the_mutated_cache():
     )
 
 
+def test_eager_calls_equal_the_custom_ops(backend_device):
+    """Eager calls skip the dispatcher (the custom ops are what compiled graphs record): identical outputs and
+    cache updates, decode (with a padding row) and prefill (one sequence from its slot, one from zero)."""
+    backend, device = backend_device
+    d = {key: t.to(device) for key, t in _decode_args().items()}
+    caches = [torch.randn(NUM_SLOTS, H, K, V, generator=torch.Generator().manual_seed(3)).to(device) for _ in range(2)]
+    o_eager = serving.lightning_attn_decode(d["q"], d["k"], d["v"], caches[0], d["slot_ids"], d["g_gamma"], 0.5, backend=backend)
+    o_op = serving.decode_op(d["q"], d["k"], d["v"], caches[1], d["slot_ids"], d["g_gamma"], 0.5, backend)
+    assert torch.equal(o_eager, o_op) and torch.equal(caches[0], caches[1])
+    p = {key: t.to(device) for key, t in _prefill_args().items()}
+    use = torch.tensor([True, False], device=device)
+    o_eager = serving.lightning_attn_prefill(
+        p["q"], p["k"], p["v"], p["cu_seqlens"], caches[0], p["slot_ids"], p["g_gamma"], 0.5, use, backend=backend
+    )
+    o_op = serving.prefill_op(p["q"], p["k"], p["v"], p["cu_seqlens"], caches[1], p["slot_ids"], use, p["g_gamma"], 0.5, backend)
+    assert torch.equal(o_eager, o_op) and torch.equal(caches[0], caches[1])
+
+
 def test_decode_traces_under_torch_compile():
     """fullgraph tracing works (fake implementation, no value checks while compiling); the cache is updated."""
 
