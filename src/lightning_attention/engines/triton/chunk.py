@@ -6,9 +6,9 @@ never needs to leave the chip: one program per (segment, head, V-block) walks it
 
     forward   o, final = scan(q, k, v, h0, offset 1)                                      1 launch
     backward  dq       = scan(do, v, k, h0^T, offset 1)                                   1 launch
-              dk, dv, dh0 from the reverse scan of D = sum q^T do: for heads below 128 x 128 one fused
-              kernel reading q, k, v, do once (chunk_bwd.py); from 128 x 128 on two scans of chunk_scan.py
-              (dv = scan(k, q, do), dk = scan(v, do, q)), faster because the fused kernel spills there
+              dk, dv, dh0 from the reverse scan of D = sum q^T do: for heads up to 64 x 64 (padded) one
+              fused kernel reading q, k, v, do once (chunk_bwd.py); larger heads two scans of chunk_scan.py
+              (dv = scan(k, q, do), dk = scan(v, do, q)): the fused kernel spills at 128 x 128 and loses
 
 When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and two small
 passes first compute the state entering each segment (chunk_state.py): 3 launches instead of 1, and k, v

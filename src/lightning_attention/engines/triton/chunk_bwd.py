@@ -39,8 +39,10 @@ from lightning_attention.engines.triton._common import (
     store_state_block,
 )
 
-#: Largest padded K * V the fused kernel takes (a 128 x 64 fp32 state is 32 KiB of registers).
-FUSED_MAX_STATE = 128 * 64
+#: Largest padded K * V the fused kernel takes. Measured on H100 (benchmarks/results/chunk_candidates2_h100.log):
+#: at 64 x 64 it ties with two scans; at 128 x 128 it spills and loses (1.47 vs 1.29 ms at 4x8192x32x128);
+#: sizes in between were not measured and take the two scans, whose speed is known.
+FUSED_MAX_STATE = 64 * 64
 
 
 @dataclass(frozen=True)
@@ -52,18 +54,13 @@ class DkDvConfig:
 
 def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
     """Tuned once on H100 (benchmarks/gpu/tune_chunk.py, benchmarks/results/chunk_tune_h100.log); cached here."""
-    if dtype == torch.float32:
-        return DkDvConfig(8, 1)
-    return DkDvConfig(8, 2) if block_dim(dk) * block_dim(dv) >= 128 * 128 else DkDvConfig(4, 3)
+    return DkDvConfig(8, 1) if dtype == torch.float32 else DkDvConfig(4, 3)
 
 
 def use_fused_dkdv(dk: int, dv: int, dtype: torch.dtype) -> bool:
-    """Whether the fused kernel runs (else two scans of chunk_scan.py): it holds the whole K x V state in one
-    program, which spills registers from 128 x 128 on, where the two scans (two programs per SM each) are
-    faster on H100 despite reading q, do twice (benchmarks/results/chunk_NOTES.md)."""
-    bk, bv = block_dim(dk), block_dim(dv)
-    limit = FUSED_MAX_STATE // 2 if dtype == torch.float32 else FUSED_MAX_STATE
-    return bk <= 128 and bv <= 128 and bk * bv <= limit
+    """Whether the fused kernel runs (else two scans of chunk_scan.py, which read q and do twice but run at the
+    forward kernel's efficiency; benchmarks/results/chunk_NOTES.md)."""
+    return block_dim(dk) * block_dim(dv) <= FUSED_MAX_STATE
 
 
 @triton.jit
