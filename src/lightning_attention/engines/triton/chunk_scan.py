@@ -57,8 +57,10 @@ class ScanConfig:
 
 def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
     """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
-    nothing autotunes at run time. 16-bit tiles run 4 warps: about 240 registers per thread, so two programs
-    share an SM. Two K halves (K > 128) need 8 warps and fp32 tiles one pipeline stage to fit shared memory."""
+    nothing autotunes at run time. 16-bit tiles run 4 warps (about 245 registers per thread, no spills) with
+    3 stages: as fast as 2 stages (where two programs fit one SM) at 4x8192x32x128, faster on split sequences.
+    Two K halves (K > 128) need 8 warps and fp32 tiles one pipeline stage to fit shared memory. Registers,
+    spills and shared memory of these configurations are checked in CI (testing/kernel_resources.py)."""
     if dtype == torch.float32:
         return ScanConfig(64, 8, 1)
     if block_dim(dk) >= 256:
@@ -113,8 +115,8 @@ def _scan_kernel(
         if TWO_K:
             b_q1 = load_rows(q, rows, valid, H * DK, o_k1, m_k1)
             b_k1 = load_rows(k, rows, valid, H * DK, o_k1, m_k1)
-        # Order and operand choices keep registers low enough for two programs per SM (measured on H100:
-        # 243 registers at 4 warps, no spills; 0.425 ms vs 0.58 ms at 4x8192x32x128 bf16): the state is
+        # Order and operand choices keep registers low enough for 4 warps without spills (measured on H100:
+        # ~245 registers; 0.42 ms vs 0.58 ms at 4x8192x32x128 bf16, where 8 warps were no faster): the state is
         # advanced first and only its low-precision copy (a shared-memory operand) stays live for Q S; the
         # per-token decays scale V (the smaller tile) and the Q S product, so Q and K feed the tensor cores
         # straight from shared memory.

@@ -1,0 +1,153 @@
+"""Registers, spill bytes and shared memory of the chunked engine's kernels for a GPU target, without a GPU.
+
+``triton.compile`` builds a kernel for the target (sm_90 by default) with the argument specialisation a real
+launch would get (16-byte divisible pointers, ``H`` divisible by 16, absent states as None), and the cuobjdump
+that ships with Triton reads the registers and the stack (spill) bytes from the cubin. On H100 this matched the
+driver's own report for the forward scan (243 registers, 124 KiB, no spills: benchmarks/results/chunk_NOTES.md).
+
+The engine's speed depends on these numbers (a spilling scan ran 20-40% slower on H100), and a configuration
+whose shared memory exceeds the card's limit fails at launch; tests/engines/triton/test_kernel_resources.py
+checks the shipped configurations in CI through this module, in a subprocess (it needs the compiled kernels,
+not the interpreter's).
+
+    python -m lightning_attention.testing.kernel_resources [--arch 90] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+#: Largest shared memory one block may use, by compute capability (bytes; Hopper's opt-in maximum).
+SHARED_MEMORY_LIMIT = {90: 232448}
+
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Resources:
+    kernel: str
+    dk: int
+    dv: int
+    dtype: str
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+
+
+def _compile(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(signature)
+    aligned = [n for n, t in signature.items() if t.startswith("*") or n == "H"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _registers_and_stack(cubin: bytes) -> tuple[int, int]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+)\s+STACK:(\d+)", report)
+    if match is None:
+        raise RuntimeError(f"no resource line in cuobjdump's report: {report[-300:]}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: dict) -> dict:
+    return {**pointers, **scalars, **{name: "constexpr" for name in constexprs}}
+
+
+def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Resources:
+    """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration."""
+    from lightning_attention.engines.triton import _common, chunk_scan
+
+    cfg = chunk_scan.scan_config(dk, dv, dtype)
+    t = f"*{_TRITON_DTYPE[dtype]}"
+    constexprs = dict(
+        state_in=None, state_out=None, slot_ids=None, slot_used=None,
+        DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
+        C=cfg.chunk, REVERSE=False, SHIFT=0, HAS_STATE_IN=False, STATE_IN_PER_SEGMENT=False, STORE_STATE_OUT=False,
+        USE_SLOTS=False, PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", segments="*i32")
+    strides = {name: "i32" for name in ("si_n", "si_h", "si_k", "si_v", "so_n", "so_h", "so_k", "so_v")}
+    scalars = dict(scale="fp32", k_scale="fp32", H="i32", **strides)
+    order = chunk_scan._scan_kernel.arg_names
+    signature = _signature(pointers, scalars, constexprs)
+    signature = {name: signature[name] for name in order}
+    compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
+    registers, stack = _registers_and_stack(compiled.asm["cubin"])
+    return Resources("scan", dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
+
+
+def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Resources:
+    """The fused dk/dv kernel (chunk_bwd._dkdv_kernel, no states) with its shipped configuration."""
+    from lightning_attention.engines.triton import _common, chunk_bwd
+
+    cfg = chunk_bwd.dkdv_config(dk, dv, dtype)
+    t = f"*{_TRITON_DTYPE[dtype]}"
+    constexprs = dict(
+        state_in=None, state_out=None, DK=dk, DV=dv, BK=_common.block_dim(dk), BV=_common.block_dim(dv), C=cfg.chunk,
+        REVERSE=True, HAS_STATE_IN=False, STATE_IN_PER_SEGMENT=False, STORE_STATE_OUT=False,
+        PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    pointers = dict(q=t, k=t, v=t, do=t, dk=t, dv=t, g_gamma="*fp32", segments="*i32")
+    strides = {name: "i32" for name in ("si_n", "si_h", "si_k", "si_v", "so_n", "so_h", "so_k", "so_v")}
+    scalars = dict(scale="fp32", H="i32", **strides)
+    signature = _signature(pointers, scalars, constexprs)
+    signature = {name: signature[name] for name in chunk_bwd._dkdv_kernel.arg_names}
+    compiled = _compile(chunk_bwd._dkdv_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
+    registers, stack = _registers_and_stack(compiled.asm["cubin"])
+    return Resources("dkdv", dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
+
+
+#: (kernel, K, V, dtype) reported by default: the benchmark's head sizes and dtypes.
+DEFAULT_CASES = [
+    ("scan", 128, 128, torch.bfloat16),
+    ("scan", 64, 64, torch.bfloat16),
+    ("scan", 128, 64, torch.float16),
+    ("scan", 256, 256, torch.bfloat16),
+    ("scan", 128, 128, torch.float32),
+    ("dkdv", 64, 64, torch.bfloat16),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
+    parser.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: this compiles the kernels, the interpreter does not")
+    fns = {"scan": scan_resources, "dkdv": dkdv_resources}
+    rows = [fns[kernel](dk, dv, dtype, args.arch) for kernel, dk, dv, dtype in DEFAULT_CASES]
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows]))
+        return 0
+    limit = SHARED_MEMORY_LIMIT.get(args.arch)
+    print(f"sm_{args.arch}: shared memory limit {limit} bytes per block")
+    print("| kernel | K | V | dtype | config | registers | spill bytes | shared KiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.kernel} | {r.dk} | {r.dv} | {r.dtype} | {r.config} | {r.registers} | {r.spill_bytes} | {r.shared_bytes / 1024:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
