@@ -185,7 +185,7 @@ def explore_candidates(bw: float) -> None:
         print(f"  fwd default: {_time(fwd):.3f} ms; bwd default: {_time(bwd):.3f} ms", flush=True)
         if max(_common.block_dim(D), 64) <= 128:
             for fused in (True, False):
-                chunk_engine.use_fused_dkdv = lambda dk, dv, dt, fused=fused: fused
+                chunk_engine.use_fused_dkdv = lambda dk, dv, fused=fused: fused
                 ms = _time(bwd)
                 print(f"  bwd {'fused dk/dv' if fused else 'two scans'}: {ms:.3f} ms = {ms / fbwd:.2f}x", flush=True)
             chunk_engine.use_fused_dkdv = default_fused

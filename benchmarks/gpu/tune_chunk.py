@@ -59,7 +59,7 @@ def main() -> None:
             best = min(best, (ms, conf), key=lambda x: x[0])
         chunk_scan.scan_config = lambda dk, dv, dt, conf=best[1]: conf
         print(f"  best fwd {best[1]} {best[0]:.3f} ms  (default {default_scan(D, D, dtype)})")
-        if chunk_bwd.use_fused_dkdv(D, D, dtype):
+        if chunk_bwd.use_fused_dkdv(D, D):
             for warps, stages in itertools.product((4, 8), (1, 2, 3)):
                 conf = chunk_bwd.DkDvConfig(warps, stages)
                 chunk_bwd.dkdv_config = lambda dk, dv, dt, conf=conf: conf

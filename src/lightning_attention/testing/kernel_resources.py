@@ -29,6 +29,8 @@ import torch
 SHARED_MEMORY_LIMIT = {90: 232448}
 
 _TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+#: The i32 stride arguments of a state_in / state_out pair, shared by both kernels' signatures.
+_STATE_STRIDES = {name: "i32" for name in ("si_n", "si_h", "si_k", "si_v", "so_n", "so_h", "so_k", "so_v")}
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,10 @@ def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Reso
         state_in=None, state_out=None, slot_ids=None, slot_used=None,
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
         C=cfg.chunk, REVERSE=False, SHIFT=0, HAS_STATE_IN=False, STATE_IN_PER_SEGMENT=False, STORE_STATE_OUT=False,
-        USE_SLOTS=False, PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+        USE_SLOTS=False, PRECISION=_common.dot_precision(dtype),
     )  # fmt: skip
     pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", segments="*i32")
-    strides = {name: "i32" for name in ("si_n", "si_h", "si_k", "si_v", "so_n", "so_h", "so_k", "so_v")}
-    scalars = dict(scale="fp32", k_scale="fp32", H="i32", **strides)
+    scalars = dict(scale="fp32", k_scale="fp32", H="i32", **_STATE_STRIDES)
     order = chunk_scan._scan_kernel.arg_names
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in order}
@@ -105,11 +106,10 @@ def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Reso
     constexprs = dict(
         state_in=None, state_out=None, DK=dk, DV=dv, BK=_common.block_dim(dk), BV=_common.block_dim(dv), C=cfg.chunk,
         REVERSE=True, HAS_STATE_IN=False, STATE_IN_PER_SEGMENT=False, STORE_STATE_OUT=False,
-        PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+        PRECISION=_common.dot_precision(dtype),
     )  # fmt: skip
     pointers = dict(q=t, k=t, v=t, do=t, dk=t, dv=t, g_gamma="*fp32", segments="*i32")
-    strides = {name: "i32" for name in ("si_n", "si_h", "si_k", "si_v", "so_n", "so_h", "so_k", "so_v")}
-    scalars = dict(scale="fp32", H="i32", **strides)
+    scalars = dict(scale="fp32", H="i32", **_STATE_STRIDES)
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in chunk_bwd._dkdv_kernel.arg_names}
     compiled = _compile(chunk_bwd._dkdv_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)

@@ -121,7 +121,7 @@ def test_split_sequences_match_reference(triton_device, monkeypatch, split_seque
 def test_both_dkdv_routes_match_reference(triton_device, monkeypatch, fused):
     """dk, dv come from the fused kernel (small heads) or two scans (heads from 128 x 128 on); both routes, forced
     at one shape, against the reference (varlen with an empty sequence, reverse, initial state)."""
-    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv, dtype: fused)
+    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv: fused)
     cu = [0, 70, 70, 150]
     inputs = make_inputs(1, 150, 2, 40, 24, device=triton_device, initial_state=True, num_seqs=len(cu) - 1)
     _check_against_reference(inputs, G2, torch.tensor(cu, device=triton_device), True, monkeypatch)

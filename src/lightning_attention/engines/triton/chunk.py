@@ -57,7 +57,7 @@ def _scan(q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_
 
 def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
     """dk, dv (and dh0) from the state-gradient scan D, run in direction ``reverse``."""
-    if use_fused_dkdv(q.shape[2], v.shape[2], q.dtype):
+    if use_fused_dkdv(q.shape[2], v.shape[2]):
         plan = plan_segments(bounds, q.shape[1], q.device)
         if plan.split:
             s_in = segment_states(q, do, g, plan, k_scale=scale, reverse=reverse, shift=1, state_in=dht, state_out=dh0)

@@ -57,7 +57,7 @@ def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
     return DkDvConfig(8, 1) if dtype == torch.float32 else DkDvConfig(4, 3)
 
 
-def use_fused_dkdv(dk: int, dv: int, dtype: torch.dtype) -> bool:
+def use_fused_dkdv(dk: int, dv: int) -> bool:
     """Whether the fused kernel runs (else two scans of chunk_scan.py, which read q and do twice but run at the
     forward kernel's efficiency; benchmarks/results/chunk_NOTES.md)."""
     return block_dim(dk) * block_dim(dv) <= FUSED_MAX_STATE
