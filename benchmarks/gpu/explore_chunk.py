@@ -7,9 +7,15 @@ Answers, at the issue's main shape (4 x 8192 x 32 x 128 bf16) and a few others:
 3. ``bwd``: the backward's two launches (dq scan, fused dk/dv) alone, in sequence, and on two CUDA streams.
 4. ``candidates``: at every benchmark shape, the forward's candidate configs, the backward with the fused dk/dv
    kernel vs two scans, and the segment policy where sequences are split.
-5. ``--ncu``: one forward and one backward at the main shape, for Nsight Compute (see run_explore.sh).
+5. ``dkdv`` (session 3): the backward's dk/dv routes at every bf16 benchmark shape: the fused kernel (heads up
+   to 128), the scan with its transposed twin in one launch (K == V), two scans.
+6. ``split`` (session 3): sequences split into segments (few heads): the one-wave segment count against the
+   session-2 planner, at 3 stages (one program per SM) and 2 stages (two per SM).
+7. ``splitparts``: the split forward's time per pass, for a few block shapes of the local-state pass.
+8. ``fp32``: forward configs for fp32 inputs under TF32, each in its own process (tiles of 32 may fault).
+9. ``--ncu``: one forward and one backward at the main shape, for Nsight Compute (see run_explore.sh).
 
-    python benchmarks/gpu/explore_chunk.py [stream] [fwd] [bwd] [candidates] | --ncu
+    python benchmarks/gpu/explore_chunk.py [stream] [fwd] [bwd] [candidates] [dkdv] [split] [fp32] | --ncu
 """
 
 from __future__ import annotations
@@ -198,6 +204,146 @@ def explore_candidates(bw: float) -> None:
         torch.cuda.empty_cache()
 
 
+def explore_dkdv(bw: float) -> None:
+    from lightning_attention.bench import SHAPES
+
+    cfg = val.ScanConfig(scale=128**-0.5)
+    defaults = chunk_engine.use_fused_dkdv, chunk_engine.PAIRED_DKDV
+    routes = {"fused": (True, False), "paired": (False, True), "two scans": (False, False)}
+    for B, T, H, D, dtype in SHAPES:
+        if dtype != torch.bfloat16:
+            continue
+        q, k, v, do, g = _inputs(B, T, H, D, dtype)
+        fbwd = _floor_ms(7 * q.numel() * q.element_size(), bw)
+        bounds = _common.sequence_bounds(B, T, None)
+        q2, k2, v2, do2 = _rows(q), _rows(k), _rows(v), _rows(do)
+        dq, dk, dv = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
+        s = cfg.scale
+        t_dq = _time(lambda: _scan(do2, v2, k2, dq, g, bounds, scale=s, reverse=False, shift=0, state_in=None))
+        line = f"== dkdv {B}x{T}x{H}x{D}: bwd floor {fbwd:.3f} ms, dq scan {t_dq:.3f}"
+        for name, (fused, paired) in routes.items():
+            if fused and _common.block_dim(D) > 128:
+                continue
+            chunk_engine.use_fused_dkdv = lambda dk_, dv_, fused=fused: fused
+            chunk_engine.PAIRED_DKDV = paired
+            t = _time(lambda: _dkdv(q2, k2, v2, do2, dk, dv, g, bounds, scale=s, reverse=True, dht=None, dh0=None))
+            t_bwd = _time(lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None))
+            line += f" | {name}: dkdv {t:.3f}, bwd {t_bwd:.3f} ({t_bwd / fbwd:.2f}x)"
+        chunk_engine.use_fused_dkdv, chunk_engine.PAIRED_DKDV = defaults
+        print(line, flush=True)
+        del q, k, v, do, q2, k2, v2, do2, dq, dk, dv
+        torch.cuda.empty_cache()
+
+
+def _session2_segment_tokens(lengths, programs_per_segment, sms, chunk, policy):
+    """The planner before session 3: ceil(chunks x programs / SMs) chunks per segment (9 segments of 16
+    programs at 1 x 32768 x 8 heads: 144 programs on 132 SMs)."""
+    import math
+
+    chunks = [math.ceil(n / chunk) for n in lengths]
+    total, longest = sum(chunks), max(chunks, default=0)
+    fair = max(1, math.ceil(total * programs_per_segment / max(1, int(sms * policy.programs_per_sm))))
+    return 0 if longest <= 2 * fair else fair * chunk
+
+
+def explore_split(bw: float) -> None:
+    cfg = val.ScanConfig(scale=128**-0.5)
+    default_scan, default_tokens = chunk_scan.scan_config, _common._segment_tokens
+    for B, T, H, D in [(1, 32768, 8, 128), (1, 131072, 8, 128), (1, 8192, 32, 128), (2, 16384, 4, 128)]:
+        q, k, v, do, g = _inputs(B, T, H, D)
+        nbytes = q.numel() * q.element_size()
+        ffwd, fbwd = _floor_ms(4 * nbytes, bw), _floor_ms(7 * nbytes, bw)
+        print(f"== split {B}x{T}x{H}x{D}: floors fwd {ffwd:.3f} bwd {fbwd:.3f} ms", flush=True)
+        for planner, tokens in (("one-wave", default_tokens), ("session-2", _session2_segment_tokens)):
+            for stages, per_sm in ((3, 1.0), (2, 2.0), (2, 1.0)):
+                _common._segment_tokens = tokens
+                _common.POLICY = _common.SegmentPolicy(per_sm)
+                _common._plan.cache_clear()
+                conf = chunk_scan.ScanConfig(64, 4, stages)
+                chunk_scan.scan_config = lambda dk, dv, dt, conf=conf: conf
+                plan = _common.plan_segments(_common.sequence_bounds(B, T, None), H * 2, q.device)
+                t_f = _time(lambda: ENGINE.forward(q, k, v, g, cfg, None, None))
+                t_b = _time(lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None))
+                print(f"  {planner:9s} stages {stages} programs/SM {per_sm}: {plan.num_segments} segments; "
+                      f"fwd {t_f:.3f} ({t_f / ffwd:.2f}x) bwd {t_b:.3f} ({t_b / fbwd:.2f}x)", flush=True)
+        _common._segment_tokens, _common.POLICY = default_tokens, _common.SegmentPolicy()
+        chunk_scan.scan_config = default_scan
+        _common._plan.cache_clear()
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
+def _kernel_times(fn, reps: int = 20) -> str:
+    """Mean CUDA time per call of each kernel ``fn`` launches (torch.profiler), e.g. the split path's passes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count >= reps]
+    return ", ".join(f"{e.key[:28]} {e.device_time_total / reps / 1e3:.3f}" for e in rows)
+
+
+def explore_split_parts(bw: float) -> None:
+    """Where the split forward's time goes: local states (pass 1), state passing (pass 2), the scan (pass 3),
+    for a few pass-1 block shapes."""
+    from lightning_attention.engines.triton import chunk_state
+
+    cfg = val.ScanConfig(scale=128**-0.5)
+    names = ("_STATE_BLOCK_K", "_STATE_BLOCK_V", "_LOCAL_WARPS", "_LOCAL_STAGES")
+    default = tuple(getattr(chunk_state, n) for n in names)
+    configs = [tuple(map(int, c.split("/"))) for c in os.environ.get("LOCAL_CONFIGS", "64/32/4/2").split(",")]
+    for B, T, H, D in [(1, 32768, 8, 128), (1, 131072, 8, 128), (2, 16384, 4, 128)]:
+        q, k, v, do, g = _inputs(B, T, H, D)
+        nbytes = q.numel() * q.element_size()
+        ffwd, fbwd = _floor_ms(4 * nbytes, bw), _floor_ms(7 * nbytes, bw)
+        print(f"== split parts {B}x{T}x{H}x{D}: floors fwd {ffwd:.3f} (k, v pass {ffwd / 2:.3f}) bwd {fbwd:.3f} ms", flush=True)
+        for conf in configs:
+            for n, value in zip(names, conf):
+                setattr(chunk_state, n, value)
+            fwd = lambda: ENGINE.forward(q, k, v, g, cfg, None, None)  # noqa: E731
+            t_b = _time(lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None))
+            print(f"  pass-1 {'/'.join(map(str, conf))} (BK/BV/warps/stages): fwd {_time(fwd):.3f} ms, bwd {t_b:.3f}; "
+                  f"fwd kernels (ms) {_kernel_times(fwd)}", flush=True)
+        for n, value in zip(names, default):
+            setattr(chunk_state, n, value)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
+FP32_CONFIGS = ["64/8/1/64", "64/4/1/64", "64/8/1/32", "64/4/2/32", "32/8/1/32", "32/4/2/32", "32/8/2/64", "32/4/1/32"]
+
+
+def explore_fp32(bw: float) -> None:
+    import subprocess
+
+    for conf in os.environ.get("FP32_CONFIGS", ",".join(FP32_CONFIGS)).split(","):
+        proc = subprocess.run([sys.executable, __file__, "fp32one", conf], capture_output=True, text=True, timeout=120)
+        out = (proc.stdout.strip().splitlines() or [""])[-1]
+        print(f"  fp32 {conf}: {out if proc.returncode == 0 else 'FAILED ' + proc.stderr.strip()[-200:]}", flush=True)
+
+
+def fp32_one(conf: str) -> None:
+    """One fp32 forward config at the main shape under TF32 (precision "high"), checked against the default."""
+    from lightning_attention.bench import copy_bandwidth
+
+    torch.set_float32_matmul_precision("high")
+    bv, warps, stages, chunk = map(int, conf.split("/"))
+    cfg = val.ScanConfig(scale=128**-0.5)
+    q, k, v, _, g = _inputs(*MAIN, dtype=torch.float32)
+    ref, _ = ENGINE.forward(q, k, v, g, cfg, None, None)
+    conf_ = chunk_scan.ScanConfig(bv, warps, stages, chunk)
+    chunk_scan.scan_config = lambda dk, dv, dt: conf_
+    out, _ = ENGINE.forward(q, k, v, g, cfg, None, None)
+    err = ((out - ref).norm() / ref.norm()).item()
+    ms = _time(lambda: ENGINE.forward(q, k, v, g, cfg, None, None))
+    floor = _floor_ms(4 * q.numel() * 4, copy_bandwidth())
+    print(f"fwd {ms:.3f} ms = {ms / floor:.2f}x floor, rel diff vs default {err:.1e}  {_kernel_stats(chunk_scan._scan_kernel)}")
+
+
 def ncu_target() -> None:
     cfg = val.ScanConfig(scale=128**-0.5)
     q, k, v, do, g = _inputs(*MAIN)
@@ -209,6 +355,8 @@ def ncu_target() -> None:
 def main() -> None:
     if "--ncu" in sys.argv:
         return ncu_target()
+    if sys.argv[1:2] == ["fp32one"]:
+        return fp32_one(sys.argv[2])
     from lightning_attention.bench import copy_bandwidth
 
     bw = copy_bandwidth()
@@ -217,7 +365,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     steps = sys.argv[1:] or ["stream", "fwd", "bwd"]
     for step in steps:
-        steps_fns = {"stream": explore_stream, "fwd": explore_fwd, "bwd": explore_bwd, "candidates": explore_candidates}
+        steps_fns = {
+            "stream": explore_stream, "fwd": explore_fwd, "bwd": explore_bwd, "candidates": explore_candidates,
+            "dkdv": explore_dkdv, "split": explore_split, "fp32": explore_fp32, "splitparts": explore_split_parts,
+        }  # fmt: skip
         steps_fns[step](bw)
 
 

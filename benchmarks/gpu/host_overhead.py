@@ -3,13 +3,14 @@
 Prints, at one small shape: do_bench medians of the op and of the engine alone, the host time to enqueue one
 call (no synchronisation: if it exceeds the GPU time, the op is host-bound), and a cProfile of 200 calls.
 
-    python benchmarks/gpu/host_overhead.py
+    python benchmarks/gpu/host_overhead.py [BxTxHxD ...]   (default 8x4096x16x64)
 """
 
 from __future__ import annotations
 
 import cProfile
 import pstats
+import sys
 import time
 
 import torch
@@ -33,7 +34,11 @@ def _enqueue_us(fn, n=200) -> float:
 
 
 def main() -> None:
-    B, T, H, D = 8, 4096, 16, 64
+    for shape in sys.argv[1:] or ["8x4096x16x64"]:
+        profile_shape(*map(int, shape.split("x")))
+
+
+def profile_shape(B: int, T: int, H: int, D: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
     g = decay.g_gamma(H, 2, 8, device="cuda")

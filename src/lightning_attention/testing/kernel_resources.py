@@ -16,6 +16,7 @@ not the interpreter's).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -75,8 +76,9 @@ def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: di
     return {**pointers, **scalars, **{name: "constexpr" for name in constexprs}}
 
 
-def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Resources:
-    """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration."""
+def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False) -> Resources:
+    """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration
+    (``paired``: the backward's dk/dv launch, a scan and its transposed twin)."""
     from lightning_attention.engines.triton import _common, chunk_scan
 
     cfg = chunk_scan.scan_config(dk, dv, dtype)
@@ -85,16 +87,18 @@ def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Reso
         state_in=None, state_out=None, slot_ids=None, slot_used=None,
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
         C=cfg.chunk, REVERSE=False, SHIFT=0, HAS_STATE_IN=False, STATE_IN_PER_SEGMENT=False, STORE_STATE_OUT=False,
-        USE_SLOTS=False, PRECISION=_common.dot_precision(dtype),
+        USE_SLOTS=False, PRECISION=_common.dot_precision(dtype), PAIRED=paired,
+        **({} if paired else dict(q_b=None, o_b=None)),
     )  # fmt: skip
-    pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", segments="*i32")
+    pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", segments="*i32", **(dict(q_b=t, o_b=t) if paired else {}))
     scalars = dict(scale="fp32", k_scale="fp32", H="i32", **_STATE_STRIDES)
     order = chunk_scan._scan_kernel.arg_names
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in order}
     compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
-    return Resources("scan", dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
+    name = "scan_paired" if paired else "scan"
+    return Resources(name, dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
 
 
 def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Resources:
@@ -124,6 +128,7 @@ DEFAULT_CASES = [
     ("scan", 128, 64, torch.float16),
     ("scan", 256, 256, torch.bfloat16),
     ("scan", 128, 128, torch.float32),
+    ("scan_paired", 128, 128, torch.bfloat16),
     ("dkdv", 64, 64, torch.bfloat16),
 ]
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles the kernels, the interpreter does not")
-    fns = {"scan": scan_resources, "dkdv": dkdv_resources}
+    fns = {"scan": scan_resources, "scan_paired": functools.partial(scan_resources, paired=True), "dkdv": dkdv_resources}
     rows = [fns[kernel](dk, dv, dtype, args.arch) for kernel, dk, dv, dtype in DEFAULT_CASES]
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))

@@ -117,22 +117,39 @@ def test_split_sequences_match_reference(triton_device, monkeypatch, split_seque
     _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
 
 
-@pytest.mark.parametrize("fused", [pytest.param(True, id="fused-dkdv"), pytest.param(False, id="two-scans")])
-def test_both_dkdv_routes_match_reference(triton_device, monkeypatch, fused):
-    """dk, dv come from the fused kernel (small heads) or two scans (heads from 128 x 128 on); both routes, forced
-    at one shape, against the reference (varlen with an empty sequence, reverse, initial state)."""
-    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv: fused)
-    cu = [0, 70, 70, 150]
-    inputs = make_inputs(1, 150, 2, 40, 24, device=triton_device, initial_state=True, num_seqs=len(cu) - 1)
-    _check_against_reference(inputs, G2, torch.tensor(cu, device=triton_device), True, monkeypatch)
+#: dk, dv routes of the backward: (fused kernel, paired scans). Small heads take the fused kernel, equal larger
+#: heads the scan and its transposed twin in one launch, others two scans.
+DKDV_ROUTES = {"fused": (True, True), "paired": (False, True), "two-scans": (False, False)}
 
 
 @pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])
-def test_large_heads(triton_device, monkeypatch, split):
-    """K=136 pads to 256: the scans hold K as two halves, and dk, dv come from two scans instead of one kernel."""
+@pytest.mark.parametrize("route", list(DKDV_ROUTES))
+def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, split):
+    """Each dk/dv route, forced at one shape (K = V, so that all three apply), against the reference: varlen with
+    an empty sequence, reverse, initial state, whole sequences or split into segments."""
+    fused, paired = DKDV_ROUTES[route]
+    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv: fused)
+    monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
     if split:
         split_all_sequences(monkeypatch)
-    inputs = make_inputs(1, 70, 2, 136, 72, device=triton_device, initial_state=True)
+    launches = []
+    real_scan = chunk_engine.scan
+    monkeypatch.setattr(chunk_engine, "scan", lambda *a, **kw: launches.append(kw["transposed"]) or real_scan(*a, **kw))
+    cu = [0, 70, 70, 150]
+    inputs = make_inputs(1, 150, 2, 40, 40, device=triton_device, initial_state=True, num_seqs=len(cu) - 1)
+    _check_against_reference(inputs, G2, torch.tensor(cu, device=triton_device), True, monkeypatch)
+    scans_with_twin = sum(t is not None for t in launches)
+    assert (len(launches), scans_with_twin) == {"fused": (2, 0), "paired": (3, 1), "two-scans": (4, 0)}[route]  # forward, dq, dk/dv
+
+
+@pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])
+@pytest.mark.parametrize("dv", [pytest.param(72, id="V72"), pytest.param(136, id="V136-paired")])
+def test_large_heads(triton_device, monkeypatch, split, dv):
+    """K=136 pads to 256: the scans hold K as two halves, and dk, dv come from two scans (K != V) or a scan and
+    its transposed twin (K == V) instead of one kernel."""
+    if split:
+        split_all_sequences(monkeypatch)
+    inputs = make_inputs(1, 70, 2, 136, dv, device=triton_device, initial_state=True)
     _check_against_reference(inputs, G2, None, False, monkeypatch)
 
 

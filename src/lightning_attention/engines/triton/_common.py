@@ -191,8 +191,8 @@ def sm_count(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class SegmentPolicy:
-    """When to split sequences into segments. ``programs_per_sm``: the split aims at this many programs per
-    SM; no split when every program already gets at most ``2x`` the fair share of chunks."""
+    """When to split sequences into segments. ``programs_per_sm``: how many scan programs run at once on one SM
+    (1 for the shipped 128-dim configurations: 136 KiB of shared memory each)."""
 
     programs_per_sm: float = 1.0
 
@@ -222,12 +222,16 @@ def sequence_bounds(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -
 def _segment_tokens(
     lengths: tuple[int, ...], programs_per_segment: int, sms: int, chunk: int, policy: SegmentPolicy
 ) -> int:
-    """Segment length in tokens (a multiple of the chunk), or 0 for no split."""
+    """Segment length in tokens (a multiple of the chunk), or 0 for no split.
+
+    ``slots`` segments run at once (all SMs busy); the chunks are spread evenly over them. The count is floored
+    so that the programs fit one wave: 9 segments of 16 programs on 132 SMs would run as 2 waves, the second
+    holding 12 programs, for the time of two. No split unless it at least halves the longest sequence's walk."""
     chunks = [math.ceil(n / chunk) for n in lengths]
     total, longest = sum(chunks), max(chunks, default=0)
-    target = max(1, int(sms * policy.programs_per_sm))
-    fair = max(1, math.ceil(total * programs_per_segment / target))
-    return 0 if longest <= 2 * fair else fair * chunk
+    slots = max(1, int(sms * policy.programs_per_sm) // programs_per_segment)
+    per_slot = max(1, math.ceil(total / slots))
+    return 0 if 2 * per_slot > longest else per_slot * chunk
 
 
 @functools.lru_cache(maxsize=64)

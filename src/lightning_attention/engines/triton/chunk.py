@@ -33,18 +33,27 @@ from lightning_attention.engines.triton.chunk_state import segment_states
 
 __all__ = ["ENGINE", "TritonChunkEngine", "prefill_into_slots"]
 
+#: dk and dv of equal-sized heads from one launch of the scan and its transposed twin (chunk_scan.scan).
+PAIRED_DKDV = True
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H, D] -> contiguous [B * T, H, D] (a view when already contiguous)."""
     return x.contiguous().reshape(-1, x.shape[2], x.shape[3])
 
 
-def _scan(q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_in, state_out=None, slots=(None, None)):
-    """One scan (engines/base.py contract) over rows ``[R, H, D]``, splitting sequences when that fills the GPU."""
+def _scan(
+    q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_in, state_out=None, slots=(None, None),
+    transposed=None,
+):  # fmt: skip
+    """One scan (engines/base.py contract) over rows ``[R, H, D]``, splitting sequences when that fills the GPU;
+    ``transposed = (q_b, out_b)`` adds its twin ``out_b = scan(q_b, v, k)`` (chunk_scan.scan)."""
     slot_ids, slot_used = slots
-    plan = plan_segments(bounds, scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype), q.device)
-    common = dict(scale=scale, k_scale=k_scale, reverse=reverse, shift=shift)
+    pps = scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype, paired=transposed is not None)
+    plan = plan_segments(bounds, pps, q.device)
+    common = dict(scale=scale, k_scale=k_scale, reverse=reverse, shift=shift, transposed=transposed)
     if plan.split:
+        # One set of segment states serves both scans: the twin reads them transposed.
         s_in = segment_states(
             k, v, g, plan, k_scale=k_scale, reverse=reverse, shift=shift, state_in=state_in,
             state_out=state_out, slot_ids=slot_ids, slot_used=slot_used,
@@ -66,6 +75,9 @@ def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
             dkdv(q, k, v, do, dk, dv, g, plan, scale=scale, reverse=reverse, state_in=dht, state_out=dh0)
         return
     common = dict(scale=1.0, k_scale=scale, reverse=reverse, shift=1)
+    if PAIRED_DKDV and q.shape[2] == v.shape[2]:
+        _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, transposed=(v, dk))
+        return
     _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0)
     _scan(v, do, q, dk, g, bounds, **common, state_in=None if dht is None else dht.transpose(-1, -2))
 

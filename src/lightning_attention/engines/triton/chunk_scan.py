@@ -70,17 +70,24 @@ def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
 
 @triton.jit
 def _scan_kernel(
-    q, k, v, o, g_gamma, state_in, state_out, segments, slot_ids, slot_used,
+    q, k, v, o, q_b, o_b, g_gamma, state_in, state_out, segments, slot_ids, slot_used,
     scale, k_scale, H,
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, STATE_IN_PER_SEGMENT: tl.constexpr,
-    STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
     # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
     # K = 256 in one tl.dot fault on H100 with triton 3.6.
     NV: tl.constexpr = (DV + BV - 1) // BV
-    i_v, _, i_h, i_s = program_block(tl.program_id(0), H, 1, NV)
+    i_v, role, i_h, i_s = program_block(tl.program_id(0), H, 2 if PAIRED else 1, NV)
+    if PAIRED:
+        # Role 1 runs the transposed scan: q_b against the state S^T = sum v^T k, i.e. k and v swapped (DK == DV).
+        # Arithmetic, not branches: a stride of 1 is a compile-time constant that a branch could not reassign.
+        is_b = role == 1
+        q, o = tl.where(is_b, q_b, q), tl.where(is_b, o_b, o)
+        k, v = tl.where(is_b, v, k), tl.where(is_b, k, v)
+        si_k, si_v = si_k + role * (si_v - si_k), si_v + role * (si_k - si_v)
     start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
     g = tl.load(g_gamma + i_h)
 
@@ -134,8 +141,9 @@ def _scan_kernel(
             scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
         b_o = mma((scores * mask).to(b_v.dtype), b_v, PRECISION, b_o * q_decay[:, None])
         store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
-    if STORE_STATE_OUT:
+    if STORE_STATE_OUT:  # (of the main scan only)
         final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
+        m_s0, m_s1 = m_s0 & (role == 0), m_s1 & (role == 0)
         store_state_block(
             state_out, state0 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k0, o_v, m_s0, slot_ids, USE_SLOTS
         )
@@ -162,28 +170,38 @@ def scan(
     state_out: torch.Tensor | None = None,
     slot_ids: torch.Tensor | None = None,
     slot_used: torch.Tensor | None = None,
+    transposed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Launch the scan over ``plan``'s segments, writing ``out`` (and ``state_out`` if given) in place.
 
     q, k ``[R, H, DK]``; v, out ``[R, H, DV]`` contiguous; g_gamma fp32 [H]; state_in ``[N or S, H, DK, DV]``
     (S = segments when ``state_in_per_segment``) or None; state_out ``[N, H, DK, DV]`` or None. With
     ``slot_ids`` int [N] the state rows are cache slots (state_in read where ``slot_used``, else zero).
+
+    ``transposed = (q_b, out_b)`` (needs DK == DV) also runs, in the same launch, the scan of q_b against the
+    transposed state (``out_b = scan(q_b, v, k)``, state_in transposed, no state_out): the backward's dk next to
+    its dv. Each program of one scan has a twin of the other reading the same k and v rows at the same time,
+    so those come from L2 once.
     """
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
+    if transposed is not None and (DK != DV or slot_ids is not None):
+        raise ValueError(f"a transposed twin needs DK == DV and no slots, got DK={DK}, DV={DV}")
+    q_b, out_b = transposed if transposed is not None else (None, None)
     cfg = scan_config(DK, DV, q.dtype)
     nv = triton.cdiv(DV, cfg.block_v)
-    grid = (plan.num_segments * H * nv,)
+    grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
     _scan_kernel[grid](
-        q, k, v, out, g_gamma, state_in, state_out, plan.segments, slot_ids, slot_used,
+        q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, plan.segments, slot_ids, slot_used,
         float(scale), float(k_scale), H,
         *state_strides(state_in), *state_strides(state_out),
         DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
         REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
         STATE_IN_PER_SEGMENT=bool(state_in_per_segment), STORE_STATE_OUT=state_out is not None,
-        USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype),
+        USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
-def scan_programs_per_segment(num_heads: int, dk: int, dv: int, dtype: torch.dtype) -> int:
-    return num_heads * triton.cdiv(dv, scan_config(dk, dv, dtype).block_v)
+def scan_programs_per_segment(num_heads: int, dk: int, dv: int, dtype: torch.dtype, paired: bool = False) -> int:
+    """Programs of one segment (``paired``: with the transposed twin scan)."""
+    return num_heads * triton.cdiv(dv, scan_config(dk, dv, dtype).block_v) * (2 if paired else 1)

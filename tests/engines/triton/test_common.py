@@ -1,0 +1,57 @@
+"""The segment planner of the chunked engine (engines/triton/_common.py): when and how sequences are split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lightning_attention.engines.triton import _common  # noqa: E402
+
+H100_SMS = 132
+
+
+def _plan(bounds, programs_per_segment, sms=H100_SMS):
+    return _common._plan(tuple(bounds), programs_per_segment, sms, torch.device("cpu"), _common.SegmentPolicy())
+
+
+def _dense(batch, seq_len):
+    return [b * seq_len for b in range(batch + 1)]
+
+
+def test_enough_programs_means_no_split():
+    plan = _plan(_dense(4, 8192), 32 * 2)  # 4 x 32 heads x 2 V-blocks = 256 programs
+    assert not plan.split and plan.num_segments == 4
+
+
+@pytest.mark.parametrize("seq_len", [32768, 131072])
+def test_long_sequence_fills_one_wave(seq_len):
+    """1 x T x 8 heads x 2 V-blocks: as many equal segments as fit one wave (8 x 16 = 128 programs <= 132),
+    not 9 (144 programs: a second wave of 12)."""
+    plan = _plan(_dense(1, seq_len), 16)
+    seg = plan.segments.tolist()
+    assert plan.split and plan.num_segments == 8
+    assert {end - start for start, end, _, _ in seg} == {seq_len // 8}
+    assert seg[0][0] == 0 and seg[-1][1] == seq_len
+    assert [flags for *_, flags in seg] == [1] + [0] * 6 + [2]
+
+
+def test_split_only_when_it_at_least_halves_the_walk():
+    assert _plan(_dense(1, 8192), 64).num_segments == 2  # 64 programs: two segments of 64 chunks fill 128 SMs
+    assert not _plan(_dense(1, 8192), 100).split  # one segment per wave: nothing to gain
+
+
+def test_varlen_segments_cover_every_sequence_in_order():
+    bounds = [0, 0, 5000, 5100, 40000]
+    plan = _plan(bounds, 16)
+    seg = plan.segments.tolist()
+    offsets = plan.seq_offsets.tolist()
+    assert offsets[0] == 0 and offsets[-1] == plan.num_segments == len(seg)
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        rows = seg[offsets[n] : offsets[n + 1]]
+        assert len(rows) >= 1 and all(s == n for _, _, s, _ in rows)
+        assert rows[0][0] == a and rows[-1][1] == b
+        assert all(prev[1] == nxt[0] for prev, nxt in zip(rows, rows[1:]))
+        assert rows[0][3] & 1 and rows[-1][3] & 2
+    assert plan.num_segments * 16 <= 2 * H100_SMS
