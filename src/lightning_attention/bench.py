@@ -138,14 +138,27 @@ def run_shape(B, T, H, D, dtype, providers, bandwidth) -> Row:
         if name == "sdpa_flash" and dtype == torch.float32:
             row.results.append(Result(name, note="flash needs fp16/bf16"))
             continue
-        try:
-            res = _measure(fn, q, k, v, g, do)
-            res.provider = name
-        except Exception as e:  # a competitor that fails at a shape is reported, not fatal
-            res = Result(name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120])
-            torch.cuda.empty_cache()
-        row.results.append(res)
+        # fp32: ours follows torch.get_float32_matmul_precision() (the default "highest" = 3xTF32), fla always
+        # multiplies in TF32; our fp32 rows are timed under both settings.
+        precisions = ("highest", "high") if name == "ours" and dtype == torch.float32 else (None,)
+        for precision in precisions:
+            row.results.append(_measure_provider(name, fn, q, k, v, g, do, precision))
     return row
+
+
+def _measure_provider(name, fn, q, k, v, g, do, precision: str | None) -> Result:
+    previous = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        res = _measure(fn, q, k, v, g, do)
+        res.provider = name if precision is None else f"{name} ({'3xTF32' if precision == 'highest' else 'TF32'})"
+    except Exception as e:  # a competitor that fails at a shape is reported, not fatal
+        res = Result(name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120])
+        torch.cuda.empty_cache()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return res
 
 
 def environment() -> dict[str, str]:
@@ -215,7 +228,10 @@ def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
                 series.setdefault(family, {}).setdefault(r.provider, []).append((T, r.fwd_ms, r.fwdbwd_ms))
         series.setdefault(family, {}).setdefault("floor", []).append((T, row.floor_fwd_ms, row.floor_fwdbwd_ms))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {"ours": "C0", "fla": "C1", "lightning_attn": "C2", "sdpa_flash": "C3", "floor": "k"}  # one per provider
+    colors = {  # one per provider
+        "ours": "C0", "ours (3xTF32)": "C0", "ours (TF32)": "C4", "fla": "C1", "lightning_attn": "C2",
+        "sdpa_flash": "C3", "floor": "k",
+    }  # fmt: skip
     markers = "osD^vP*X"  # one per shape family (B, H, D, dtype)
     for i, (family, provs) in enumerate(series.items()):
         B, H, D, dt = family
