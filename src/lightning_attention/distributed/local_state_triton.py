@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_attention.engines.triton._common import dot_precision, mma, sm_count
+from lightning_attention.engines.triton._common import cdiv, dot_precision, mma, next_power_of_2, sm_count
 
 __all__ = ["triton_decayed_outer_sum"]
 
@@ -83,13 +83,13 @@ def triton_decayed_outer_sum(
     B, L, H, K = a.shape
     V = c.shape[-1]
     a, c = a.contiguous(), c.contiguous()
-    BK = max(16, min(128, triton.next_power_of_2(K)))
-    BV = max(16, min(128, triton.next_power_of_2(V)))
-    tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count(a.device), B * H * tiles)
-    seg_len = triton.cdiv(triton.cdiv(L, max(1, min(wanted, triton.cdiv(L, BLOCK_T)))), BLOCK_T) * BLOCK_T
+    BK = max(16, min(128, next_power_of_2(K)))
+    BV = max(16, min(128, next_power_of_2(V)))
+    tiles = cdiv(K, BK) * cdiv(V, BV)
+    wanted = cdiv(PROGRAMS_PER_SM * sm_count(a.device), B * H * tiles)
+    seg_len = cdiv(cdiv(L, max(1, min(wanted, cdiv(L, BLOCK_T)))), BLOCK_T) * BLOCK_T
     seg_len = min(seg_len, MAX_SEGMENT)
-    segments = triton.cdiv(L, seg_len)
+    segments = cdiv(L, seg_len)
     partial = torch.empty(segments, B * H, K, V, dtype=torch.float32, device=a.device)
     decayed_outer_sum_kernel[(segments, B * H, tiles)](
         a, c, g.float().contiguous(), partial, L, float(base), seg_len,

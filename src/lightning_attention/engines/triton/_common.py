@@ -154,9 +154,19 @@ def store_state_block(ptr, value, row, i_h, s_n, s_h, s_k, s_v, o_k, o_v, mask, 
 MIN_BLOCK = 64
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launch code. (triton.cdiv and triton.next_power_of_2 are constexpr functions whose
+    host calls cost ~3 us each; a backward made 22 of them: benchmarks/results/chunk_NOTES.md.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def block_dim(d: int) -> int:
     """Padded block for a head dim: a power of two >= MIN_BLOCK (masks cover the padding)."""
-    return max(MIN_BLOCK, triton.next_power_of_2(d))
+    return max(MIN_BLOCK, next_power_of_2(d))
 
 
 def state_strides(state: torch.Tensor | None) -> tuple[int, int, int, int]:

@@ -28,6 +28,7 @@ from lightning_attention.engines.triton._common import (
     CHUNK,
     SegmentPlan,
     block_dim,
+    cdiv,
     chunk_decays,
     chunk_rows,
     dot_precision,
@@ -188,7 +189,7 @@ def scan(
         raise ValueError(f"a transposed twin needs DK == DV and no slots, got DK={DK}, DV={DV}")
     q_b, out_b = transposed if transposed is not None else (None, None)
     cfg = scan_config(DK, DV, q.dtype)
-    nv = triton.cdiv(DV, cfg.block_v)
+    nv = cdiv(DV, cfg.block_v)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
     _scan_kernel[grid](
         q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, plan.segments, slot_ids, slot_used,
@@ -204,4 +205,4 @@ def scan(
 
 def scan_programs_per_segment(num_heads: int, dk: int, dv: int, dtype: torch.dtype, paired: bool = False) -> int:
     """Programs of one segment (``paired``: with the transposed twin scan)."""
-    return num_heads * triton.cdiv(dv, scan_config(dk, dv, dtype).block_v) * (2 if paired else 1)
+    return num_heads * cdiv(dv, scan_config(dk, dv, dtype).block_v) * (2 if paired else 1)

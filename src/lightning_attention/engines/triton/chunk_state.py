@@ -22,6 +22,7 @@ from lightning_attention.engines.triton._common import (
     CHUNK,
     SegmentPlan,
     block_dim,
+    cdiv,
     chunk_rows,
     dot_precision,
     load_rows,
@@ -134,7 +135,7 @@ def segment_states(
     (``state_out`` [N, H, DK, DV], if given, receives each sequence's final state)."""
     H, DK, DV = k.shape[1], k.shape[2], v.shape[2]
     BK, BV = min(block_dim(DK), _STATE_BLOCK_K), min(block_dim(DV), _STATE_BLOCK_V)
-    blocks = triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
+    blocks = cdiv(DK, BK) * cdiv(DV, BV)
     buf = torch.empty(plan.num_segments, H, DK, DV, dtype=torch.float32, device=k.device)
     _local_state_kernel[(plan.num_segments * H * blocks,)](
         k, v, g_gamma, buf, plan.segments, float(k_scale), H,

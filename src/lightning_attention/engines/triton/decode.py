@@ -29,6 +29,7 @@ import triton.language as tl
 
 from lightning_attention.engines.base import tokens_per_sequence
 from lightning_attention.engines.triton import chunk, recurrent
+from lightning_attention.engines.triton._common import cdiv, next_power_of_2
 
 __all__ = ["DECODE_CONFIGS", "decode_step", "prefill_into_slots"]
 
@@ -96,9 +97,9 @@ def decode_step(q, k, v, state_cache, slot_ids, g_gamma, scale, config=None):
     if N * H == 0:
         return o
     BV, BK, num_warps = config if config is not None else DECODE_CONFIGS[state_cache.dtype]
-    BV = min(BV, triton.next_power_of_2(V))
-    BK = min(BK, triton.next_power_of_2(K))
-    grid = (N * H, triton.cdiv(V, BV))
+    BV = min(BV, next_power_of_2(V))
+    BK = min(BK, next_power_of_2(K))
+    grid = (N * H, cdiv(V, BV))
     _decode_kernel[grid](
         q,
         k,

@@ -28,6 +28,7 @@ import triton.language as tl
 from lightning_attention.engines.base import LengthRoutedEngine, ScanEngine
 from lightning_attention.engines.cpu._common import compute_dtype
 from lightning_attention.engines.triton import chunk
+from lightning_attention.engines.triton._common import cdiv, next_power_of_2
 
 __all__ = [
     "RECURRENT_TRITON_MAX_T",
@@ -52,8 +53,8 @@ RECURRENT_CONFIG = (4096, 4)
 
 
 def _block_v(K: int, V: int, state_tile: int) -> int:
-    BK = triton.next_power_of_2(K)
-    return max(16, min(triton.next_power_of_2(V), state_tile // BK))
+    BK = next_power_of_2(K)
+    return max(16, min(next_power_of_2(V), state_tile // BK))
 
 
 @triton.jit
@@ -151,10 +152,10 @@ def _launch(q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seq
     o = torch.empty_like(v, dtype=q.dtype)
     acc = tl.float64 if compute_dtype(q, k, v, h0) == torch.float64 else tl.float32
     state_tile, num_warps = RECURRENT_CONFIG
-    BK, BV = triton.next_power_of_2(K), _block_v(K, V, state_tile)
+    BK, BV = next_power_of_2(K), _block_v(K, V, state_tile)
     if N * H == 0:
         return o
-    grid = (N * H, triton.cdiv(V, BV))  # N * H first: grid dims 1 and 2 are limited to 65535
+    grid = (N * H, cdiv(V, BV))  # N * H first: grid dims 1 and 2 are limited to 65535
     _recurrent_kernel[grid](
         q,
         k,
