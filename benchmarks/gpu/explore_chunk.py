@@ -273,6 +273,38 @@ def explore_split(bw: float) -> None:
         torch.cuda.empty_cache()
 
 
+def explore_configs(bw: float) -> None:
+    """Forward and backward (every scan of both with the same configuration) per scan config BV/warps/stages/chunk
+    (env CONFIGS), at the shapes of env SHAPES (default: the main one and 8x4096x16x64)."""
+    cfg = val.ScanConfig(scale=128**-0.5)
+    default = chunk_scan.scan_config
+    shapes = os.environ.get("SHAPES", "4x8192x32x128,8x4096x16x64").split(",")
+    configs = os.environ.get("CONFIGS", "64/4/3/64,128/8/2/32,128/8/3/32,64/4/3/32,64/4/4/32,64/4/2/32").split(",")
+    for shape in shapes:
+        B, T, H, D = map(int, shape.split("x"))
+        q, k, v, do, g = _inputs(B, T, H, D)
+        nbytes = q.numel() * q.element_size()
+        ffwd, fbwd = _floor_ms(4 * nbytes, bw), _floor_ms(7 * nbytes, bw)
+        print(f"== configs {shape} bf16: floors fwd {ffwd:.3f} bwd {fbwd:.3f} ms", flush=True)
+        ref = ENGINE.forward(q, k, v, g, cfg, None, None)[0]
+        for conf in configs:
+            bv, warps, stages, chunk = map(int, conf.split("/"))
+            if bv > _common.block_dim(D):
+                continue
+            c = chunk_scan.ScanConfig(bv, warps, stages, chunk)
+            chunk_scan.scan_config = lambda dk, dv, dt, c=c: c
+            out = ENGINE.forward(q, k, v, g, cfg, None, None)[0]
+            diff = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            t_f = _time(lambda: ENGINE.forward(q, k, v, g, cfg, None, None))
+            stats = _kernel_stats(chunk_scan._scan_kernel)
+            t_b = _time(lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None))
+            print(f"  {conf}: fwd {t_f:.3f} ({t_f / ffwd:.2f}x) bwd {t_b:.3f} ({t_b / fbwd:.2f}x) fwd+bwd {t_f + t_b:.3f}"
+                  f"  diff {diff:.1e}  {stats}", flush=True)
+        chunk_scan.scan_config = default
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
 def _kernel_times(fn, reps: int = 20) -> str:
     """Mean CUDA time per call of each kernel ``fn`` launches (torch.profiler), e.g. the split path's passes."""
     from torch.profiler import ProfilerActivity, profile
@@ -368,6 +400,7 @@ def main() -> None:
         steps_fns = {
             "stream": explore_stream, "fwd": explore_fwd, "bwd": explore_bwd, "candidates": explore_candidates,
             "dkdv": explore_dkdv, "split": explore_split, "fp32": explore_fp32, "splitparts": explore_split_parts,
+            "configs": explore_configs,
         }  # fmt: skip
         steps_fns[step](bw)
 

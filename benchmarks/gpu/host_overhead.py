@@ -55,6 +55,14 @@ def profile_shape(B: int, T: int, H: int, D: int) -> None:
     for name, fn in cases.items():
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         print(f"  {name:24s} do_bench {ms * 1e3:8.1f} us   host enqueue {_enqueue_us(fn):8.1f} us", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+        for _ in range(50):
+            cases["op fwd+bwd"]()
+        torch.cuda.synchronize()
+    print("== torch.profiler, 50 x op fwd+bwd, by self CPU time (CUDA runtime calls included)")
+    print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
     for name in ("op fwd (requires_grad)", "op fwd+bwd"):
         prof = cProfile.Profile()
         prof.enable()
