@@ -84,13 +84,14 @@ def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired:
     cfg = chunk_scan.scan_config(dk, dv, dtype)
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
-        state_in=None, state_out=None, slot_ids=None, slot_used=None,
+        state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
-        C=cfg.chunk, REVERSE=False, SHIFT=0, HAS_STATE_IN=False, STATE_IN_PER_SEGMENT=False, STORE_STATE_OUT=False,
+        C=cfg.chunk, REVERSE=False, SHIFT=0, HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         USE_SLOTS=False, PRECISION=_common.dot_precision(dtype), PAIRED=paired,
         **({} if paired else dict(q_b=None, o_b=None)),
     )  # fmt: skip
-    pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", segments="*i32", **(dict(q_b=t, o_b=t) if paired else {}))
+    pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", seq_offsets="*i32", segments="*i32")
+    pointers.update(dict(q_b=t, o_b=t) if paired else {})
     scalars = dict(scale="fp32", k_scale="fp32", H="i32", **_STATE_STRIDES)
     order = chunk_scan._scan_kernel.arg_names
     signature = _signature(pointers, scalars, constexprs)
@@ -108,11 +109,11 @@ def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Reso
     cfg = chunk_bwd.dkdv_config(dk, dv, dtype)
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
-        state_in=None, state_out=None, DK=dk, DV=dv, BK=_common.block_dim(dk), BV=_common.block_dim(dv), C=cfg.chunk,
-        REVERSE=True, HAS_STATE_IN=False, STATE_IN_PER_SEGMENT=False, STORE_STATE_OUT=False,
+        state_in=None, state_out=None, local_states=None, DK=dk, DV=dv, BK=_common.block_dim(dk),
+        BV=_common.block_dim(dv), C=cfg.chunk, REVERSE=True, HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         PRECISION=_common.dot_precision(dtype),
     )  # fmt: skip
-    pointers = dict(q=t, k=t, v=t, do=t, dk=t, dv=t, g_gamma="*fp32", segments="*i32")
+    pointers = dict(q=t, k=t, v=t, do=t, dk=t, dv=t, g_gamma="*fp32", seq_offsets="*i32", segments="*i32")
     scalars = dict(scale="fp32", H="i32", **_STATE_STRIDES)
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in chunk_bwd._dkdv_kernel.arg_names}

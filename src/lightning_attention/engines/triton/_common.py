@@ -6,10 +6,11 @@ Every kernel walks one *segment* of one sequence chunk by chunk (C tokens at a t
 first segment of its sequence in memory order, bit 1 the last (so the first in scan order is bit 0 for a
 forward scan and bit 1 for a reverse one). Rows index the flattened ``[B * T]`` (or packed ``[T]``) axis.
 
-When a sequence is split into several segments (too few sequences x heads to fill the GPU), the state
-entering each segment comes from two small extra passes (chunk_state.py). The state entering the first
-segment is ``initial_state`` with the scan's ``SHIFT = 1 - state_offset`` (engines/base.py): it reaches
-local position i through ``lam^(i + 1 - SHIFT)``.
+When a sequence is split into several segments (too few sequences x heads to fill the GPU), a first pass
+computes each segment's local state (chunk_state.py) and every program folds those of the segments before
+its own into the state it starts from (:func:`fold_earlier_segments`). The state entering the first segment
+is ``initial_state`` with the scan's ``SHIFT = 1 - state_offset`` (engines/base.py): it reaches local
+position i through ``lam^(i + 1 - SHIFT)``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,43 @@ def segment_bounds(segments, i_s, REVERSE: tl.constexpr):
     else:
         first = flags & 1
     return start, end, seq, first
+
+
+@triton.jit
+def is_last_segment(segments, i_s, REVERSE: tl.constexpr):
+    """Whether segment ``i_s`` is the last of its sequence in scan order (its program writes the final state)."""
+    flags = tl.load(segments + i_s * 4 + 3)
+    if REVERSE:
+        return (flags & 1) != 0
+    else:
+        return ((flags >> 1) & 1) != 0
+
+
+@triton.jit
+def fold_earlier_segments(
+    state, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k, o_v, mask,
+    SHIFT: tl.constexpr, REVERSE: tl.constexpr,
+):  # fmt: skip
+    """The state entering segment ``i_s`` of sequence ``seq``: ``state`` (the sequence's initial state, fp32
+    ``[BK, BV]``) carried across the segments before it in scan order, S <- lam^(len - e) S + A_s, with the
+    local states A_s of chunk_state.py (strides l_*; e = SHIFT on the sequence's first segment). Each program
+    folds its own prefix (a few blocks from L2), so no launch is spent on the scan across segments."""
+    lo = tl.load(seq_offsets + seq)
+    hi = tl.load(seq_offsets + seq + 1)
+    if REVERSE:
+        n_before = hi - 1 - i_s
+    else:
+        n_before = i_s - lo
+    for idx in range(0, n_before):
+        if REVERSE:
+            j = hi - 1 - idx
+        else:
+            j = lo + idx
+        start, end, _, first = segment_bounds(segments, j, REVERSE)
+        ptrs = local_states + j.to(tl.int64) * l_s + i_h * l_h + o_k[:, None] * l_k + o_v[None, :] * l_v
+        carried = tl.exp(g * tl.maximum(end - start - SHIFT * first, 0).to(tl.float32))
+        state = state * carried + tl.load(ptrs, mask=mask, other=0)
+    return state
 
 
 @triton.jit

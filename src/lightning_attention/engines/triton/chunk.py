@@ -6,17 +6,20 @@ never needs to leave the chip: one program per (segment, head, V-block) walks it
 
     forward   o, final = scan(q, k, v, h0, offset 1)                                      1 launch
     backward  dq       = scan(do, v, k, h0^T, offset 1)                                   1 launch
-              dk, dv, dh0 from the reverse scan of D = sum q^T do: for heads up to 64 x 64 (padded) one
-              fused kernel reading q, k, v, do once (chunk_bwd.py); larger heads two scans of chunk_scan.py
-              (dv = scan(k, q, do), dk = scan(v, do, q)): the fused kernel spills at 128 x 128 and loses
+              dk, dv, dh0 from the reverse scan of D = sum q^T do                          1 launch
+              - heads up to 64 x 64 (padded): one fused kernel reading q, k, v, do once (chunk_bwd.py);
+              - larger heads with K == V: dv = scan(k, q, do) and its transposed twin dk = scan(v, do, q) in
+                one launch (chunk_scan.scan(transposed=...)); K != V: those two as two launches.
+              (The fused kernel spills at 128 x 128 and loses to the scans: benchmarks/results/chunk_NOTES.md.)
 
-When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and two small
-passes first compute the state entering each segment (chunk_state.py): 3 launches instead of 1, and k, v
-are read twice. Sequences never share a chunk (varlen ``cu_seqlens``; a varlen call reads ``cu_seqlens``
-on the host once to plan the segments).
+When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and a first
+pass computes each segment's local state (chunk_state.py), which the scan's programs fold into the state
+they start from: 2 launches instead of 1, and k, v are read twice. Sequences never share a chunk (varlen
+``cu_seqlens``; a varlen call reads ``cu_seqlens`` on the host once to plan the segments).
 
 Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, states ``[N, H, K, V]`` fp32 (see engines/base.py for the
-contract). Accumulation and states are fp32; fp32 inputs use 3xTF32 products (fp32-level accuracy).
+contract). Accumulation and states are fp32; fp32 inputs multiply as torch.get_float32_matmul_precision()
+says (3xTF32 under torch's default "highest", TF32 under "high"; _common.dot_precision).
 float64 inputs, and head dims K or V above 256, run on the torch engine. The op's ``chunk_size`` is accepted
 for any power of two and mapped to the kernels' 64 (results agree within rounding).
 """
@@ -29,7 +32,7 @@ from lightning_attention import _validation as val
 from lightning_attention.engines.triton._common import plan_segments, sequence_bounds
 from lightning_attention.engines.triton.chunk_bwd import dkdv, use_fused_dkdv
 from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment
-from lightning_attention.engines.triton.chunk_state import segment_states
+from lightning_attention.engines.triton.chunk_state import local_states
 
 __all__ = ["ENGINE", "TritonChunkEngine", "prefill_into_slots"]
 
@@ -52,27 +55,23 @@ def _scan(
     pps = scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype, paired=transposed is not None)
     plan = plan_segments(bounds, pps, q.device)
     common = dict(scale=scale, k_scale=k_scale, reverse=reverse, shift=shift, transposed=transposed)
-    if plan.split:
-        # One set of segment states serves both scans: the twin reads them transposed.
-        s_in = segment_states(
-            k, v, g, plan, k_scale=k_scale, reverse=reverse, shift=shift, state_in=state_in,
-            state_out=state_out, slot_ids=slot_ids, slot_used=slot_used,
-        )  # fmt: skip
-        scan(q, k, v, out, g, plan, **common, state_in=s_in, state_in_per_segment=True)
-    else:
-        slot_args = dict(slot_ids=slot_ids, slot_used=slot_used)
-        scan(q, k, v, out, g, plan, **common, state_in=state_in, state_out=state_out, **slot_args)
+    # Split sequences: one set of local states serves both scans (the twin reads them transposed).
+    locals_ = local_states(k, v, g, plan, k_scale=k_scale, reverse=reverse) if plan.split else None
+    scan(
+        q, k, v, out, g, plan, **common, state_in=state_in, local_states=locals_, state_out=state_out,
+        slot_ids=slot_ids, slot_used=slot_used,
+    )  # fmt: skip
 
 
 def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
     """dk, dv (and dh0) from the state-gradient scan D, run in direction ``reverse``."""
     if use_fused_dkdv(q.shape[2], v.shape[2]):
         plan = plan_segments(bounds, q.shape[1], q.device)
-        if plan.split:
-            s_in = segment_states(q, do, g, plan, k_scale=scale, reverse=reverse, shift=1, state_in=dht, state_out=dh0)
-            dkdv(q, k, v, do, dk, dv, g, plan, scale=scale, reverse=reverse, state_in=s_in, state_in_per_segment=True)
-        else:
-            dkdv(q, k, v, do, dk, dv, g, plan, scale=scale, reverse=reverse, state_in=dht, state_out=dh0)
+        locals_ = local_states(q, do, g, plan, k_scale=scale, reverse=reverse) if plan.split else None
+        dkdv(
+            q, k, v, do, dk, dv, g, plan, scale=scale, reverse=reverse, state_in=dht, local_states=locals_,
+            state_out=dh0,
+        )  # fmt: skip
         return
     common = dict(scale=1.0, k_scale=scale, reverse=reverse, shift=1)
     if PAIRED_DKDV and q.shape[2] == v.shape[2]:

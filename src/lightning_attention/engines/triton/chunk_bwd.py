@@ -28,7 +28,9 @@ from lightning_attention.engines.triton._common import (
     chunk_decays,
     chunk_rows,
     dot_precision,
+    fold_earlier_segments,
     intra_decay,
+    is_last_segment,
     load_rows,
     load_state_block,
     mma,
@@ -65,11 +67,11 @@ def use_fused_dkdv(dk: int, dv: int) -> bool:
 
 @triton.jit
 def _dkdv_kernel(
-    q, k, v, do, dk, dv, g_gamma, state_in, state_out, segments,
+    q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
     scale, H,
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STATE_IN_PER_SEGMENT: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     _, _, i_h, i_s = program_block(tl.program_id(0), H, 1, 1)
@@ -84,10 +86,14 @@ def _dkdv_kernel(
 
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_STATE_IN:
-        row_in = i_s if STATE_IN_PER_SEGMENT else seq
         state = load_state_block(
-            state_in, row_in, i_h, si_n, si_h, si_k, si_v, o_k, o_v, m_state, segments, segments, False
+            state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k, o_v, m_state, segments, segments, False
         )
+    if SPLIT:
+        state = fold_earlier_segments(
+            state, local_states, seq_offsets, segments, i_s, seq, i_h, g, H * DK * DV, DK * DV, DV, 1, o_k, o_v,
+            m_state, 1, REVERSE,
+        )  # fmt: skip
     mask = intra_decay(g, C) * scale
     length = end - start
     for c in range(0, tl.cdiv(length, C)):
@@ -113,7 +119,8 @@ def _dkdv_kernel(
         state = state * block_decay + mma(tl.trans(b_qd), b_do, PRECISION)
     if STORE_STATE_OUT:
         final = state * tl.exp(g * (length > 0).to(tl.float32))
-        store_state_block(state_out, final, seq, i_h, so_n, so_h, so_k, so_v, o_k, o_v, m_state, segments, False)
+        m_out = m_state & is_last_segment(segments, i_s, REVERSE)
+        store_state_block(state_out, final, seq, i_h, so_n, so_h, so_k, so_v, o_k, o_v, m_out, segments, False)
 
 
 def dkdv(
@@ -129,18 +136,19 @@ def dkdv(
     scale: float,
     reverse: bool,
     state_in: torch.Tensor | None,
-    state_in_per_segment: bool = False,
+    local_states: torch.Tensor | None = None,
     state_out: torch.Tensor | None = None,
 ) -> None:
     """Write dk, dv (and dh0 into ``state_out`` if given). ``reverse`` is the direction of the D scan (the
-    opposite of the forward's); ``state_in`` is dht ``[N, H, K, V]`` or, per segment, S_in ``[S, H, K, V]``."""
+    opposite of the forward's); ``state_in`` is dht ``[N, H, K, V]`` or None; ``local_states`` (when
+    ``plan.split``) chunk_state.local_states of (q, do) with k_scale = scale."""
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
     cfg = dkdv_config(DK, DV, q.dtype)
     _dkdv_kernel[(plan.num_segments * H,)](
-        q, k, v, do, dk, dv, g_gamma, state_in, state_out, plan.segments,
+        q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, plan.seq_offsets, plan.segments,
         float(scale), H, *state_strides(state_in), *state_strides(state_out),
         DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
-        REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, STATE_IN_PER_SEGMENT=bool(state_in_per_segment),
+        REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
         STORE_STATE_OUT=state_out is not None, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

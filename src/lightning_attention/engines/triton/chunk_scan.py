@@ -32,7 +32,9 @@ from lightning_attention.engines.triton._common import (
     chunk_decays,
     chunk_rows,
     dot_precision,
+    fold_earlier_segments,
     intra_decay,
+    is_last_segment,
     load_rows,
     load_state_block,
     mma,
@@ -71,17 +73,18 @@ def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
 
 @triton.jit
 def _scan_kernel(
-    q, k, v, o, q_b, o_b, g_gamma, state_in, state_out, segments, slot_ids, slot_used,
+    q, k, v, o, q_b, o_b, g_gamma, state_in, state_out, local_states, seq_offsets, segments, slot_ids, slot_used,
     scale, k_scale, H,
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, STATE_IN_PER_SEGMENT: tl.constexpr,
+    REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
     # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
     # K = 256 in one tl.dot fault on H100 with triton 3.6.
     NV: tl.constexpr = (DV + BV - 1) // BV
     i_v, role, i_h, i_s = program_block(tl.program_id(0), H, 2 if PAIRED else 1, NV)
+    l_k, l_v = DV, 1  # strides of a local state in chunk_state's contiguous [S, H, DK, DV] buffer
     if PAIRED:
         # Role 1 runs the transposed scan: q_b against the state S^T = sum v^T k, i.e. k and v swapped (DK == DV).
         # Arithmetic, not branches: a stride of 1 is a compile-time constant that a branch could not reassign.
@@ -89,6 +92,7 @@ def _scan_kernel(
         q, o = tl.where(is_b, q_b, q), tl.where(is_b, o_b, o)
         k, v = tl.where(is_b, v, k), tl.where(is_b, k, v)
         si_k, si_v = si_k + role * (si_v - si_k), si_v + role * (si_k - si_v)
+        l_k, l_v = l_k + role * (l_v - l_k), l_v + role * (l_k - l_v)
     start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
     g = tl.load(g_gamma + i_h)
 
@@ -103,14 +107,24 @@ def _scan_kernel(
     state0 = tl.zeros([BKH, BV], dtype=tl.float32)
     state1 = tl.zeros([BKH, BV], dtype=tl.float32)
     if HAS_STATE_IN:
-        r = i_s if STATE_IN_PER_SEGMENT else seq
         state0 = load_state_block(
-            state_in, r, i_h, si_n, si_h, si_k, si_v, o_k0, o_v, m_s0, slot_ids, slot_used, USE_SLOTS
+            state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k0, o_v, m_s0, slot_ids, slot_used, USE_SLOTS
         )
         if TWO_K:
             state1 = load_state_block(
-                state_in, r, i_h, si_n, si_h, si_k, si_v, o_k1, o_v, m_s1, slot_ids, slot_used, USE_SLOTS
+                state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k1, o_v, m_s1, slot_ids, slot_used, USE_SLOTS
             )
+    if SPLIT:
+        l_s, l_h = H * DK * DV, DK * DV
+        state0 = fold_earlier_segments(
+            state0, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k0, o_v, m_s0,
+            SHIFT, REVERSE,
+        )  # fmt: skip
+        if TWO_K:
+            state1 = fold_earlier_segments(
+                state1, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k1, o_v, m_s1,
+                SHIFT, REVERSE,
+            )  # fmt: skip
     mask = intra_decay(g, C) * k_scale
     length = end - start
     shift = SHIFT * first
@@ -142,9 +156,10 @@ def _scan_kernel(
             scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
         b_o = mma((scores * mask).to(b_v.dtype), b_v, PRECISION, b_o * q_decay[:, None])
         store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
-    if STORE_STATE_OUT:  # (of the main scan only)
+    if STORE_STATE_OUT:  # by the last segment of the sequence, of the main scan
         final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
-        m_s0, m_s1 = m_s0 & (role == 0), m_s1 & (role == 0)
+        writer = (role == 0) & is_last_segment(segments, i_s, REVERSE)
+        m_s0, m_s1 = m_s0 & writer, m_s1 & writer
         store_state_block(
             state_out, state0 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k0, o_v, m_s0, slot_ids, USE_SLOTS
         )
@@ -167,7 +182,7 @@ def scan(
     reverse: bool,
     shift: int,
     state_in: torch.Tensor | None,
-    state_in_per_segment: bool = False,
+    local_states: torch.Tensor | None = None,
     state_out: torch.Tensor | None = None,
     slot_ids: torch.Tensor | None = None,
     slot_used: torch.Tensor | None = None,
@@ -175,9 +190,10 @@ def scan(
 ) -> None:
     """Launch the scan over ``plan``'s segments, writing ``out`` (and ``state_out`` if given) in place.
 
-    q, k ``[R, H, DK]``; v, out ``[R, H, DV]`` contiguous; g_gamma fp32 [H]; state_in ``[N or S, H, DK, DV]``
-    (S = segments when ``state_in_per_segment``) or None; state_out ``[N, H, DK, DV]`` or None. With
-    ``slot_ids`` int [N] the state rows are cache slots (state_in read where ``slot_used``, else zero).
+    q, k ``[R, H, DK]``; v, out ``[R, H, DV]`` contiguous; g_gamma fp32 [H]; state_in ``[N, H, DK, DV]`` or
+    None; state_out ``[N, H, DK, DV]`` or None. With ``slot_ids`` int [N] the state rows are cache slots
+    (state_in read where ``slot_used``, else zero). ``local_states`` (required when ``plan.split``):
+    chunk_state.local_states of (k, v) over the plan, contiguous ``[S, H, DK, DV]`` fp32.
 
     ``transposed = (q_b, out_b)`` (needs DK == DV) also runs, in the same launch, the scan of q_b against the
     transposed state (``out_b = scan(q_b, v, k)``, state_in transposed, no state_out): the backward's dk next to
@@ -187,17 +203,20 @@ def scan(
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
     if transposed is not None and (DK != DV or slot_ids is not None):
         raise ValueError(f"a transposed twin needs DK == DV and no slots, got DK={DK}, DV={DV}")
+    if plan.split != (local_states is not None):
+        raise ValueError("local_states must be given exactly when the plan splits sequences")
     q_b, out_b = transposed if transposed is not None else (None, None)
     cfg = scan_config(DK, DV, q.dtype)
     nv = cdiv(DV, cfg.block_v)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
     _scan_kernel[grid](
-        q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, plan.segments, slot_ids, slot_used,
+        q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, local_states, plan.seq_offsets, plan.segments,
+        slot_ids, slot_used,
         float(scale), float(k_scale), H,
         *state_strides(state_in), *state_strides(state_out),
         DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
         REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
-        STATE_IN_PER_SEGMENT=bool(state_in_per_segment), STORE_STATE_OUT=state_out is not None,
+        SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
         USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

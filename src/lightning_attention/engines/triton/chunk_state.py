@@ -1,15 +1,16 @@
-"""Stages: per-segment local states and the scan across segments (only when sequences are split).
+"""Stage: per-segment local states (only when sequences are split).
 
 When too few (sequence, head, block) programs exist to fill the GPU, each sequence is cut into segments
-(_common.plan_segments) and the state entering every segment is computed first:
+(_common.plan_segments) and every segment's local state is computed first, from a zero state:
 
-    pass 1 (local)   A_s = k_scale * sum_{j in s} lam^(e_s - j) k_j^T v_j         (e_s: the segment's last token)
-    pass 2 (passing) S_in(first) = S0,  S_in(s+1) = lam^(len_s - e) S_in(s) + A_s  (e = SHIFT on the first segment)
-                     final = lam^SHIFT S_end   (S0 for an empty sequence)
+    A_s = k_scale * sum_{j in s} lam^(e_s - j) k_j^T v_j         (e_s: the segment's last token in scan order)
 
-after which the scan of chunk_scan.py (or the fused backward of chunk_bwd.py) runs every segment in
-parallel from its S_in. The same combine rule is what context parallelism needs across devices.
-Shapes: k ``[R, H, DK]``, v ``[R, H, DV]``; buffer ``[S, H, DK, DV]`` fp32 (A_s, overwritten by S_in(s)).
+The scan of chunk_scan.py (or the fused backward of chunk_bwd.py) then runs every segment in parallel; each
+program first folds the local states of the segments before its own into the state it starts from,
+S_in(first) = S0, S_in(s+1) = lam^(len_s - e) S_in(s) + A_s (e = SHIFT on the first segment;
+_common.fold_earlier_segments), and the sequence's last segment writes the final state. The same combine
+rule is what context parallelism needs across devices.
+Shapes: k ``[R, H, DK]``, v ``[R, H, DV]``; A ``[S, H, DK, DV]`` fp32.
 """
 
 from __future__ import annotations
@@ -26,15 +27,13 @@ from lightning_attention.engines.triton._common import (
     chunk_rows,
     dot_precision,
     load_rows,
-    load_state_block,
     mma,
     program_block,
     segment_bounds,
-    state_strides,
     store_state_block,
 )
 
-#: State block and launch of the two passes (blocks are independent here; K = 256 never meets one tl.dot).
+#: State block and launch of the pass (blocks are independent here; K = 256 never meets one tl.dot).
 #: Measured on H100 (benchmarks/results/chunk_NOTES.md): pass 1 at 1 x 32768 x 8 x 128 bf16 takes 0.051 ms
 #: with 64 x 64 blocks and 4 stages (the k, v read alone: 0.045), 0.058 with 64 x 32, 0.056 with 128 x 64.
 _STATE_BLOCK_K = 64
@@ -76,63 +75,11 @@ def _local_state_kernel(
     )
 
 
-@triton.jit
-def _state_passing_kernel(
-    g_gamma, buf, segments, seq_offsets, state_in, state_out, slot_ids, slot_used, H,
-    si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, STORE_STATE_OUT: tl.constexpr,
-    USE_SLOTS: tl.constexpr,
-):  # fmt: skip
-    NV: tl.constexpr = (DV + BV - 1) // BV
-    NK: tl.constexpr = (DK + BK - 1) // BK
-    i_v, i_k, i_h, i_n = program_block(tl.program_id(0), H, NK, NV)
-    g = tl.load(g_gamma + i_h)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_state = (o_k < DK)[:, None] & (o_v < DV)[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_STATE_IN:
-        state = load_state_block(
-            state_in, i_n, i_h, si_n, si_h, si_k, si_v, o_k, o_v, m_state, slot_ids, slot_used, USE_SLOTS
-        )
-    s_lo = tl.load(seq_offsets + i_n)
-    s_hi = tl.load(seq_offsets + i_n + 1)
-    total = 0
-    for idx in range(0, s_hi - s_lo):
-        if REVERSE:
-            i_s = s_hi - 1 - idx
-        else:
-            i_s = s_lo + idx
-        start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
-        length = (end - start).to(tl.int32)
-        shift = SHIFT * first
-        p = buf + i_s.to(tl.int64) * (H * DK * DV) + i_h * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
-        local = tl.load(p, mask=m_state, other=0)
-        tl.store(p, state, mask=m_state)
-        state = state * tl.exp(g * tl.maximum(length - shift, 0).to(tl.float32)) + local
-        total += length
-    if STORE_STATE_OUT:
-        final = state * tl.exp(g * (SHIFT * (total > 0)).to(tl.float32))
-        store_state_block(state_out, final, i_n, i_h, so_n, so_h, so_k, so_v, o_k, o_v, m_state, slot_ids, USE_SLOTS)
-
-
-def segment_states(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g_gamma: torch.Tensor,
-    plan: SegmentPlan,
-    *,
-    k_scale: float = 1.0,
-    reverse: bool,
-    shift: int,
-    state_in: torch.Tensor | None,
-    state_out: torch.Tensor | None = None,
-    slot_ids: torch.Tensor | None = None,
-    slot_used: torch.Tensor | None = None,
+def local_states(
+    k: torch.Tensor, v: torch.Tensor, g_gamma: torch.Tensor, plan: SegmentPlan, *, k_scale: float = 1.0, reverse: bool
 ) -> torch.Tensor:
-    """Passes 1 and 2: returns S_in, fp32 ``[S, H, DK, DV]``, the state entering each segment of ``plan``
-    (``state_out`` [N, H, DK, DV], if given, receives each sequence's final state)."""
+    """Pass 1: A_s, fp32 contiguous ``[S, H, DK, DV]``, the local state of every segment of ``plan`` (from a zero
+    state, in scan direction ``reverse``), for the scans' :func:`_common.fold_earlier_segments`."""
     H, DK, DV = k.shape[1], k.shape[2], v.shape[2]
     BK, BV = min(block_dim(DK), _STATE_BLOCK_K), min(block_dim(DV), _STATE_BLOCK_V)
     blocks = cdiv(DK, BK) * cdiv(DV, BV)
@@ -141,12 +88,5 @@ def segment_states(
         k, v, g_gamma, buf, plan.segments, float(k_scale), H,
         DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=dot_precision(k.dtype),
         num_warps=_LOCAL_WARPS, num_stages=_LOCAL_STAGES,
-    )  # fmt: skip
-    _state_passing_kernel[(plan.num_seqs * H * blocks,)](
-        g_gamma, buf, plan.segments, plan.seq_offsets, state_in, state_out, slot_ids, slot_used, H,
-        *state_strides(state_in), *state_strides(state_out),
-        DK=DK, DV=DV, BK=BK, BV=BV, REVERSE=bool(reverse), SHIFT=int(shift),
-        HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None, USE_SLOTS=slot_ids is not None,
-        num_warps=4,
     )  # fmt: skip
     return buf
