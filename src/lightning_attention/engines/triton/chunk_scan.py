@@ -11,6 +11,11 @@ for the backward's state-gradient scans, where dht enters undecayed), else 0. No
 to memory: HBM traffic is q, k, v read once and o written once per V-block.
 The final state is ``lam^SHIFT S`` (``S0`` itself for an empty sequence).
 
+Split sequences: a program first folds the local states of the segments before its own into its entering
+state (_common.fold_earlier_segments), and the sequence's last segment writes the final state. Paired launch
+(the backward's dv and dk): every program has a twin running the transposed scan (k and v swapped, the state
+transposed) over the same rows, so that the rows both read come from L2 once.
+
 K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM).
 Shapes: q, k ``[R, H, DK]``, v ``[R, H, DV]``, o ``[R, H, DV]`` (R = B * T rows, contiguous);
 states ``[N, H, DK, DV]`` with any strides (so a transposed state needs no copy).
