@@ -84,6 +84,72 @@ def _stream_kernel(q, k, v, o, T, H, DK: tl.constexpr, DV: tl.constexpr, BV: tl.
         tl.store(o + rows[:, None] * DV + o_v[None, :], (b_v.to(tl.float32) + extra[:, None]).to(o.dtype.element_ty))
 
 
+@triton.jit
+def _tma_stream_kernel(q_desc, k_desc, v_desc, o_desc, T, H, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                       C: tl.constexpr, STAGES: tl.constexpr):
+    """_stream_kernel with TMA loads and stores (host tensor descriptors over [B * T, H * D])."""
+    NV: tl.constexpr = DV // BV
+    pid = tl.program_id(0)
+    i_v, i_h, i_b = pid % NV, (pid // NV) % H, pid // (NV * H)
+    for c in tl.range(0, T // C, num_stages=STAGES):
+        row = i_b * T + c * C
+        b_q = q_desc.load([row, i_h * DK])
+        b_k = k_desc.load([row, i_h * DK])
+        b_v = v_desc.load([row, i_h * DV + i_v * BV])
+        extra = tl.sum(b_q.to(tl.float32) + b_k.to(tl.float32), axis=1)
+        o_desc.store([row, i_h * DV + i_v * BV], (b_v.to(tl.float32) + extra[:, None]).to(o_desc.dtype))
+
+
+@triton.jit
+def _tma_scan_kernel(q_desc, k_desc, v_desc, o_desc, g_gamma, scale, T, H, DK: tl.constexpr, DV: tl.constexpr,
+                     BV: tl.constexpr, C: tl.constexpr, STAGES: tl.constexpr):
+    """The forward scan's loop body (chunk_scan._scan_kernel: dense, forward, no states) with TMA loads/stores:
+    does the access path, not the math, set the scan's 1.18x?"""
+    NV: tl.constexpr = DV // BV
+    pid = tl.program_id(0)
+    i_v, i_h, i_b = pid % NV, (pid // NV) % H, pid // (NV * H)
+    g = tl.load(g_gamma + i_h)
+    state = tl.zeros([DK, BV], dtype=tl.float32)
+    mask = _common.intra_decay(g, C)
+    for c in tl.range(0, T // C, num_stages=STAGES):
+        row = i_b * T + c * C
+        q_decay, k_decay, block_decay = _common.chunk_decays(g, c, T, 0, C)
+        b_q = q_desc.load([row, i_h * DK])
+        b_k = k_desc.load([row, i_h * DK])
+        b_v = v_desc.load([row, i_h * DV + i_v * BV])
+        s_low = state.to(b_v.dtype)
+        v_weighted = (b_v * k_decay[:, None]).to(b_v.dtype)
+        state = _common.mma(tl.trans(b_k), v_weighted, "tf32", state * block_decay)
+        b_o = _common.mma(b_q, s_low, "tf32")
+        scores = _common.mma(b_q, tl.trans(b_k), "tf32")
+        b_o = _common.mma((scores * mask).to(b_v.dtype), b_v, "tf32", b_o * q_decay[:, None])
+        o_desc.store([row, i_h * DV + i_v * BV], (b_o * scale).to(o_desc.dtype))
+
+
+def explore_tma(bw: float) -> None:
+    """TMA (host tensor descriptors) against the pointer loads: the no-math stream and the forward scan body."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, T, H, D = MAIN
+    q, k, v, _, g = _inputs(B, T, H, D)
+    o, o_ref = torch.empty_like(v), torch.empty_like(v)
+    floor = _floor_ms(4 * q.numel() * q.element_size(), bw)
+    flat = lambda t: t.view(B * T, H * D)  # noqa: E731
+    cfg = val.ScanConfig(scale=D**-0.5)
+    o_ref = ENGINE.forward(q, k, v, g, cfg, None, None)[0]
+    print(f"== TMA {B}x{T}x{H}x{D} bf16, floor {floor:.3f} ms; engine forward {_time(lambda: ENGINE.forward(q, k, v, g, cfg, None, None)):.3f}", flush=True)
+    for bv, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
+        qd, kd = TensorDescriptor.from_tensor(flat(q), [64, D]), TensorDescriptor.from_tensor(flat(k), [64, D])
+        vd, od = TensorDescriptor.from_tensor(flat(v), [64, bv]), TensorDescriptor.from_tensor(flat(o), [64, bv])
+        grid = (B * H * (D // bv),)
+        args = dict(DK=D, DV=D, BV=bv, C=64, STAGES=stages, num_warps=warps)
+        t_stream = _time(lambda: _tma_stream_kernel[grid](qd, kd, vd, od, T, H, **args))
+        t_scan = _time(lambda: _tma_scan_kernel[grid](qd, kd, vd, od, g, cfg.scale, T, H, **args))
+        diff = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
+        print(f"  BV={bv} warps={warps} stages={stages}: stream {t_stream:.3f} ms ({t_stream / floor:.2f}x), "
+              f"scan {t_scan:.3f} ms ({t_scan / floor:.2f}x, diff vs engine {diff:.1e})  {_kernel_stats(_tma_scan_kernel)}", flush=True)
+
+
 def explore_stream(bw: float) -> None:
     B, T, H, D = MAIN
     q, k, v, _, _ = _inputs(B, T, H, D)
@@ -287,20 +353,21 @@ def explore_configs(bw: float) -> None:
         ffwd, fbwd = _floor_ms(4 * nbytes, bw), _floor_ms(7 * nbytes, bw)
         print(f"== configs {shape} bf16: floors fwd {ffwd:.3f} bwd {fbwd:.3f} ms", flush=True)
         ref = ENGINE.forward(q, k, v, g, cfg, None, None)[0]
-        for conf in configs:
-            bv, warps, stages, chunk = map(int, conf.split("/"))
+        for conf, tma in itertools.product(configs, os.environ.get("TMA", "1").split(",")):
+            bv, warps, stages, chunk, *tma_stages = map(int, conf.split("/"))
             if bv > _common.block_dim(D):
                 continue
-            c = chunk_scan.ScanConfig(bv, warps, stages, chunk)
+            c = chunk_scan.ScanConfig(bv, warps, stages, chunk, *tma_stages)
             chunk_scan.scan_config = lambda dk, dv, dt, c=c: c
+            chunk_scan.TMA = tma == "1"
             out = ENGINE.forward(q, k, v, g, cfg, None, None)[0]
             diff = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             t_f = _time(lambda: ENGINE.forward(q, k, v, g, cfg, None, None))
             stats = _kernel_stats(chunk_scan._scan_kernel)
             t_b = _time(lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None))
-            print(f"  {conf}: fwd {t_f:.3f} ({t_f / ffwd:.2f}x) bwd {t_b:.3f} ({t_b / fbwd:.2f}x) fwd+bwd {t_f + t_b:.3f}"
-                  f"  diff {diff:.1e}  {stats}", flush=True)
-        chunk_scan.scan_config = default
+            print(f"  {conf} TMA={tma}: fwd {t_f:.3f} ({t_f / ffwd:.2f}x) bwd {t_b:.3f} ({t_b / fbwd:.2f}x) "
+                  f"fwd+bwd {t_f + t_b:.3f}  diff {diff:.1e}  {stats}", flush=True)
+        chunk_scan.scan_config, chunk_scan.TMA = default, True
         del q, k, v, do
         torch.cuda.empty_cache()
 
@@ -400,7 +467,7 @@ def main() -> None:
         steps_fns = {
             "stream": explore_stream, "fwd": explore_fwd, "bwd": explore_bwd, "candidates": explore_candidates,
             "dkdv": explore_dkdv, "split": explore_split, "fp32": explore_fp32, "splitparts": explore_split_parts,
-            "configs": explore_configs,
+            "configs": explore_configs, "tma": explore_tma,
         }  # fmt: skip
         steps_fns[step](bw)
 

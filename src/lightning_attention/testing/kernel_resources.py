@@ -83,8 +83,12 @@ def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired:
 
     cfg = chunk_scan.scan_config(dk, dv, dtype)
     t = f"*{_TRITON_DTYPE[dtype]}"
+    # The launch takes TMA descriptors where chunk_scan._tma_descriptors would build them (forward order).
+    tma = not paired and dtype != torch.float32 and dk in (64, 128) and dv % cfg.block_v == 0
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
+        USE_TMA=tma, TMA_STAGES=cfg.tma_stages,
+        **({} if tma else dict(q_desc=None, k_desc=None, v_desc=None)),
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
         C=cfg.chunk, REVERSE=False, SHIFT=0, HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         USE_SLOTS=False, PRECISION=_common.dot_precision(dtype), PAIRED=paired,
@@ -92,13 +96,17 @@ def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired:
     )  # fmt: skip
     pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", seq_offsets="*i32", segments="*i32")
     pointers.update(dict(q_b=t, o_b=t) if paired else {})
+    if tma:
+        dt = _TRITON_DTYPE[dtype]
+        box_k, box_v = f"tensordesc<{dt}[{cfg.chunk}, {dk}]>", f"tensordesc<{dt}[{cfg.chunk}, {cfg.block_v}]>"
+        pointers.update(q_desc=box_k, k_desc=box_k, v_desc=box_v)
     scalars = dict(scale="fp32", k_scale="fp32", H="i32", **_STATE_STRIDES)
     order = chunk_scan._scan_kernel.arg_names
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in order}
     compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
-    name = "scan_paired" if paired else "scan"
+    name = "scan_paired" if paired else ("scan_tma" if tma else "scan")
     return Resources(name, dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
 
 

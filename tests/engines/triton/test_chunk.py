@@ -15,6 +15,7 @@ from lightning_attention import chunk_lightning_attn, chunk_simple_gla
 from lightning_attention.engines.cpu import _common as torch_engine_common
 from lightning_attention.engines.triton import _common as triton_common
 from lightning_attention.engines.triton import chunk as chunk_engine
+from lightning_attention.engines.triton import chunk_scan
 from lightning_attention.engines.triton.chunk import prefill_into_slots
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import assert_matches_baseline, make_inputs, rel_err
@@ -142,6 +143,45 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     assert (len(launches), scans_with_twin) == {"fused": (2, 0), "paired": (3, 1), "two-scans": (4, 0)}[route]  # forward, dq, dk/dv
 
 
+@pytest.mark.parametrize(
+    "dtype, cu, reverse, split",
+    [
+        pytest.param(torch.bfloat16, None, False, False, id="bf16-dense"),
+        pytest.param(torch.float16, [0, 0, 70, 130, 250], False, False, id="fp16-varlen-empty"),
+        pytest.param(torch.bfloat16, [0, 100, 250], False, True, id="bf16-varlen-split"),
+        pytest.param(torch.bfloat16, None, True, False, id="bf16-reverse"),
+    ],
+)
+def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, cu, reverse, split):
+    """Heads of exactly 64 take TMA loads for the whole chunks of forward-order scans (the forward, dq) and
+    masked pointer loads for each segment's partial last chunk; reverse scans take pointer loads only."""
+    if split:
+        split_all_sequences(monkeypatch)
+    used = []
+    real = chunk_scan._tma_descriptors
+    monkeypatch.setattr(chunk_scan, "_tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
+    num_seqs = None if cu is None else len(cu) - 1
+    B, T = (2, 150) if cu is None else (1, cu[-1])
+    inputs = make_inputs(B, T, 2, 64, 64, dtype=dtype, device=triton_device, initial_state=True, num_seqs=num_seqs)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=triton_device)
+    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+    # forward-order scans: the forward and dq, both on TMA; reversed, both are reverse scans (dk, dv: fused kernel)
+    assert [d is not None for d in used] == ([] if reverse else [True, True])
+
+
+def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device):
+    """A TMA box of a sequence's partial last chunk reaches into the next sequence's rows: NaN there must not
+    reach this sequence's outputs or final state (its k, v rows are zeroed, never multiplied by zero)."""
+    cu = torch.tensor([0, 70, 150], dtype=torch.int32, device=triton_device)
+    q, k, v, _ = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
+    g = torch.tensor(G2, device=triton_device)
+    alone, alone_final = chunk_simple_gla(q[:, :70], k[:, :70], v[:, :70], g, output_final_state=True, backend="triton")
+    for t in (q, k, v):
+        t[:, 70:] = float("nan")
+    o, final = chunk_simple_gla(q, k, v, g, output_final_state=True, cu_seqlens=cu, backend="triton")
+    assert torch.equal(o[:, :70], alone) and torch.equal(final[0], alone_final[0])
+
+
 @pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])
 @pytest.mark.parametrize("dv", [pytest.param(72, id="V72"), pytest.param(136, id="V136-paired")])
 def test_large_heads(triton_device, monkeypatch, split, dv):
@@ -230,6 +270,23 @@ def test_prefill_into_slots(triton_device, monkeypatch, cache_dtype, split):
     assert rel_err(cache[slots].cpu(), ref_final) < tol
     untouched = torch.tensor([1, 3])
     assert torch.equal(cache[untouched], before[untouched])
+
+
+def test_prefill_into_slots_with_tma_heads(triton_device):
+    """bf16 heads of 64 (the TMA path) read and write the slots like the op does with a gathered initial state."""
+    cu = torch.tensor([0, 50, 50, 120, 190], device=triton_device)
+    q, k, v, _ = make_inputs(1, 190, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
+    cache = torch.randn(6, 2, 64, 64, generator=torch.Generator().manual_seed(3)).to(triton_device)
+    slots = torch.tensor([4, 0, 2, 5], device=triton_device)
+    use = torch.tensor([True, True, False, True], device=triton_device)
+    g = torch.tensor(G2, device=triton_device)
+    h0 = cache[slots] * use[:, None, None, None]
+    ref_o, ref_final = chunk_simple_gla(
+        q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton"
+    )
+    o = prefill_into_slots(q, k, v, g, None, cu, cache, slots, use)
+    assert rel_err(o.float().cpu(), ref_o.float().cpu()) < 1e-6
+    assert rel_err(cache[slots].cpu(), ref_final.cpu()) < 1e-6
 
 
 def test_prefill_into_slots_dense_batch(triton_device):
