@@ -76,15 +76,16 @@ def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: di
     return {**pointers, **scalars, **{name: "constexpr" for name in constexprs}}
 
 
-def scan_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False) -> Resources:
+def scan_resources(
+    dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False, tma: bool = False
+) -> Resources:
     """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration
-    (``paired``: the backward's dk/dv launch, a scan and its transposed twin)."""
+    (``paired``: the backward's dk/dv launch, a scan and its transposed twin; ``tma``: whole chunks through TMA
+    descriptors, chunk_scan.TMA)."""
     from lightning_attention.engines.triton import _common, chunk_scan
 
     cfg = chunk_scan.scan_config(dk, dv, dtype)
     t = f"*{_TRITON_DTYPE[dtype]}"
-    # The launch takes TMA descriptors where chunk_scan._tma_descriptors would build them (forward order).
-    tma = not paired and dtype != torch.float32 and dk in (64, 128) and dv % cfg.block_v == 0
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
         USE_TMA=tma, TMA_STAGES=cfg.tma_stages,
@@ -138,6 +139,8 @@ DEFAULT_CASES = [
     ("scan", 256, 256, torch.bfloat16),
     ("scan", 128, 128, torch.float32),
     ("scan_paired", 128, 128, torch.bfloat16),
+    ("scan_tma", 128, 128, torch.bfloat16),
+    ("scan_tma", 64, 64, torch.bfloat16),
     ("dkdv", 64, 64, torch.bfloat16),
 ]
 
@@ -149,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles the kernels, the interpreter does not")
-    fns = {"scan": scan_resources, "scan_paired": functools.partial(scan_resources, paired=True), "dkdv": dkdv_resources}
+    fns = {
+        "scan": scan_resources, "scan_paired": functools.partial(scan_resources, paired=True),
+        "scan_tma": functools.partial(scan_resources, tma=True), "dkdv": dkdv_resources,
+    }  # fmt: skip
     rows = [fns[kernel](dk, dv, dtype, args.arch) for kernel, dk, dv, dtype in DEFAULT_CASES]
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))

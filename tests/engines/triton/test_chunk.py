@@ -157,6 +157,7 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, cu, rever
     masked pointer loads for each segment's partial last chunk; reverse scans take pointer loads only."""
     if split:
         split_all_sequences(monkeypatch)
+    monkeypatch.setattr(chunk_scan, "TMA", True)
     used = []
     real = chunk_scan._tma_descriptors
     monkeypatch.setattr(chunk_scan, "_tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
@@ -169,9 +170,10 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, cu, rever
     assert [d is not None for d in used] == ([] if reverse else [True, True])
 
 
-def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device):
+def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device, monkeypatch):
     """A TMA box of a sequence's partial last chunk reaches into the next sequence's rows: NaN there must not
     reach this sequence's outputs or final state (its k, v rows are zeroed, never multiplied by zero)."""
+    monkeypatch.setattr(chunk_scan, "TMA", True)
     cu = torch.tensor([0, 70, 150], dtype=torch.int32, device=triton_device)
     q, k, v, _ = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
     g = torch.tensor(G2, device=triton_device)
@@ -272,8 +274,9 @@ def test_prefill_into_slots(triton_device, monkeypatch, cache_dtype, split):
     assert torch.equal(cache[untouched], before[untouched])
 
 
-def test_prefill_into_slots_with_tma_heads(triton_device):
+def test_prefill_into_slots_with_tma_heads(triton_device, monkeypatch):
     """bf16 heads of 64 (the TMA path) read and write the slots like the op does with a gathered initial state."""
+    monkeypatch.setattr(chunk_scan, "TMA", True)
     cu = torch.tensor([0, 50, 50, 120, 190], device=triton_device)
     q, k, v, _ = make_inputs(1, 190, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
     cache = torch.randn(6, 2, 64, 64, generator=torch.Generator().manual_seed(3)).to(triton_device)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,14 @@ class ScanConfig:
     tma_stages: int = 4  # pipeline depth of the TMA loop (measured best on H100: 4 > 3 > 2)
 
 
-#: Whole chunks of forward-order scans load through TMA tensor descriptors where that applies (see _use_tma).
-TMA = True
+#: Whole chunks of forward-order scans load through TMA tensor descriptors where that applies
+#: (_tma_descriptors). Measured on H100 (chunk_NOTES.md, session 3): forward 0.422 -> 0.364 ms and backward
+#: 1.293 -> 1.225 ms at 4x8192x32x128 bf16, 0.173 -> 0.160 ms forward at 1x32768x8x128, but 0.106 -> 0.118 ms
+#: at 8x4096x16x64. Off by default: in the benchmark the first backward failed in PyTorch's autograd thread
+#: ("Failed to create tensor map descriptor: invalid device context": Triton encodes the descriptors before
+#: it makes a CUDA context current, and that thread had none yet). _ensure_cuda_context addresses it; that fix
+#: has not run on a GPU yet, so the verified pointer path ships. Tests run the TMA path under the interpreter.
+TMA = False
 
 
 def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
@@ -287,6 +294,19 @@ def scan(
     )  # fmt: skip
 
 
+_context_threads: set[tuple[int, int | None]] = set()
+
+
+def _ensure_cuda_context(device: torch.device) -> None:
+    """Make the device's primary context current in this thread (once per thread): Triton builds TMA descriptors
+    with the driver before its launcher sets a context, and a thread that has only hit PyTorch's caching
+    allocator (the autograd engine's worker) may have none. A runtime API call creates it."""
+    key = (threading.get_ident(), device.index)
+    if key not in _context_threads:
+        torch.cuda.mem_get_info(device)
+        _context_threads.add(key)
+
+
 @functools.cache
 def _capability(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
@@ -309,6 +329,8 @@ def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Sca
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if q.device.type == "cuda":
+        _ensure_cuda_context(q.device)
     R, C = q.shape[0], cfg.chunk
     return (
         TensorDescriptor.from_tensor(q.view(R, H * DK), [C, DK]),
