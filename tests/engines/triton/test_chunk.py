@@ -8,6 +8,8 @@ reference may be at most twice that of plain torch computing the same chunked al
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -328,3 +330,29 @@ def test_no_decay_head_over_a_million_tokens_is_finite_in_bf16():
     assert torch.isfinite(o).all() and torch.isfinite(final).all()
     ref_final = torch.einsum("tk,tv->kv", k[0, :, 0].double(), v[0, :, 0].double())  # g = 0: a plain sum
     assert rel_err(final[0, 0], ref_final) < 1e-3
+
+
+_FIRST_BACKWARD_WITH_TMA = """
+import torch
+from lightning_attention import chunk_lightning_attn
+from lightning_attention.engines.triton import chunk_scan
+assert chunk_scan.TMA
+q, k, v = (torch.randn(1, 1000, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+o, _ = chunk_lightning_attn(q, k, v, 2, 8, backend="triton")
+o.float().square().sum().backward()  # the dq scan: the autograd worker thread's first TMA launch
+torch.cuda.synchronize()
+assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+"""
+
+
+@pytest.mark.gpu
+def test_tma_first_backward_in_a_fresh_process():
+    """With the TMA path on, a process's first backward launches TMA kernels from PyTorch's autograd worker thread,
+    which had no current CUDA context in the session-3 benchmark ("Failed to create tensor map descriptor: invalid
+    device context"). A fresh process, so that no earlier kernel has set that thread's context."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LIGHTNING_ATTENTION_TMA": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FIRST_BACKWARD_WITH_TMA], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]

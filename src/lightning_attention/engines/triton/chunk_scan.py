@@ -73,8 +73,9 @@ class ScanConfig:
 #: at 8x4096x16x64. Off by default: in the benchmark the first backward failed in PyTorch's autograd thread
 #: ("Failed to create tensor map descriptor: invalid device context": Triton encodes the descriptors before
 #: it makes a CUDA context current, and that thread had none yet). _ensure_cuda_context addresses it; that fix
-#: has not run on a GPU yet, so the verified pointer path ships. Tests run the TMA path under the interpreter.
-TMA = False
+#: has not run on a GPU yet, so the verified pointer path ships. Tests run the TMA path under the interpreter;
+#: LIGHTNING_ATTENTION_TMA=1 turns it on for a whole process (benchmarks/gpu/tma_check.sh).
+TMA = os.environ.get("LIGHTNING_ATTENTION_TMA") == "1"
 
 
 def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
