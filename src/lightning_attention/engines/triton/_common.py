@@ -134,28 +134,52 @@ def mma(a, b, PRECISION: tl.constexpr, acc=None):
 
 
 @triton.jit
-def intra_decay(g, C: tl.constexpr):
-    """M [C, C]: lam^(i - j) for i >= j, else 0 (selected, never multiplied: lam^(negative) can be inf)."""
+def tile_positions(C: tl.constexpr, FLIP: tl.constexpr = False):
+    """Scan position of each row of a chunk's tile: the row index, or (FLIP: a reverse scan's tile loaded in
+    memory order, as TMA loads it) C - 1 - the row index."""
     i = tl.arange(0, C)
+    if FLIP:
+        i = C - 1 - i
+    return i
+
+
+@triton.jit
+def intra_decay(g, C: tl.constexpr, FLIP: tl.constexpr = False):
+    """M [C, C]: lam^(i - j) for scan positions i >= j, else 0 (selected, never multiplied: lam^(negative) can be
+    inf). Rows and columns are tile rows (see :func:`tile_positions`)."""
+    i = tile_positions(C, FLIP)
     diff = i[:, None] - i[None, :]
     return tl.where(diff >= 0, tl.exp(g * tl.maximum(diff, 0).to(tl.float32)), 0.0)
 
 
 @triton.jit
-def chunk_decays(g, c, length, first_shift, C: tl.constexpr):
-    """Decay factors of chunk ``c`` of a segment of ``length`` tokens (n = tokens in this chunk).
+def chunk_decays(g, c, length, first_shift, C: tl.constexpr, FLIP: tl.constexpr = False):
+    """Decay factors of chunk ``c`` of a segment of ``length`` tokens (n = tokens in this chunk), per tile row
+    (scan position i of a row: :func:`tile_positions`).
 
     Returns (q_decay [C] = lam^(i + 1 - e): how the entering state reaches position i;
     k_decay [C] = lam^(n - 1 - j) for j < n else 0: how token j reaches the chunk's end state;
     block_decay = lam^(n - e): how the entering state reaches the end), with e = first_shift on chunk 0.
     """
-    i = tl.arange(0, C)
+    i = tile_positions(C, FLIP)
     n = tl.minimum(length - c * C, C).to(tl.int32)
     e = tl.where(c == 0, first_shift, 0)
     q_decay = tl.exp(g * (i + 1 - e).to(tl.float32))
     k_decay = tl.where(i < n, tl.exp(g * tl.maximum(n - 1 - i, 0).to(tl.float32)), 0.0)
     block_decay = tl.exp(g * tl.maximum(n - e, 0).to(tl.float32))
     return q_decay, k_decay, block_decay
+
+
+@triton.jit
+def tma_chunk_rows(start, end, c, C: tl.constexpr, REVERSE: tl.constexpr):
+    """First memory row of chunk ``c``'s box (a reverse scan's chunks end at ``end - c * C``; a partial chunk's
+    box reaches before ``start`` or past ``end``), the box's rows, and which of them belong to the segment."""
+    if REVERSE:
+        base = end - (c + 1) * C
+    else:
+        base = start + c * C
+    rows = base + tl.arange(0, C)
+    return base.to(tl.int32), rows, (rows >= start) & (rows < end)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import torch
 from lightning_attention import _validation as val
 from lightning_attention.engines.triton._common import plan_segments, sequence_bounds
 from lightning_attention.engines.triton.chunk_bwd import dkdv, use_fused_dkdv
-from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment
+from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment, uses_tma
 from lightning_attention.engines.triton.chunk_state import local_states
 
 __all__ = ["ENGINE", "TritonChunkEngine", "prefill_into_slots"]
@@ -74,7 +74,8 @@ def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
         )  # fmt: skip
         return
     common = dict(scale=1.0, k_scale=scale, reverse=reverse, shift=1)
-    if PAIRED_DKDV and q.shape[2] == v.shape[2]:
+    # (Paired scans load through pointers; where TMA applies the two scans run apart, each through TMA.)
+    if PAIRED_DKDV and q.shape[2] == v.shape[2] and not uses_tma(k, q, do):
         _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, transposed=(v, dk))
         return
     _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0)

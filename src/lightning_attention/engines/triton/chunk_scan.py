@@ -51,6 +51,7 @@ from lightning_attention.engines.triton._common import (
     state_strides,
     store_rows,
     store_state_block,
+    tma_chunk_rows,
 )
 
 
@@ -67,14 +68,15 @@ class ScanConfig:
     tma_stages: int = 4  # pipeline depth of the TMA loop (measured best on H100: 4 > 3 > 2)
 
 
-#: Whole chunks of forward-order scans load through TMA tensor descriptors where that applies
-#: (_tma_descriptors). Measured on H100 (chunk_NOTES.md, session 3): forward 0.422 -> 0.364 ms and backward
-#: 1.293 -> 1.225 ms at 4x8192x32x128 bf16, 0.173 -> 0.160 ms forward at 1x32768x8x128, but 0.106 -> 0.118 ms
-#: at 8x4096x16x64. Off by default: in the benchmark the first backward failed in PyTorch's autograd thread
-#: ("Failed to create tensor map descriptor: invalid device context": Triton encodes the descriptors before
-#: it makes a CUDA context current, and that thread had none yet). _ensure_cuda_context addresses it; that fix
-#: has not run on a GPU yet, so the verified pointer path ships. Tests run the TMA path under the interpreter;
-#: LIGHTNING_ATTENTION_TMA=1 turns it on for a whole process (benchmarks/gpu/tma_check.sh).
+#: Whole chunks of unpaired scans load through TMA tensor descriptors where that applies (uses_tma). Measured
+#: on H100 for forward-order scans (chunk_NOTES.md, session 3): forward 0.422 -> 0.364 ms and backward 1.293 ->
+#: 1.225 ms at 4x8192x32x128 bf16, 0.173 -> 0.160 ms forward at 1x32768x8x128, but 0.106 -> 0.118 ms at
+#: 8x4096x16x64; reverse-order scans (the backward's dk, dv) were written after the device time ran out and
+#: have run only under the interpreter. Off by default: in the benchmark the first backward failed in
+#: PyTorch's autograd thread ("Failed to create tensor map descriptor: invalid device context": Triton encodes
+#: the descriptors before it makes a CUDA context current, and that thread had none yet). _ensure_cuda_context
+#: addresses it; that fix has not run on a GPU yet, so the verified pointer path ships. Tests run the TMA path
+#: under the interpreter; LIGHTNING_ATTENTION_TMA=1 turns it on for a process (benchmarks/gpu/tma_check.sh).
 TMA = os.environ.get("LIGHTNING_ATTENTION_TMA") == "1"
 
 
@@ -177,33 +179,32 @@ def _scan_kernel(
     length = end - start
     shift = SHIFT * first
     if USE_TMA:
-        # Chunks through TMA (forward order, exact head dims): on H100 the loop body alone ran 0.369 ms with TMA
-        # loads against 0.426 ms with pointer loads (chunk_NOTES.md, session 3). Whole chunks need no masks;
-        # a partial last chunk is peeled off the loop and its k, v rows past the segment's end are zeroed (a
-        # box reaches into the next sequence there; q's rows there only make outputs that are not stored).
+        # Chunks through TMA (exact head dims): on H100 the loop body alone ran 0.369 ms with TMA loads against
+        # 0.426 ms with pointer loads (chunk_NOTES.md, session 3). A box holds a chunk's rows in memory order, so
+        # a reverse scan's tile is flipped against its scan order (FLIP decays and mask). Whole chunks need no
+        # masks; a partial last chunk is peeled off the loop and its k, v rows outside the segment are zeroed (its
+        # box reaches into the neighbouring sequence; q's rows there only make outputs that are not stored).
+        mask_tma = intra_decay(g, C, REVERSE) * k_scale
         n_whole = length // C
         for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
-            q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C)
-            row = (start + c * C).to(tl.int32)
+            q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
+            row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
             b_q0 = q_desc.load([row, i_h * DK])
             b_k0 = k_desc.load([row, i_h * DK])
             b_v = v_desc.load([row, i_h * DV + i_v * BV])
             b_o, state0, _ = _advance_chunk(
-                b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale,
+                b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask_tma, q_decay, k_decay, block_decay, k_scale,
                 PRECISION, False,
             )  # fmt: skip
-            rows = start + c * C + tl.arange(0, C)
-            store_rows(o, b_o * scale, rows, rows < end, H * DV, o_v, m_v)
+            store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
         if n_whole * C < length:
-            q_decay, k_decay, block_decay = chunk_decays(g, n_whole, length, shift, C)
-            row = (start + n_whole * C).to(tl.int32)
-            rows = start + n_whole * C + tl.arange(0, C)
-            valid = rows < end
+            q_decay, k_decay, block_decay = chunk_decays(g, n_whole, length, shift, C, REVERSE)
+            row, rows, valid = tma_chunk_rows(start, end, n_whole, C, REVERSE)
             b_q0 = q_desc.load([row, i_h * DK])
             b_k0 = tl.where(valid[:, None], k_desc.load([row, i_h * DK]), 0.0).to(b_q0.dtype)
             b_v = tl.where(valid[:, None], v_desc.load([row, i_h * DV + i_v * BV]), 0.0).to(b_q0.dtype)
             b_o, state0, _ = _advance_chunk(
-                b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale,
+                b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask_tma, q_decay, k_decay, block_decay, k_scale,
                 PRECISION, False,
             )  # fmt: skip
             store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
@@ -279,7 +280,7 @@ def scan(
     q_b, out_b = transposed if transposed is not None else (None, None)
     cfg = scan_config(DK, DV, q.dtype)
     nv = cdiv(DV, cfg.block_v)
-    descs = _tma_descriptors(q, k, v, cfg) if TMA and transposed is None and not reverse else None
+    descs = _tma_descriptors(q, k, v, cfg) if transposed is None and uses_tma(q, k, v) else None
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
     _scan_kernel[grid](
         q, k, v, out, q_b, out_b, *(descs or (None, None, None)), g_gamma, state_in, state_out, local_states,
@@ -313,26 +314,30 @@ def _capability(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ScanConfig):
-    """Host tensor descriptors of q, k ``[R, H * DK]`` (boxes [C, DK]) and v ``[R, H * DV]`` (boxes [C, BV]), or
-    None where TMA does not apply: 16-bit inputs, exact tiles (DK of 64 or 128, DV a multiple of the V-block:
-    the boxes must not reach into the next head, which masks would have to clear), 16-byte aligned rows, and a
-    Hopper-class GPU (or the CPU interpreter, which runs the same path)."""
+def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether an unpaired scan of these rows loads through TMA: TMA is on, 16-bit inputs, exact tiles (DK of 64
+    or 128, DV a multiple of the V-block: the boxes must not reach into the next head, which masks would have
+    to clear), 16-byte aligned contiguous rows, and a Hopper-class GPU (or the CPU interpreter, which runs the
+    same path)."""
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
-    if q.dtype not in (torch.float16, torch.bfloat16) or DK not in (64, 128) or DV % cfg.block_v:
-        return None
+    if not TMA or q.dtype not in (torch.float16, torch.bfloat16) or DK not in (64, 128):
+        return False
+    if DV % scan_config(DK, DV, q.dtype).block_v:
+        return False
     if any(t.data_ptr() % 16 or not t.is_contiguous() for t in (q, k, v)):
-        return None
+        return False
     if q.device.type == "cuda":
-        if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) < 9:
-            return None
-    elif os.environ.get("TRITON_INTERPRET") != "1":
-        return None
+        return _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ScanConfig):
+    """Host tensor descriptors of q, k ``[R, H * DK]`` (boxes [C, DK]) and v ``[R, H * DV]`` (boxes [C, BV])."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if q.device.type == "cuda":
         _ensure_cuda_context(q.device)
-    R, C = q.shape[0], cfg.chunk
+    R, H, DK, DV, C = q.shape[0], q.shape[1], q.shape[2], v.shape[2], cfg.chunk
     return (
         TensorDescriptor.from_tensor(q.view(R, H * DK), [C, DK]),
         TensorDescriptor.from_tensor(k.view(R, H * DK), [C, DK]),
