@@ -142,7 +142,8 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     inputs = make_inputs(1, 150, 2, 40, 40, device=triton_device, initial_state=True, num_seqs=len(cu) - 1)
     _check_against_reference(inputs, G2, torch.tensor(cu, device=triton_device), True, monkeypatch)
     scans_with_twin = sum(t is not None for t in launches)
-    assert (len(launches), scans_with_twin) == {"fused": (2, 0), "paired": (3, 1), "two-scans": (4, 0)}[route]  # forward, dq, dk/dv
+    expected = {"fused": (2, 0), "paired": (3, 1), "two-scans": (4, 0)}  # scans: forward, dq, then dk/dv's
+    assert (len(launches), scans_with_twin) == expected[route]
 
 
 @pytest.mark.parametrize(

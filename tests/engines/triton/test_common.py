@@ -27,8 +27,7 @@ def test_enough_programs_means_no_split():
 
 @pytest.mark.parametrize("seq_len", [32768, 131072])
 def test_long_sequence_fills_one_wave(seq_len):
-    """1 x T x 8 heads x 2 V-blocks: as many equal segments as fit one wave (8 x 16 = 128 programs <= 132),
-    not 9 (144 programs: a second wave of 12)."""
+    """1 x T x 8 heads x 2 V-blocks: as many equal segments as fit one wave (8 x 16 = 128 programs <= 132)."""
     plan = _plan(_dense(1, seq_len), 16)
     seg = plan.segments.tolist()
     assert plan.split and plan.num_segments == 8
