@@ -77,11 +77,12 @@ def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: di
 
 
 def scan_resources(
-    dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False, tma: bool = False
+    dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False, tma: bool = False,
+    reverse: bool = False,
 ) -> Resources:
     """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration
     (``paired``: the backward's dk/dv launch, a scan and its transposed twin; ``tma``: whole chunks through TMA
-    descriptors, chunk_scan.TMA)."""
+    descriptors, chunk_scan.TMA; ``reverse``: a reverse-order scan, as the backward's dk and dv)."""
     from lightning_attention.engines.triton import _common, chunk_scan
 
     cfg = chunk_scan.scan_config(dk, dv, dtype)
@@ -91,7 +92,7 @@ def scan_resources(
         USE_TMA=tma, TMA_STAGES=cfg.tma_stages,
         **({} if tma else dict(q_desc=None, k_desc=None, v_desc=None)),
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
-        C=cfg.chunk, REVERSE=False, SHIFT=0, HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
+        C=cfg.chunk, REVERSE=reverse, SHIFT=int(reverse), HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         USE_SLOTS=False, PRECISION=_common.dot_precision(dtype), PAIRED=paired,
         **({} if paired else dict(q_b=None, o_b=None)),
     )  # fmt: skip
@@ -107,7 +108,7 @@ def scan_resources(
     signature = {name: signature[name] for name in order}
     compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
-    name = "scan_paired" if paired else ("scan_tma" if tma else "scan")
+    name = "scan_paired" if paired else ("scan_tma" if tma else "scan") + ("_reverse" if reverse else "")
     return Resources(name, dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
 
 
@@ -141,6 +142,7 @@ DEFAULT_CASES = [
     ("scan_paired", 128, 128, torch.bfloat16),
     ("scan_tma", 128, 128, torch.bfloat16),
     ("scan_tma", 64, 64, torch.bfloat16),
+    ("scan_tma_reverse", 128, 128, torch.bfloat16),
     ("dkdv", 64, 64, torch.bfloat16),
 ]
 
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: this compiles the kernels, the interpreter does not")
     fns = {
         "scan": scan_resources, "scan_paired": functools.partial(scan_resources, paired=True),
-        "scan_tma": functools.partial(scan_resources, tma=True), "dkdv": dkdv_resources,
+        "scan_tma": functools.partial(scan_resources, tma=True),
+        "scan_tma_reverse": functools.partial(scan_resources, tma=True, reverse=True), "dkdv": dkdv_resources,
     }  # fmt: skip
     rows = [fns[kernel](dk, dv, dtype, args.arch) for kernel, dk, dv, dtype in DEFAULT_CASES]
     if args.json:
