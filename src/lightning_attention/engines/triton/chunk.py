@@ -9,7 +9,8 @@ never needs to leave the chip: one program per (segment, head, V-block) walks it
               dk, dv, dh0 from the reverse scan of D = sum q^T do                          1 launch
               - heads up to 64 x 64 (padded): one fused kernel reading q, k, v, do once (chunk_bwd.py);
               - larger heads with K == V: dv = scan(k, q, do) and its transposed twin dk = scan(v, do, q) in
-                one launch (chunk_scan.scan(transposed=...)); K != V: those two as two launches.
+                one launch (chunk_scan.scan(transposed=...)); K != V, or the TMA path on (chunk_scan.TMA):
+                those two as two launches.
               (The fused kernel spills at 128 x 128 and loses to the scans: benchmarks/results/chunk_NOTES.md.)
 
 When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and a first
