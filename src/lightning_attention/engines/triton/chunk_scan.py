@@ -121,6 +121,30 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
 
 
 @triton.jit
+def _tma_chunk(
+    q_desc, k_desc, v_desc, o, state, c, start, end, length, shift, g, mask, k_scale, scale, i_h, i_v, o_v, m_v, H,
+    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+):  # fmt: skip
+    """Chunk ``c`` through TMA boxes (one K block): writes its output rows, returns the state after it.
+    PARTIAL: the segment's partial last chunk, whose box reaches outside the segment; its k and v rows there are
+    zeroed (q's rows there only make outputs that are not stored)."""
+    q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
+    row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
+    b_q = q_desc.load([row, i_h * DK])
+    b_k = k_desc.load([row, i_h * DK])
+    b_v = v_desc.load([row, i_h * DV + i_v * BV])
+    if PARTIAL:
+        b_k = tl.where(valid[:, None], b_k, 0.0).to(b_q.dtype)
+        b_v = tl.where(valid[:, None], b_v, 0.0).to(b_q.dtype)
+    b_o, state, _ = _advance_chunk(
+        b_q, b_k, b_q, b_k, b_v, state, state, mask, q_decay, k_decay, block_decay, k_scale, PRECISION, False
+    )
+    store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
+    return state
+
+
+@triton.jit
 def _scan_kernel(
     q, k, v, o, q_b, o_b, q_desc, k_desc, v_desc, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
     slot_ids, slot_used, scale, k_scale, H,
@@ -182,32 +206,20 @@ def _scan_kernel(
         # Chunks through TMA (exact head dims): on H100 the loop body alone ran 0.369 ms with TMA loads against
         # 0.426 ms with pointer loads (chunk_NOTES.md, session 3). A box holds a chunk's rows in memory order, so
         # a reverse scan's tile is flipped against its scan order (FLIP decays and mask). Whole chunks need no
-        # masks; a partial last chunk is peeled off the loop and its k, v rows outside the segment are zeroed (its
-        # box reaches into the neighbouring sequence; q's rows there only make outputs that are not stored).
+        # masks; a partial last chunk is peeled off the loop (_tma_chunk's PARTIAL) so that the loop stays one
+        # straight body for the pipeliner.
         mask_tma = intra_decay(g, C, REVERSE) * k_scale
         n_whole = length // C
         for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
-            q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
-            row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
-            b_q0 = q_desc.load([row, i_h * DK])
-            b_k0 = k_desc.load([row, i_h * DK])
-            b_v = v_desc.load([row, i_h * DV + i_v * BV])
-            b_o, state0, _ = _advance_chunk(
-                b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask_tma, q_decay, k_decay, block_decay, k_scale,
-                PRECISION, False,
+            state0 = _tma_chunk(
+                q_desc, k_desc, v_desc, o, state0, c, start, end, length, shift, g, mask_tma, k_scale, scale,
+                i_h, i_v, o_v, m_v, H, DK, DV, BV, C, REVERSE, PRECISION, False,
             )  # fmt: skip
-            store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
         if n_whole * C < length:
-            q_decay, k_decay, block_decay = chunk_decays(g, n_whole, length, shift, C, REVERSE)
-            row, rows, valid = tma_chunk_rows(start, end, n_whole, C, REVERSE)
-            b_q0 = q_desc.load([row, i_h * DK])
-            b_k0 = tl.where(valid[:, None], k_desc.load([row, i_h * DK]), 0.0).to(b_q0.dtype)
-            b_v = tl.where(valid[:, None], v_desc.load([row, i_h * DV + i_v * BV]), 0.0).to(b_q0.dtype)
-            b_o, state0, _ = _advance_chunk(
-                b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask_tma, q_decay, k_decay, block_decay, k_scale,
-                PRECISION, False,
+            state0 = _tma_chunk(
+                q_desc, k_desc, v_desc, o, state0, n_whole, start, end, length, shift, g, mask_tma, k_scale, scale,
+                i_h, i_v, o_v, m_v, H, DK, DV, BV, C, REVERSE, PRECISION, True,
             )  # fmt: skip
-            store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
     else:
         for c in range(0, tl.cdiv(length, C)):
             rows, valid = chunk_rows(start, end, c, C, REVERSE)
