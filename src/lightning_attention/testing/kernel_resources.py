@@ -82,7 +82,7 @@ def scan_resources(
 ) -> Resources:
     """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration
     (``paired``: the backward's dk/dv launch, a scan and its transposed twin; ``tma``: whole chunks through TMA
-    descriptors, chunk_scan.TMA; ``reverse``: a reverse-order scan, as the backward's dk and dv)."""
+    descriptors, chunk_scan.uses_tma; ``reverse``: a reverse-order scan, as the backward's dk and dv)."""
     from lightning_attention.engines.triton import _common, chunk_scan
 
     cfg = chunk_scan.scan_config(dk, dv, dtype)
@@ -90,7 +90,6 @@ def scan_resources(
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
         USE_TMA=tma, TMA_STAGES=cfg.tma_stages,
-        **({} if tma else dict(q_desc=None, k_desc=None, v_desc=None)),
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
         C=cfg.chunk, REVERSE=reverse, SHIFT=int(reverse), HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         USE_SLOTS=False, PRECISION=_common.dot_precision(dtype), PAIRED=paired,
@@ -98,17 +97,13 @@ def scan_resources(
     )  # fmt: skip
     pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", seq_offsets="*i32", segments="*i32")
     pointers.update(dict(q_b=t, o_b=t) if paired else {})
-    if tma:
-        dt = _TRITON_DTYPE[dtype]
-        box_k, box_v = f"tensordesc<{dt}[{cfg.chunk}, {dk}]>", f"tensordesc<{dt}[{cfg.chunk}, {cfg.block_v}]>"
-        pointers.update(q_desc=box_k, k_desc=box_k, v_desc=box_v)
-    scalars = dict(scale="fp32", k_scale="fp32", H="i32", **_STATE_STRIDES)
+    scalars = dict(scale="fp32", k_scale="fp32", R="i32", H="i32", **_STATE_STRIDES)
     order = chunk_scan._scan_kernel.arg_names
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in order}
     compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
-    name = "scan_paired" if paired else ("scan_tma" if tma else "scan") + ("_reverse" if reverse else "")
+    name = "scan" + ("_paired" if paired else "") + ("_tma" if tma else "") + ("_reverse" if reverse else "")
     return Resources(name, dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
 
 
@@ -143,6 +138,7 @@ DEFAULT_CASES = [
     ("scan_tma", 128, 128, torch.bfloat16),
     ("scan_tma", 64, 64, torch.bfloat16),
     ("scan_tma_reverse", 128, 128, torch.bfloat16),
+    ("scan_paired_tma_reverse", 128, 128, torch.bfloat16),
     ("dkdv", 64, 64, torch.bfloat16),
 ]
 
@@ -157,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     fns = {
         "scan": scan_resources, "scan_paired": functools.partial(scan_resources, paired=True),
         "scan_tma": functools.partial(scan_resources, tma=True),
-        "scan_tma_reverse": functools.partial(scan_resources, tma=True, reverse=True), "dkdv": dkdv_resources,
+        "scan_tma_reverse": functools.partial(scan_resources, tma=True, reverse=True),
+        "scan_paired_tma_reverse": functools.partial(scan_resources, paired=True, tma=True, reverse=True),
+        "dkdv": dkdv_resources,
     }  # fmt: skip
     rows = [fns[kernel](dk, dv, dtype, args.arch) for kernel, dk, dv, dtype in DEFAULT_CASES]
     if args.json:

@@ -146,40 +146,58 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     assert (len(launches), scans_with_twin) == expected[route]
 
 
+def _record_scan_launches(monkeypatch) -> list[bool]:
+    """Patch chunk_scan's kernel to record each launch's USE_TMA; returns the list it fills."""
+    kernel, launches = chunk_scan._scan_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["USE_TMA"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(chunk_scan, "_scan_kernel", Recorder())
+    return launches
+
+
 @pytest.mark.parametrize(
-    "dtype, dim, cu, reverse, split",
+    "dtype, dim, cu, reverse, split, paired",
     [
-        pytest.param(torch.bfloat16, 64, None, False, False, id="bf16-dense"),
-        pytest.param(torch.float16, 64, [0, 0, 70, 130, 250], False, False, id="fp16-varlen-empty"),
-        pytest.param(torch.bfloat16, 64, [0, 100, 250], False, True, id="bf16-varlen-split"),
-        pytest.param(torch.bfloat16, 64, None, True, False, id="bf16-reverse"),
-        pytest.param(torch.bfloat16, 128, [0, 0, 70, 200], False, False, id="bf16-D128-varlen-empty"),
-        pytest.param(torch.bfloat16, 128, [0, 130, 200], True, True, id="bf16-D128-varlen-reverse-split"),
+        pytest.param(torch.bfloat16, 64, None, False, False, True, id="bf16-dense"),
+        pytest.param(torch.float16, 64, [0, 0, 70, 130, 250], False, False, True, id="fp16-varlen-empty"),
+        pytest.param(torch.bfloat16, 64, [0, 100, 250], False, True, True, id="bf16-varlen-split"),
+        pytest.param(torch.bfloat16, 64, None, True, False, True, id="bf16-reverse"),
+        pytest.param(torch.bfloat16, 128, [0, 0, 70, 200], False, False, True, id="bf16-D128-varlen-empty"),
+        pytest.param(torch.bfloat16, 128, [0, 130, 200], True, True, True, id="bf16-D128-varlen-reverse-split"),
+        pytest.param(torch.float16, 128, [0, 130, 200], False, True, False, id="fp16-D128-split-unpaired"),
+        pytest.param(torch.bfloat16, 128, None, True, False, False, id="bf16-D128-reverse-unpaired"),
     ],
 )
-def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, reverse, split):
+def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, reverse, split, paired):
     """Heads of exactly 64 or 128 with TMA on: whole chunks load through TMA boxes (a reverse scan's box in
     memory order, its decays flipped), each segment's partial chunk is peeled off with the rows outside the
-    segment zeroed. D = 64: the forward and dq scans (dk, dv: the fused kernel); D = 128: also the dv and dk
-    scans, unpaired."""
+    segment zeroed. D = 64: the forward and dq scans (dk, dv: the fused kernel); D = 128: also dv and its
+    transposed twin dk (descriptors of k and v swapped), in one launch or (``paired`` off) two."""
     if split:
         split_all_sequences(monkeypatch)
-    monkeypatch.setattr(chunk_scan, "TMA", True)
-    used = []
-    real = chunk_scan._tma_descriptors
-    monkeypatch.setattr(chunk_scan, "_tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
+    monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
+    launches = _record_scan_launches(monkeypatch)
     num_seqs = None if cu is None else len(cu) - 1
     B, T = (2, 150) if cu is None else (1, cu[-1])
     inputs = make_inputs(B, T, 2, dim, dim, dtype=dtype, device=triton_device, initial_state=True, num_seqs=num_seqs)
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=triton_device)
     _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
-    assert len(used) == (2 if dim == 64 else 4)  # every scan of the forward and backward went through TMA
+    scans = 2 if dim == 64 else (3 if paired else 4)
+    assert launches == [True] * scans  # every scan of the forward and backward went through TMA
 
 
 def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device, monkeypatch):
     """A TMA box of a sequence's partial last chunk reaches into the next sequence's rows: NaN there must not
     reach this sequence's outputs or final state (its k, v rows are zeroed, never multiplied by zero)."""
-    monkeypatch.setattr(chunk_scan, "TMA", True)
+    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
     cu = torch.tensor([0, 70, 150], dtype=torch.int32, device=triton_device)
     q, k, v, _ = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
     g = torch.tensor(G2, device=triton_device)
@@ -282,7 +300,7 @@ def test_prefill_into_slots(triton_device, monkeypatch, cache_dtype, split):
 
 def test_prefill_into_slots_with_tma_heads(triton_device, monkeypatch):
     """bf16 heads of 64 (the TMA path) read and write the slots like the op does with a gathered initial state."""
-    monkeypatch.setattr(chunk_scan, "TMA", True)
+    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
     cu = torch.tensor([0, 50, 50, 120, 190], device=triton_device)
     q, k, v, _ = make_inputs(1, 190, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
     cache = torch.randn(6, 2, 64, 64, generator=torch.Generator().manual_seed(3)).to(triton_device)
@@ -340,8 +358,8 @@ _FIRST_BACKWARD_WITH_TMA = """
 import torch
 from lightning_attention import chunk_lightning_attn
 from lightning_attention.engines.triton import chunk_scan
-assert chunk_scan.TMA
 q, k, v = (torch.randn(1, 1000, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+assert chunk_scan.uses_tma(*(t.detach()[0] for t in (q, k, v)))  # heads of 128 load through TMA by default
 o, _ = chunk_lightning_attn(q, k, v, 2, 8, backend="triton")
 o.float().square().sum().backward()  # the dq scan: the autograd worker thread's first TMA launch
 torch.cuda.synchronize()
@@ -351,12 +369,13 @@ assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 @pytest.mark.gpu
 def test_tma_first_backward_in_a_fresh_process():
-    """With the TMA path on, a process's first backward launches TMA kernels from PyTorch's autograd worker thread,
-    which had no current CUDA context in the session-3 benchmark ("Failed to create tensor map descriptor: invalid
-    device context"). A fresh process, so that no earlier kernel has set that thread's context."""
+    """A process's first backward launches TMA kernels from PyTorch's autograd worker thread, which has no Triton
+    allocator for the descriptors' scratch (_common.descriptor_scratch gives one) and, in session 3 with host-built
+    descriptors, had no current CUDA context ("Failed to create tensor map descriptor: invalid device context").
+    A fresh process, so that no earlier kernel has prepared that thread."""
     import subprocess
     import sys
 
-    env = {**os.environ, "LIGHTNING_ATTENTION_TMA": "1"}
+    env = {name: value for name, value in os.environ.items() if name != "LIGHTNING_ATTENTION_TMA"}
     proc = subprocess.run([sys.executable, "-c", _FIRST_BACKWARD_WITH_TMA], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""The segment planner of the chunked engine (engines/triton/_common.py): when and how sequences are split."""
+"""Host helpers of the chunked engine (engines/triton/_common.py): the segment planner (when and how sequences
+are split) and the scratch allocator of in-kernel TMA descriptors."""
 
 from __future__ import annotations
 
@@ -54,3 +55,26 @@ def test_varlen_segments_cover_every_sequence_in_order():
         assert all(prev[1] == nxt[0] for prev, nxt in zip(rows, rows[1:]))
         assert rows[0][3] & 1 and rows[-1][3] & 2
     assert plan.num_segments * 16 <= 2 * H100_SMS
+
+
+def test_descriptor_scratch_gives_an_allocator_only_where_none_is_set():
+    """Triton's allocator is a context variable: a thread that never set one (the autograd worker) has none, so
+    the launch of a kernel building TMA descriptors needs one for its duration; a caller's own stays in place."""
+    from triton.runtime import _allocation
+
+    assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    with _common.descriptor_scratch(torch.device("cuda", 0)):
+        assert _allocation._allocator.get() is _common._torch_scratch
+    assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    with _common.descriptor_scratch(torch.device("cpu")):  # the interpreter needs no scratch
+        assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+
+    def own(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    token = _allocation._allocator.set(own)
+    try:
+        with _common.descriptor_scratch(torch.device("cuda", 0)):
+            assert _allocation._allocator.get() is own
+    finally:
+        _allocation._allocator.reset(token)

@@ -15,6 +15,7 @@ position i through ``lam^(i + 1 - SHIFT)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -229,6 +230,35 @@ def next_power_of_2(n: int) -> int:
 def block_dim(d: int) -> int:
     """Padded block for a head dim: a power of two >= MIN_BLOCK (masks cover the padding)."""
     return max(MIN_BLOCK, next_power_of_2(d))
+
+
+@contextlib.contextmanager
+def descriptor_scratch(device: torch.device):
+    """Give Triton's launcher an allocator for the global scratch of in-kernel tensor descriptors
+    (``tl.make_tensor_descriptor``: each program writes its descriptors there) while a kernel launches.
+
+    Triton asks the allocator set by ``triton.set_allocator``, a context variable: a thread that never set one
+    (PyTorch's autograd worker runs every backward) has none. A caller's own allocator is left in place; where
+    there is none, scratch comes from PyTorch's caching allocator (stream-ordered, so freeing it after the
+    launch is safe, and CUDA-graph capture records it like any tensor). ``triton.runtime._allocation`` is
+    private: triton is pinned (3.6), and tests/engines/triton cover this path on the GPU."""
+    from triton.runtime import _allocation
+
+    if device.type != "cuda" or _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+        yield
+        return
+    token = _allocation._allocator.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Triton launches on the current device; the caching allocator's blocks are 512-byte aligned.
+    if alignment > 512:
+        raise RuntimeError(f"descriptor scratch needs {alignment}-byte alignment; the caching allocator gives 512")
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
 
 
 def state_strides(state: torch.Tensor | None) -> tuple[int, int, int, int]:

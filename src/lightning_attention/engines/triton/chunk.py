@@ -9,8 +9,7 @@ never needs to leave the chip: one program per (segment, head, V-block) walks it
               dk, dv, dh0 from the reverse scan of D = sum q^T do                          1 launch
               - heads up to 64 x 64 (padded): one fused kernel reading q, k, v, do once (chunk_bwd.py);
               - larger heads with K == V: dv = scan(k, q, do) and its transposed twin dk = scan(v, do, q) in
-                one launch (chunk_scan.scan(transposed=...)); K != V, or the TMA path on (chunk_scan.TMA):
-                those two as two launches.
+                one launch (chunk_scan.scan(transposed=...)); K != V: those two as two launches.
               (The fused kernel spills at 128 x 128 and loses to the scans: benchmarks/results/chunk_NOTES.md.)
 
 When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and a first
@@ -32,7 +31,7 @@ import torch
 from lightning_attention import _validation as val
 from lightning_attention.engines.triton._common import plan_segments, sequence_bounds
 from lightning_attention.engines.triton.chunk_bwd import dkdv, use_fused_dkdv
-from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment, uses_tma
+from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment
 from lightning_attention.engines.triton.chunk_state import local_states
 
 __all__ = ["ENGINE", "TritonChunkEngine", "prefill_into_slots"]
@@ -75,8 +74,7 @@ def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
         )  # fmt: skip
         return
     common = dict(scale=1.0, k_scale=scale, reverse=reverse, shift=1)
-    # (Paired scans load through pointers; where TMA applies the two scans run apart, each through TMA.)
-    if PAIRED_DKDV and q.shape[2] == v.shape[2] and not uses_tma(k, q, do):
+    if PAIRED_DKDV and q.shape[2] == v.shape[2]:
         _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, transposed=(v, dk))
         return
     _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0)

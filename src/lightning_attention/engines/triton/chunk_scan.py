@@ -16,16 +16,17 @@ state (_common.fold_earlier_segments), and the sequence's last segment writes th
 (the backward's dv and dk): every program has a twin running the transposed scan (k and v swapped, the state
 transposed) over the same rows, so that the rows both read come from L2 once.
 
-K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM).
+K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM). 16-bit
+heads of 128 on sm_90+ load whole chunks through TMA descriptors built in the kernel (uses_tma, USE_TMA).
 Shapes: q, k ``[R, H, DK]``, v ``[R, H, DV]``, o ``[R, H, DV]`` (R = B * T rows, contiguous);
 states ``[N, H, DK, DV]`` with any strides (so a transposed state needs no copy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from lightning_attention.engines.triton._common import (
     cdiv,
     chunk_decays,
     chunk_rows,
+    descriptor_scratch,
     dot_precision,
     fold_earlier_segments,
     intra_decay,
@@ -68,16 +70,12 @@ class ScanConfig:
     tma_stages: int = 4  # pipeline depth of the TMA loop (measured best on H100: 4 > 3 > 2)
 
 
-#: Whole chunks of unpaired scans load through TMA tensor descriptors where that applies (uses_tma). Measured
-#: on H100 for forward-order scans (chunk_NOTES.md, session 3): forward 0.422 -> 0.364 ms and backward 1.293 ->
-#: 1.225 ms at 4x8192x32x128 bf16, 0.173 -> 0.160 ms forward at 1x32768x8x128, but 0.106 -> 0.118 ms at
-#: 8x4096x16x64; reverse-order scans (the backward's dk, dv) were written after the device time ran out and
-#: have run only under the interpreter. Off by default: in the benchmark the first backward failed in
-#: PyTorch's autograd thread ("Failed to create tensor map descriptor: invalid device context": Triton encodes
-#: the descriptors before it makes a CUDA context current, and that thread had none yet). _ensure_cuda_context
-#: addresses it; that fix has not run on a GPU yet, so the verified pointer path ships. Tests run the TMA path
-#: under the interpreter; LIGHTNING_ATTENTION_TMA=1 turns it on for a process (benchmarks/gpu/tma_check.sh).
-TMA = os.environ.get("LIGHTNING_ATTENTION_TMA") == "1"
+#: Head sizes K whose scans load whole chunks through TMA tensor descriptors (uses_tma). Measured on H100
+#: (benchmarks/results/chunk_NOTES.md, session 4; GPU time): K = 128 forward 0.425 -> 0.386 ms and fwd+bwd
+#: 1.688 -> 1.555 ms at 4x8192x32x128 bf16; K = 64 no faster (8x4096x16x64: 0.098 -> 0.097 ms) for ~25 us more
+#: host time per launch (descriptor scratch), so it stays on pointers. LIGHTNING_ATTENTION_TMA=1 puts heads of
+#: 64 on TMA too, =0 turns TMA off.
+TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128), "0": ()}.get(os.environ.get("LIGHTNING_ATTENTION_TMA", ""), (128,))
 
 
 def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
@@ -122,18 +120,18 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
 
 @triton.jit
 def _tma_chunk(
-    q_desc, k_desc, v_desc, o, state, c, start, end, length, shift, g, mask, k_scale, scale, i_h, i_v, o_v, m_v, H,
-    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+    q_desc, k_desc, v_desc, o, state, c, start, end, length, shift, g, mask, k_scale, scale, i_v, o_v, m_v, H,
+    DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):  # fmt: skip
-    """Chunk ``c`` through TMA boxes (one K block): writes its output rows, returns the state after it.
-    PARTIAL: the segment's partial last chunk, whose box reaches outside the segment; its k and v rows there are
-    zeroed (q's rows there only make outputs that are not stored)."""
+    """Chunk ``c`` through TMA boxes of one head (one K block): writes its output rows, returns the state after
+    it. PARTIAL: the segment's partial last chunk, whose box reaches outside the segment; its k and v rows there
+    are zeroed (q's rows there only make outputs that are not stored)."""
     q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
     row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
-    b_q = q_desc.load([row, i_h * DK])
-    b_k = k_desc.load([row, i_h * DK])
-    b_v = v_desc.load([row, i_h * DV + i_v * BV])
+    b_q = q_desc.load([row, 0])
+    b_k = k_desc.load([row, 0])
+    b_v = v_desc.load([row, i_v * BV])
     if PARTIAL:
         b_k = tl.where(valid[:, None], b_k, 0.0).to(b_q.dtype)
         b_v = tl.where(valid[:, None], b_v, 0.0).to(b_q.dtype)
@@ -146,8 +144,8 @@ def _tma_chunk(
 
 @triton.jit
 def _scan_kernel(
-    q, k, v, o, q_b, o_b, q_desc, k_desc, v_desc, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
-    slot_ids, slot_used, scale, k_scale, H,
+    q, k, v, o, q_b, o_b, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
+    slot_ids, slot_used, scale, k_scale, R, H,
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
@@ -208,17 +206,24 @@ def _scan_kernel(
         # a reverse scan's tile is flipped against its scan order (FLIP decays and mask). Whole chunks need no
         # masks; a partial last chunk is peeled off the loop (_tma_chunk's PARTIAL) so that the loop stays one
         # straight body for the pipeliner.
+        # Descriptors are built per program in Triton's global scratch (descriptor_scratch), from this role's
+        # pointers (a paired twin's k and v are swapped): host-built descriptors made the eager fwd+bwd at
+        # 4x8192x32x128 host-bound (2.16 ms for 1.52 ms of GPU time, chunk_NOTES.md session 4). One head per
+        # descriptor, so a box never reaches into the next head.
+        q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, DK])
+        k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, DK])
+        v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
         mask_tma = intra_decay(g, C, REVERSE) * k_scale
         n_whole = length // C
         for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
             state0 = _tma_chunk(
                 q_desc, k_desc, v_desc, o, state0, c, start, end, length, shift, g, mask_tma, k_scale, scale,
-                i_h, i_v, o_v, m_v, H, DK, DV, BV, C, REVERSE, PRECISION, False,
+                i_v, o_v, m_v, H, DV, BV, C, REVERSE, PRECISION, False,
             )  # fmt: skip
         if n_whole * C < length:
             state0 = _tma_chunk(
                 q_desc, k_desc, v_desc, o, state0, n_whole, start, end, length, shift, g, mask_tma, k_scale, scale,
-                i_h, i_v, o_v, m_v, H, DK, DV, BV, C, REVERSE, PRECISION, True,
+                i_v, o_v, m_v, H, DV, BV, C, REVERSE, PRECISION, True,
             )  # fmt: skip
     else:
         for c in range(0, tl.cdiv(length, C)):
@@ -292,33 +297,21 @@ def scan(
     q_b, out_b = transposed if transposed is not None else (None, None)
     cfg = scan_config(DK, DV, q.dtype)
     nv = cdiv(DV, cfg.block_v)
-    descs = _tma_descriptors(q, k, v, cfg) if transposed is None and uses_tma(q, k, v) else None
+    tma = uses_tma(q, k, v) and (transposed is None or uses_tma(q_b, v, k))
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
-    _scan_kernel[grid](
-        q, k, v, out, q_b, out_b, *(descs or (None, None, None)), g_gamma, state_in, state_out, local_states,
-        plan.seq_offsets, plan.segments, slot_ids, slot_used,
-        float(scale), float(k_scale), H,
-        *state_strides(state_in), *state_strides(state_out),
-        DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
-        REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
-        SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
-        USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
-        USE_TMA=descs is not None, TMA_STAGES=cfg.tma_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-
-
-_context_threads: set[tuple[int, int | None]] = set()
-
-
-def _ensure_cuda_context(device: torch.device) -> None:
-    """Make the device's primary context current in this thread (once per thread): Triton builds TMA descriptors
-    with the driver before its launcher sets a context, and a thread that has only hit PyTorch's caching
-    allocator (the autograd engine's worker) may have none. A runtime API call creates it."""
-    key = (threading.get_ident(), device.index)
-    if key not in _context_threads:
-        torch.cuda.mem_get_info(device)
-        _context_threads.add(key)
+    with descriptor_scratch(q.device) if tma else contextlib.nullcontext():
+        _scan_kernel[grid](
+            q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, local_states,
+            plan.seq_offsets, plan.segments, slot_ids, slot_used,
+            float(scale), float(k_scale), q.shape[0], H,
+            *state_strides(state_in), *state_strides(state_out),
+            DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
+            REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
+            SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
+            USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
+            USE_TMA=tma, TMA_STAGES=cfg.tma_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
 
 
 @functools.cache
@@ -327,12 +320,12 @@ def _capability(index: int) -> int:
 
 
 def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether an unpaired scan of these rows loads through TMA: TMA is on, 16-bit inputs, exact tiles (DK of 64
-    or 128, DV a multiple of the V-block: the boxes must not reach into the next head, which masks would have
-    to clear), 16-byte aligned contiguous rows, and a Hopper-class GPU (or the CPU interpreter, which runs the
-    same path)."""
+    """Whether a scan of these rows loads through TMA: 16-bit inputs, a head size in TMA_HEAD_DIMS, DV a
+    multiple of the V-block (the tiles measured and tested), 16-byte aligned contiguous rows (TMA's rule for a
+    descriptor's base and row stride), and a Hopper-class GPU (or the CPU interpreter, which runs the same
+    path)."""
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
-    if not TMA or q.dtype not in (torch.float16, torch.bfloat16) or DK not in (64, 128):
+    if DK not in TMA_HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if DV % scan_config(DK, DV, q.dtype).block_v:
         return False
@@ -341,20 +334,6 @@ def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if q.device.type == "cuda":
         return _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= 9
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ScanConfig):
-    """Host tensor descriptors of q, k ``[R, H * DK]`` (boxes [C, DK]) and v ``[R, H * DV]`` (boxes [C, BV])."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if q.device.type == "cuda":
-        _ensure_cuda_context(q.device)
-    R, H, DK, DV, C = q.shape[0], q.shape[1], q.shape[2], v.shape[2], cfg.chunk
-    return (
-        TensorDescriptor.from_tensor(q.view(R, H * DK), [C, DK]),
-        TensorDescriptor.from_tensor(k.view(R, H * DK), [C, DK]),
-        TensorDescriptor.from_tensor(v.view(R, H * DV), [C, cfg.block_v]),
-    )
 
 
 def scan_programs_per_segment(num_heads: int, dk: int, dv: int, dtype: torch.dtype, paired: bool = False) -> int:
