@@ -1,24 +1,58 @@
 #!/usr/bin/env bash
-# One device call that decides whether the TMA path (chunk_scan.TMA) can be turned on: the GPU tests with it on
-# (including the fresh-process first backward that failed in session 3), the real-shape check, and the benchmark
-# of ours (TMA on and off) against fla at the shapes it helps or hurts. Output: $OUT/log.txt, $OUT/files.tgz.
-# Needs .whl (fla-core; .whl/issue7 for pytest). About 8 minutes.
+# Device calls that decide whether the TMA path (chunk_scan.TMA) can be on: any of these steps, in order.
+#   check   GPU tests with TMA on (incl. the fresh-process first backward) and check_chunk.py with TMA on, side by
+#           side (compiles are CPU-bound)
+#   bench   ours with TMA on and off (and fla with FLA=1) at the shapes it helps or hurts
+#   variants  ours: the default against dk/dv unpaired and TMA off
+#   host    host_overhead.py with TMA on and off (host time per call, where eager columns are host-bound)
+# e.g. `bash benchmarks/gpu/tma_check.sh check bench`. Output: $OUT/log.txt, $OUT/files.tgz.
+# Needs .whl (fla-core; .whl/issue7 for pytest). check ~5 min, bench ~2 min (~5 with fla), host ~1 min.
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/files"; L=$OUT/log.txt
+SHAPES=${SHAPES:-4x8192x32x128 1x32768x8x128 8x4096x16x64}
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl/issue7/*.whl >/dev/null 2>&1
 export PYTHONPATH=$PWD/src:$PWD:/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >>"$L"
-echo "== pytest, TMA on" >>"$L"
-LIGHTNING_ATTENTION_TMA=1 timeout 240 python3 -m pytest -q -p no:cacheprovider --runslow \
-  tests/engines/triton/test_chunk.py tests/test_serving.py 2>&1 | tail -4 >>"$L"
-echo "== check_chunk, TMA on" >>"$L"
-LIGHTNING_ATTENTION_TMA=1 timeout 200 python3 benchmarks/gpu/check_chunk.py >"$OUT/files/check_tma.log" 2>&1
-tail -2 "$OUT/files/check_tma.log" >>"$L"
-for tma in 1 0; do
-  echo "== bench, TMA=$tma" >>"$L"
-  LIGHTNING_ATTENTION_TMA=$tma timeout 150 python3 benchmarks/bench_chunk.py --out "$OUT/files/tma$tma" \
-    --providers ours $([ $tma = 1 ] && echo fla) --shapes 4x8192x32x128 1x32768x8x128 8x4096x16x64 2>&1 | grep "^| [0-9]" >>"$L"
+for MODE in "${@:-check}"; do
+  case $MODE in
+  check)
+    export LIGHTNING_ATTENTION_TMA=1
+    timeout 300 python3 -m pytest -q -p no:cacheprovider --runslow -k "fresh_process" \
+      tests/engines/triton/test_chunk.py >"$OUT/files/pytest_first_bwd.log" 2>&1
+    timeout 420 python3 -m pytest -q -p no:cacheprovider --runslow \
+      tests/engines/triton/test_chunk.py tests/test_serving.py >"$OUT/files/pytest_tma.log" 2>&1 &
+    timeout 420 python3 benchmarks/gpu/check_chunk.py >"$OUT/files/check_tma.log" 2>&1 &
+    wait
+    unset LIGHTNING_ATTENTION_TMA
+    for f in pytest_first_bwd pytest_tma; do echo "== $f"; tail -3 "$OUT/files/$f.log"; done >>"$L"
+    { echo "== check_chunk, TMA on: ok lines"; grep -c " ok$" "$OUT/files/check_tma.log"
+      grep -v " ok$" "$OUT/files/check_tma.log" | tail -8; } >>"$L" ;;
+  bench)
+    for tma in 1 0; do
+      echo "== bench, TMA=$tma" >>"$L"
+      LIGHTNING_ATTENTION_TMA=$tma timeout 270 python3 benchmarks/bench_chunk.py --out "$OUT/files/tma$tma" \
+        --providers ours $([ "$tma$FLA" = 11 ] && echo fla) --shapes $SHAPES 2>&1 | grep "^| [0-9]" >>"$L"
+    done ;;
+  variants)  # the default (TMA for heads of 128, dk/dv paired) against dk/dv unpaired and against TMA off
+    for v in default unpaired tma_off; do
+      echo "== bench, $v" >>"$L"
+      LIGHTNING_ATTENTION_TMA=$([ $v = tma_off ] && echo 0) timeout 200 python3 -c "
+import runpy, sys
+from lightning_attention.engines.triton import chunk
+chunk.PAIRED_DKDV = sys.argv[1] != 'unpaired'
+sys.argv = ['bench_chunk.py', *sys.argv[2:]]
+runpy.run_path('benchmarks/bench_chunk.py', run_name='__main__')" $v --out "$OUT/files/$v" --providers ours \
+        --shapes $SHAPES 2>&1 | grep "^| [0-9].*ours" >>"$L"
+    done ;;
+  host)
+    for tma in 1 0; do
+      echo "== host_overhead, TMA=$tma" >>"$L"
+      LIGHTNING_ATTENTION_TMA=$tma timeout 120 python3 benchmarks/gpu/host_overhead.py 4x8192x32x128 \
+        >"$OUT/files/host_tma$tma.log" 2>&1
+      grep "do_bench" "$OUT/files/host_tma$tma.log" >>"$L"
+    done ;;
+  esac
 done
 tar czf "$OUT/files.tgz" -C "$OUT" files && rm -rf "$OUT/files"
 cat "$L"
