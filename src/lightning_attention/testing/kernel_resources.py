@@ -137,6 +137,7 @@ DEFAULT_CASES = [
     ("scan_paired", 128, 128, torch.bfloat16),
     ("scan_tma", 128, 128, torch.bfloat16),
     ("scan_tma", 64, 64, torch.bfloat16),
+    ("scan_tma", 256, 256, torch.bfloat16),
     ("scan_tma_reverse", 128, 128, torch.bfloat16),
     ("scan_paired_tma_reverse", 128, 128, torch.bfloat16),
     ("dkdv", 64, 64, torch.bfloat16),

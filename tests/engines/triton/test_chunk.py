@@ -173,16 +173,19 @@ def _record_scan_launches(monkeypatch) -> list[bool]:
         pytest.param(torch.bfloat16, 128, [0, 130, 200], True, True, True, id="bf16-D128-varlen-reverse-split"),
         pytest.param(torch.float16, 128, [0, 130, 200], False, True, False, id="fp16-D128-split-unpaired"),
         pytest.param(torch.bfloat16, 128, None, True, False, False, id="bf16-D128-reverse-unpaired"),
+        pytest.param(torch.bfloat16, 256, [0, 130, 200], True, True, True, id="bf16-D256-varlen-reverse-split"),
+        pytest.param(torch.float16, 256, None, False, False, False, id="fp16-D256-unpaired"),
     ],
 )
 def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, reverse, split, paired):
-    """Heads of exactly 64 or 128 with TMA on: whole chunks load through TMA boxes (a reverse scan's box in
+    """Heads of exactly 64, 128 or 256 with TMA on: whole chunks load through TMA boxes (a reverse scan's box in
     memory order, its decays flipped), each segment's partial chunk is peeled off with the rows outside the
-    segment zeroed. D = 64: the forward and dq scans (dk, dv: the fused kernel); D = 128: also dv and its
-    transposed twin dk (descriptors of k and v swapped), in one launch or (``paired`` off) two."""
+    segment zeroed. D = 64: the forward and dq scans (dk, dv: the fused kernel); D = 128 and 256 (two K halves,
+    two boxes per row block): also dv and its transposed twin dk (descriptors of k and v swapped), in one launch
+    or (``paired`` off) two."""
     if split:
         split_all_sequences(monkeypatch)
-    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
+    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128, 256))
     monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
     launches = _record_scan_launches(monkeypatch)
     num_seqs = None if cu is None else len(cu) - 1

@@ -17,7 +17,7 @@ state (_common.fold_earlier_segments), and the sequence's last segment writes th
 transposed) over the same rows, so that the rows both read come from L2 once.
 
 K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM). 16-bit
-heads of 128 on sm_90+ load whole chunks through TMA descriptors built in the kernel (uses_tma, USE_TMA).
+heads of 128 and 256 on sm_90+ load whole chunks through TMA descriptors built in the kernel (uses_tma).
 Shapes: q, k ``[R, H, DK]``, v ``[R, H, DV]``, o ``[R, H, DV]`` (R = B * T rows, contiguous);
 states ``[N, H, DK, DV]`` with any strides (so a transposed state needs no copy).
 """
@@ -72,10 +72,12 @@ class ScanConfig:
 
 #: Head sizes K whose scans load whole chunks through TMA tensor descriptors (uses_tma). Measured on H100
 #: (benchmarks/results/chunk_NOTES.md, session 4; GPU time): K = 128 forward 0.425 -> 0.386 ms and fwd+bwd
-#: 1.688 -> 1.555 ms at 4x8192x32x128 bf16; K = 64 no faster (8x4096x16x64: 0.098 -> 0.097 ms) for ~25 us more
-#: host time per launch (descriptor scratch), so it stays on pointers. LIGHTNING_ATTENTION_TMA=1 puts heads of
-#: 64 on TMA too, =0 turns TMA off.
-TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128), "0": ()}.get(os.environ.get("LIGHTNING_ATTENTION_TMA", ""), (128,))
+#: 1.688 -> 1.555 ms at 4x8192x32x128 bf16; K = 256 0.583 -> 0.553 and 2.249 -> 2.178 at 2x8192x16x256; K = 64
+#: no faster (8x4096x16x64: 0.098 -> 0.097 ms) for ~25 us more host time per launch (descriptor scratch), so it
+#: stays on pointers. LIGHTNING_ATTENTION_TMA=1 puts heads of 64 on TMA too, =0 turns TMA off.
+TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(
+    os.environ.get("LIGHTNING_ATTENTION_TMA", ""), (128, 256)
+)
 
 
 def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
@@ -87,7 +89,7 @@ def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
     if dtype == torch.float32:
         return ScanConfig(64, 8, 1)
     if block_dim(dk) >= 256:
-        return ScanConfig(64, 8, 2)
+        return ScanConfig(64, 8, 2, tma_stages=2)  # two K halves: 72 KiB of boxes per TMA stage
     return ScanConfig(64, 4, 3)
 
 
@@ -120,26 +122,38 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
 
 @triton.jit
 def _tma_chunk(
-    q_desc, k_desc, v_desc, o, state, c, start, end, length, shift, g, mask, k_scale, scale, i_v, o_v, m_v, H,
-    DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    PARTIAL: tl.constexpr,
+    q_desc, k_desc, v_desc, o, state0, state1, c, start, end, length, shift, g, mask, k_scale, scale, i_v, o_v, m_v,
+    H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
 ):  # fmt: skip
-    """Chunk ``c`` through TMA boxes of one head (one K block): writes its output rows, returns the state after
-    it. PARTIAL: the segment's partial last chunk, whose box reaches outside the segment; its k and v rows there
-    are zeroed (q's rows there only make outputs that are not stored)."""
+    """Chunk ``c`` through TMA boxes of one head: writes its output rows, returns the state after it (both K
+    halves with TWO_K; ``state1`` is returned unchanged otherwise). PARTIAL: the segment's partial last chunk,
+    whose box reaches outside the segment; its k and v rows there are zeroed (q's rows there only make outputs
+    that are not stored)."""
     q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
     row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
-    b_q = q_desc.load([row, 0])
-    b_k = k_desc.load([row, 0])
+    b_q0 = q_desc.load([row, 0])
+    b_k0 = k_desc.load([row, 0])
     b_v = v_desc.load([row, i_v * BV])
     if PARTIAL:
-        b_k = tl.where(valid[:, None], b_k, 0.0).to(b_q.dtype)
-        b_v = tl.where(valid[:, None], b_v, 0.0).to(b_q.dtype)
-    b_o, state, _ = _advance_chunk(
-        b_q, b_k, b_q, b_k, b_v, state, state, mask, q_decay, k_decay, block_decay, k_scale, PRECISION, False
-    )
+        b_k0 = tl.where(valid[:, None], b_k0, 0.0).to(b_q0.dtype)
+        b_v = tl.where(valid[:, None], b_v, 0.0).to(b_q0.dtype)
+    if TWO_K:
+        b_q1 = q_desc.load([row, BKH])
+        b_k1 = k_desc.load([row, BKH])
+        if PARTIAL:
+            b_k1 = tl.where(valid[:, None], b_k1, 0.0).to(b_q0.dtype)
+        b_o, state0, state1 = _advance_chunk(
+            b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale, PRECISION,
+            True,
+        )  # fmt: skip
+    else:
+        b_o, state0, _ = _advance_chunk(
+            b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale, PRECISION,
+            False,
+        )  # fmt: skip
     store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
-    return state
+    return state0, state1
 
 
 @triton.jit
@@ -210,20 +224,20 @@ def _scan_kernel(
         # pointers (a paired twin's k and v are swapped): host-built descriptors made the eager fwd+bwd at
         # 4x8192x32x128 host-bound (2.16 ms for 1.52 ms of GPU time, chunk_NOTES.md session 4). One head per
         # descriptor, so a box never reaches into the next head.
-        q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, DK])
-        k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, DK])
+        q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, BKH])
+        k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
         v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
         mask_tma = intra_decay(g, C, REVERSE) * k_scale
         n_whole = length // C
         for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
-            state0 = _tma_chunk(
-                q_desc, k_desc, v_desc, o, state0, c, start, end, length, shift, g, mask_tma, k_scale, scale,
-                i_v, o_v, m_v, H, DV, BV, C, REVERSE, PRECISION, False,
+            state0, state1 = _tma_chunk(
+                q_desc, k_desc, v_desc, o, state0, state1, c, start, end, length, shift, g, mask_tma, k_scale,
+                scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False,
             )  # fmt: skip
         if n_whole * C < length:
-            state0 = _tma_chunk(
-                q_desc, k_desc, v_desc, o, state0, n_whole, start, end, length, shift, g, mask_tma, k_scale, scale,
-                i_v, o_v, m_v, H, DV, BV, C, REVERSE, PRECISION, True,
+            state0, state1 = _tma_chunk(
+                q_desc, k_desc, v_desc, o, state0, state1, n_whole, start, end, length, shift, g, mask_tma, k_scale,
+                scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True,
             )  # fmt: skip
     else:
         for c in range(0, tl.cdiv(length, C)):
