@@ -3,7 +3,7 @@
 #   check   GPU tests with TMA on (incl. the fresh-process first backward) and check_chunk.py with TMA on, side by
 #           side (compiles are CPU-bound)
 #   bench   ours with TMA on and off (and fla with FLA=1) at the shapes it helps or hurts
-#   variants  ours: the default against dk/dv unpaired and TMA off
+#   variants  ours: the default against overridden engine constants (VARIANTS; bench_variant.py)
 #   host    host_overhead.py with TMA on and off (host time per call, where eager columns are host-bound)
 # e.g. `bash benchmarks/gpu/tma_check.sh check bench`. Output: $OUT/log.txt, $OUT/files.tgz.
 # Needs .whl (fla-core; .whl/issue7 for pytest). check ~5 min, bench ~2 min (~5 with fla), host ~1 min.
@@ -16,8 +16,8 @@ export PYTHONPATH=$PWD/src:$PWD:/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >>"$L"
 for MODE in "${@:-check}"; do
   case $MODE in
-  check)
-    export LIGHTNING_ATTENTION_TMA=1
+  check)  # TMA=${TMA:-1}: 1 also puts heads of 64 through TMA; "" checks the shipped default
+    export LIGHTNING_ATTENTION_TMA=${TMA-1}
     timeout 300 python3 -m pytest -q -p no:cacheprovider --runslow -k "fresh_process" \
       tests/engines/triton/test_chunk.py >"$OUT/files/pytest_first_bwd.log" 2>&1
     timeout 420 python3 -m pytest -q -p no:cacheprovider --runslow \
@@ -34,16 +34,11 @@ for MODE in "${@:-check}"; do
       LIGHTNING_ATTENTION_TMA=$tma timeout 270 python3 benchmarks/bench_chunk.py --out "$OUT/files/tma$tma" \
         --providers ours $([ "$tma$FLA" = 11 ] && echo fla) --shapes $SHAPES 2>&1 | grep "^| [0-9]" >>"$L"
     done ;;
-  variants)  # the default (TMA for heads of 128, dk/dv paired) against dk/dv unpaired and against TMA off
-    for v in default unpaired tma_off; do
+  variants)  # VARIANTS: space-separated override sets (commas between overrides; "default" for none)
+    for v in ${VARIANTS:-default chunk.PAIRED_DKDV=False chunk_scan.TMA_HEAD_DIMS=()}; do
       echo "== bench, $v" >>"$L"
-      LIGHTNING_ATTENTION_TMA=$([ $v = tma_off ] && echo 0) timeout 200 python3 -c "
-import runpy, sys
-from lightning_attention.engines.triton import chunk
-chunk.PAIRED_DKDV = sys.argv[1] != 'unpaired'
-sys.argv = ['bench_chunk.py', *sys.argv[2:]]
-runpy.run_path('benchmarks/bench_chunk.py', run_name='__main__')" $v --out "$OUT/files/$v" --providers ours \
-        --shapes $SHAPES 2>&1 | grep "^| [0-9].*ours" >>"$L"
+      timeout 200 python3 benchmarks/gpu/bench_variant.py $([ "$v" != default ] && echo "${v//,/ }") -- \
+        --out "$OUT/files/variant" --providers ours --shapes $SHAPES 2>&1 | grep "^| [0-9].*ours" | sort -u >>"$L"
     done ;;
   host)
     for tma in 1 0; do

@@ -80,6 +80,10 @@ TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(
 )
 
 
+#: Whole chunks' outputs of a TMA scan leave through a TMA store too (the partial last chunk: masked pointer stores).
+TMA_STORES = True
+
+
 def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
     """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
     nothing autotunes at run time. 16-bit tiles run 4 warps (about 245 registers per thread, no spills) with
@@ -122,14 +126,15 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
 
 @triton.jit
 def _tma_chunk(
-    q_desc, k_desc, v_desc, o, state0, state1, c, start, end, length, shift, g, mask, k_scale, scale, i_v, o_v, m_v,
-    H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+    q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask, k_scale, scale, i_v,
+    o_v, m_v, H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr, STORE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Chunk ``c`` through TMA boxes of one head: writes its output rows, returns the state after it (both K
     halves with TWO_K; ``state1`` is returned unchanged otherwise). PARTIAL: the segment's partial last chunk,
     whose box reaches outside the segment; its k and v rows there are zeroed (q's rows there only make outputs
-    that are not stored)."""
+    that are not stored: its output rows go through masked pointer stores, whole chunks' through ``o_desc``
+    when STORE_TMA)."""
     q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
     row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
     b_q0 = q_desc.load([row, 0])
@@ -152,7 +157,10 @@ def _tma_chunk(
             b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale, PRECISION,
             False,
         )  # fmt: skip
-    store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
+    if STORE_TMA and not PARTIAL:
+        o_desc.store([row, i_v * BV], (b_o * scale).to(o_desc.dtype))
+    else:
+        store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
     return state0, state1
 
 
@@ -164,7 +172,7 @@ def _scan_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, STORE_TMA: tl.constexpr,
 ):  # fmt: skip
     # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
     # K = 256 in one tl.dot fault on H100 with triton 3.6.
@@ -227,17 +235,18 @@ def _scan_kernel(
         q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, BKH])
         k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
         v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
+        o_desc = tl.make_tensor_descriptor(o, [R, DV], [H * DV, 1], [C, BV]) if STORE_TMA else v_desc
         mask_tma = intra_decay(g, C, REVERSE) * k_scale
         n_whole = length // C
         for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
             state0, state1 = _tma_chunk(
-                q_desc, k_desc, v_desc, o, state0, state1, c, start, end, length, shift, g, mask_tma, k_scale,
-                scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False,
+                q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask_tma,
+                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False, STORE_TMA,
             )  # fmt: skip
         if n_whole * C < length:
             state0, state1 = _tma_chunk(
-                q_desc, k_desc, v_desc, o, state0, state1, n_whole, start, end, length, shift, g, mask_tma, k_scale,
-                scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True,
+                q_desc, k_desc, v_desc, o_desc, o, state0, state1, n_whole, start, end, length, shift, g, mask_tma,
+                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True, STORE_TMA,
             )  # fmt: skip
     else:
         for c in range(0, tl.cdiv(length, C)):
@@ -323,7 +332,7 @@ def scan(
             REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
             SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
             USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
-            USE_TMA=tma, TMA_STAGES=cfg.tma_stages,
+            USE_TMA=tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=tma and TMA_STORES,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
