@@ -34,10 +34,10 @@ for MODE in "${@:-check}"; do
       LIGHTNING_ATTENTION_TMA=$tma timeout 270 python3 benchmarks/bench_chunk.py --out "$OUT/files/tma$tma" \
         --providers ours $([ "$tma$FLA" = 11 ] && echo fla) --shapes $SHAPES 2>&1 | grep "^| [0-9]" >>"$L"
     done ;;
-  variants)  # VARIANTS: space-separated override sets (commas between overrides; "default" for none)
+  variants)  # VARIANTS: space-separated override sets (";" between overrides; "default" for none)
     for v in ${VARIANTS:-default chunk.PAIRED_DKDV=False chunk_scan.TMA_HEAD_DIMS=()}; do
       echo "== bench, $v" >>"$L"
-      timeout 200 python3 benchmarks/gpu/bench_variant.py $([ "$v" != default ] && echo "${v//,/ }") -- \
+      timeout 200 python3 benchmarks/gpu/bench_variant.py $([ "$v" != default ] && echo "${v//;/ }") -- \
         --out "$OUT/files/variant" --providers ours --shapes $SHAPES 2>&1 | grep "^| [0-9].*ours" | sort -u >>"$L"
     done ;;
   host)
