@@ -71,16 +71,17 @@ class ScanConfig:
 
 
 #: Head sizes K whose scans load whole chunks through TMA tensor descriptors (uses_tma). Measured on H100
-#: (benchmarks/results/chunk_NOTES.md, session 4; GPU time): K = 128 forward 0.425 -> 0.386 ms and fwd+bwd
-#: 1.688 -> 1.555 ms at 4x8192x32x128 bf16; K = 256 0.583 -> 0.553 and 2.249 -> 2.178 at 2x8192x16x256; K = 64
-#: no faster (8x4096x16x64: 0.098 -> 0.097 ms) for ~25 us more host time per launch (descriptor scratch), so it
-#: stays on pointers. LIGHTNING_ATTENTION_TMA=1 puts heads of 64 on TMA too, =0 turns TMA off.
+#: (benchmarks/results/chunk.md, session 4; GPU time, one run each): K = 128 forward 0.414 -> 0.382 ms and
+#: fwd+bwd 1.685 -> 1.548 ms at 4x8192x32x128 bf16; K = 256 0.583 -> 0.553 and 2.249 -> 2.178 at 2x8192x16x256;
+#: K = 64 no faster (8x4096x16x64: 0.098 -> 0.097 ms) for ~25 us more host time per launch (descriptor scratch),
+#: so it stays on pointers. LIGHTNING_ATTENTION_TMA=1 puts heads of 64 on TMA too, =0 turns TMA off.
 TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(
     os.environ.get("LIGHTNING_ATTENTION_TMA", ""), (128, 256)
 )
 
 
-#: Whole chunks' outputs of a TMA scan leave through a TMA store too (the partial last chunk: masked pointer stores).
+#: Whole chunks' outputs of a TMA scan leave through TMA stores too (the partial last chunk: masked pointer
+#: stores). H100, one run: 4x8192x32x128 forward 0.381 -> 0.371 ms, fwd+bwd 1.555 -> 1.538 (chunk.md, session 4).
 TMA_STORES = True
 
 
@@ -321,6 +322,7 @@ def scan(
     cfg = scan_config(DK, DV, q.dtype)
     nv = cdiv(DV, cfg.block_v)
     tma = uses_tma(q, k, v) and (transposed is None or uses_tma(q_b, v, k))
+    tma = tma and _tma_aligned(out) and (out_b is None or _tma_aligned(out_b))  # outputs leave through TMA too
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
     with descriptor_scratch(q.device) if tma else contextlib.nullcontext():
         _scan_kernel[grid](
@@ -352,11 +354,15 @@ def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if DV % scan_config(DK, DV, q.dtype).block_v:
         return False
-    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in (q, k, v)):
+    if not (_tma_aligned(q) and _tma_aligned(k) and _tma_aligned(v)):
         return False
     if q.device.type == "cuda":
         return _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= 9
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and t.is_contiguous()
 
 
 def scan_programs_per_segment(num_heads: int, dk: int, dv: int, dtype: torch.dtype, paired: bool = False) -> int:
