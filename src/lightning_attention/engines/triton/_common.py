@@ -294,7 +294,7 @@ def sm_count(device: torch.device) -> int:
 @dataclass(frozen=True)
 class SegmentPolicy:
     """When to split sequences into segments. ``programs_per_sm``: how many scan programs run at once on one SM
-    (1 for the shipped 128-dim configurations: 136 KiB of shared memory each)."""
+    (1 for the shipped 128-dim configurations: 136 KiB of shared memory each, 184 KiB through TMA)."""
 
     programs_per_sm: float = 1.0
 

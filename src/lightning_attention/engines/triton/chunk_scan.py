@@ -321,8 +321,9 @@ def scan(
     q_b, out_b = transposed if transposed is not None else (None, None)
     cfg = scan_config(DK, DV, q.dtype)
     nv = cdiv(DV, cfg.block_v)
-    tma = uses_tma(q, k, v) and (transposed is None or uses_tma(q_b, v, k))
-    tma = tma and _tma_aligned(out) and (out_b is None or _tma_aligned(out_b))  # outputs leave through TMA too
+    # (A twin has q's dtype and head size, so only its rows' alignment is left to check; outputs leave through
+    # TMA stores, so theirs too.)
+    tma = uses_tma(q, k, v) and all(_tma_aligned(t) for t in (out, q_b, out_b) if t is not None)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
     with descriptor_scratch(q.device) if tma else contextlib.nullcontext():
         _scan_kernel[grid](
@@ -349,7 +350,7 @@ def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     multiple of the V-block (the tiles measured and tested), 16-byte aligned contiguous rows (TMA's rule for a
     descriptor's base and row stride), and a Hopper-class GPU (or the CPU interpreter, which runs the same
     path)."""
-    H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
+    DK, DV = q.shape[2], v.shape[2]
     if DK not in TMA_HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if DV % scan_config(DK, DV, q.dtype).block_v:
