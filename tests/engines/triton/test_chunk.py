@@ -175,6 +175,8 @@ def _record_scan_launches(monkeypatch) -> list[bool]:
         pytest.param(torch.bfloat16, 128, None, True, False, False, id="bf16-D128-reverse-unpaired"),
         pytest.param(torch.bfloat16, 256, [0, 130, 200], True, True, True, id="bf16-D256-varlen-reverse-split"),
         pytest.param(torch.float16, 256, None, False, False, False, id="fp16-D256-unpaired"),
+        pytest.param(torch.float32, 128, [0, 130, 200], True, True, True, id="fp32-D128-varlen-reverse-split"),
+        pytest.param(torch.float32, 128, [0, 0, 70, 200], False, False, False, id="fp32-D128-varlen-empty-unpaired"),
     ],
 )
 def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, reverse, split, paired):
@@ -197,18 +199,21 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, 
     assert launches == [True] * scans  # every scan of the forward and backward went through TMA
 
 
-def test_tma_path_needs_aligned_outputs(triton_device, monkeypatch):
+@pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])
+def test_tma_path_needs_aligned_outputs(triton_device, monkeypatch, split):
     """Outputs leave through TMA stores, whose base must be 16-byte aligned: a scan into a misaligned view of
     memory runs the pointer path, with the same result."""
+    if split:
+        split_all_sequences(monkeypatch)
     launches = _record_scan_launches(monkeypatch)
     q, k, v, _ = make_inputs(1, 150, 2, 128, 128, dtype=torch.bfloat16, device=triton_device)
     q, k, v = (t.reshape(150, 2, 128) for t in (q, k, v))
     g = torch.tensor(G2, device=triton_device)
-    plan = triton_common.plan_segments((0, 150), chunk_scan.scan_programs_per_segment(2, 128, 128, q.dtype), q.device)
     outs = []
     for offset in (0, 1):  # elements of 2 bytes: offset 1 misaligns the base
         out = torch.empty(150 * 2 * 128 + offset, dtype=q.dtype, device=triton_device)[offset:].view(150, 2, 128)
-        chunk_scan.scan(q, k, v, out, g, plan, scale=0.1, reverse=False, shift=0, state_in=None)
+        # (the engine's scan, which adds the local states where the plan splits the sequence, as on a GPU)
+        chunk_engine._scan(q, k, v, out, g, (0, 150), scale=0.1, reverse=False, shift=0, state_in=None)
         outs.append(out)
     assert launches == [True, False]
     # Same products in the same order; compiled, the two paths' schedules may round a few outputs differently
