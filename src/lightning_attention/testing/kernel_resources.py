@@ -78,11 +78,13 @@ def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: di
 
 def scan_resources(
     dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False, tma: bool = False,
-    reverse: bool = False,
+    reverse: bool = False, precision: str | None = None,
 ) -> Resources:
     """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration
     (``paired``: the backward's dk/dv launch, a scan and its transposed twin; ``tma``: whole chunks through TMA
-    descriptors, chunk_scan.uses_tma; ``reverse``: a reverse-order scan, as the backward's dk and dv)."""
+    descriptors, chunk_scan.uses_tma; ``reverse``: a reverse-order scan, as the backward's dk and dv;
+    ``precision``: the products' precision instead of _common.dot_precision's, e.g. "tf32" for fp32 under
+    torch.set_float32_matmul_precision("high"))."""
     from lightning_attention.engines.triton import _common, chunk_scan
 
     cfg = chunk_scan.scan_config(dk, dv, dtype)
@@ -92,7 +94,7 @@ def scan_resources(
         USE_TMA=tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=tma and chunk_scan.TMA_STORES,
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
         C=cfg.chunk, REVERSE=reverse, SHIFT=int(reverse), HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
-        USE_SLOTS=False, PRECISION=_common.dot_precision(dtype), PAIRED=paired,
+        USE_SLOTS=False, PRECISION=precision or _common.dot_precision(dtype), PAIRED=paired,
         **({} if paired else dict(q_b=None, o_b=None)),
     )  # fmt: skip
     pointers = dict(q=t, k=t, v=t, o=t, g_gamma="*fp32", seq_offsets="*i32", segments="*i32")
@@ -104,6 +106,7 @@ def scan_resources(
     compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
     name = "scan" + ("_paired" if paired else "") + ("_tma" if tma else "") + ("_reverse" if reverse else "")
+    name += f"_{precision}" if precision else ""
     return Resources(name, dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
 
 
@@ -140,6 +143,9 @@ DEFAULT_CASES = [
     ("scan_tma", 256, 256, torch.bfloat16),
     ("scan_tma_reverse", 128, 128, torch.bfloat16),
     ("scan_paired_tma_reverse", 128, 128, torch.bfloat16),
+    ("scan_tma", 128, 128, torch.float32),
+    ("scan_tma_tf32", 128, 128, torch.float32),
+    ("scan_paired_tma_reverse_tf32", 128, 128, torch.float32),
     ("dkdv", 64, 64, torch.bfloat16),
 ]
 
@@ -156,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         "scan_tma": functools.partial(scan_resources, tma=True),
         "scan_tma_reverse": functools.partial(scan_resources, tma=True, reverse=True),
         "scan_paired_tma_reverse": functools.partial(scan_resources, paired=True, tma=True, reverse=True),
+        "scan_tma_tf32": functools.partial(scan_resources, tma=True, precision="tf32"),
+        "scan_paired_tma_reverse_tf32": functools.partial(
+            scan_resources, paired=True, tma=True, reverse=True, precision="tf32"
+        ),
         "dkdv": dkdv_resources,
     }  # fmt: skip
     rows = [fns[kernel](dk, dv, dtype, args.arch) for kernel, dk, dv, dtype in DEFAULT_CASES]

@@ -21,9 +21,13 @@ pytest.importorskip("triton")
 from lightning_attention.testing.kernel_resources import SHARED_MEMORY_LIMIT  # noqa: E402
 
 #: Configurations measured to spill on H100 and shipped anyway (no spill-free one was faster; chunk_NOTES.md):
-#: two K halves (K = 256; with TMA, 64-wide V-blocks beat the spill-free 32-wide ones by 18-65%) and fp32 tiles.
-#: They are still checked against the shared-memory limit.
-KNOWN_SPILLS = {("scan", 256, 256, "bfloat16"), ("scan_tma", 256, 256, "bfloat16"), ("scan", 128, 128, "float32")}
+#: two K halves (K = 256; with TMA, 64-wide V-blocks beat the spill-free 32-wide ones by 18-65%) and fp32 tiles
+#: under 3xTF32 (torch's default "highest"; through TMA still 10% faster than through pointers). fp32 under
+#: TF32 through TMA ("_tf32") must not spill. All are still checked against the shared-memory limit.
+KNOWN_SPILLS = {
+    ("scan", 256, 256, "bfloat16"), ("scan_tma", 256, 256, "bfloat16"),
+    ("scan", 128, 128, "float32"), ("scan_tma", 128, 128, "float32"),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def test_shipped_configs_fit_hopper_shared_memory(sm90_resources):
         assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[90], r
 
 
-def test_16bit_scans_and_fused_dkdv_do_not_spill(sm90_resources):
+def test_scans_and_fused_dkdv_do_not_spill_unless_known(sm90_resources):
     checked = [r for r in sm90_resources if (r["kernel"], r["dk"], r["dv"], r["dtype"]) not in KNOWN_SPILLS]
     assert len(checked) >= 4
     for r in checked:

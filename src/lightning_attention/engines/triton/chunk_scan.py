@@ -17,7 +17,8 @@ state (_common.fold_earlier_segments), and the sequence's last segment writes th
 transposed) over the same rows, so that the rows both read come from L2 once.
 
 K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM). 16-bit
-heads of 128 and 256 on sm_90+ load whole chunks through TMA descriptors built in the kernel (uses_tma).
+heads of 128 and 256, and fp32 heads of 128, on sm_90+ load whole chunks through TMA descriptors built in the
+kernel (uses_tma).
 Shapes: q, k ``[R, H, DK]``, v ``[R, H, DV]``, o ``[R, H, DV]`` (R = B * T rows, contiguous);
 states ``[N, H, DK, DV]`` with any strides (so a transposed state needs no copy).
 """
@@ -75,9 +76,14 @@ class ScanConfig:
 #: fwd+bwd 1.685 -> 1.548 ms at 4x8192x32x128 bf16; K = 256 0.583 -> 0.553 and 2.249 -> 2.178 at 2x8192x16x256;
 #: K = 64 no faster (8x4096x16x64: 0.098 -> 0.097 ms) for ~25 us more host time per launch (descriptor scratch),
 #: so it stays on pointers. LIGHTNING_ATTENTION_TMA=1 puts heads of 64 on TMA too, =0 turns TMA off.
-TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(
-    os.environ.get("LIGHTNING_ATTENTION_TMA", ""), (128, 256)
-)
+_TMA_SWITCH = os.environ.get("LIGHTNING_ATTENTION_TMA", "")
+TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(_TMA_SWITCH, (128, 256))
+
+#: The same for fp32 heads: K = 128 (a chunk's fp32 boxes of K = 256 would not fit shared memory twice). The
+#: tiles land in shared memory, so fewer stay in registers: under TF32 spill-free (pointer loads spill 240 bytes).
+#: H100, one run (chunk.md, session 5): 4x8192x32x128 fp32 forward 2.344 -> 2.086 ms under TF32 and 8.704 ->
+#: 7.912 under 3xTF32; fwd+bwd 9.317 -> 8.228 and 34.706 -> 30.873.
+TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (128,)
 
 
 #: Whole chunks' outputs of a TMA scan leave through TMA stores too (the partial last chunk: masked pointer
@@ -89,10 +95,11 @@ def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
     """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
     nothing autotunes at run time. 16-bit tiles run 4 warps (about 245 registers per thread, no spills) with
     3 stages: as fast as 2 stages (where two programs fit one SM) at 4x8192x32x128, faster on split sequences.
-    Two K halves (K > 128) need 8 warps and fp32 tiles one pipeline stage to fit shared memory. Registers,
+    Two K halves (K > 128) need 8 warps; fp32 tiles 8 warps, one pointer stage and two TMA stages to fit shared
+    memory (224 KiB through TMA; spill-free 32-wide V-blocks ran 1.6x slower on H100). Registers,
     spills and shared memory of these configurations are checked in CI (testing/kernel_resources.py)."""
     if dtype == torch.float32:
-        return ScanConfig(64, 8, 1)
+        return ScanConfig(64, 8, 1, tma_stages=2)
     if block_dim(dk) >= 256:
         return ScanConfig(64, 8, 2, tma_stages=2)  # two K halves: 72 KiB of boxes per TMA stage
     return ScanConfig(64, 4, 3)
@@ -346,12 +353,13 @@ def _capability(index: int) -> int:
 
 
 def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a scan of these rows loads through TMA: 16-bit inputs, a head size in TMA_HEAD_DIMS, DV a
-    multiple of the V-block (the tiles measured and tested), 16-byte aligned contiguous rows (TMA's rule for a
-    descriptor's base and row stride), and a Hopper-class GPU (or the CPU interpreter, which runs the same
-    path)."""
+    """Whether a scan of these rows loads through TMA: a head size in TMA_HEAD_DIMS (16-bit inputs) or
+    TMA_FP32_HEAD_DIMS (fp32), DV a multiple of the V-block (the tiles measured and tested), 16-byte aligned
+    contiguous rows (TMA's rule for a descriptor's base and row stride), and a Hopper-class GPU (or the CPU
+    interpreter, which runs the same path)."""
     DK, DV = q.shape[2], v.shape[2]
-    if DK not in TMA_HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+    head_dims = TMA_FP32_HEAD_DIMS if q.dtype == torch.float32 else TMA_HEAD_DIMS
+    if DK not in head_dims or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if DV % scan_config(DK, DV, q.dtype).block_v:
         return False
