@@ -103,7 +103,7 @@ def scan_resources(
     order = chunk_scan._scan_kernel.arg_names
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in order}
-    compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
+    compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.warps(tma), cfg.num_stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
     name = "scan" + ("_paired" if paired else "") + ("_tma" if tma else "") + ("_reverse" if reverse else "")
     name += f"_{precision}" if precision else ""
@@ -143,6 +143,7 @@ DEFAULT_CASES = [
     ("scan_tma", 256, 256, torch.bfloat16),
     ("scan_tma_reverse", 128, 128, torch.bfloat16),
     ("scan_paired_tma_reverse", 128, 128, torch.bfloat16),
+    ("scan_paired_tma_reverse", 256, 256, torch.bfloat16),
     ("scan_tma", 128, 128, torch.float32),
     ("scan_tma_tf32", 128, 128, torch.float32),
     ("scan_paired_tma_reverse_tf32", 128, 128, torch.float32),

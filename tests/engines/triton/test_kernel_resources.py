@@ -20,14 +20,21 @@ pytest.importorskip("triton")
 
 from lightning_attention.testing.kernel_resources import SHARED_MEMORY_LIMIT  # noqa: E402
 
-#: Configurations measured to spill on H100 and shipped anyway (no spill-free one was faster; chunk_NOTES.md):
-#: two K halves (K = 256; with TMA, 64-wide V-blocks beat the spill-free 32-wide ones by 18-65%) and fp32 tiles
-#: under 3xTF32 (torch's default "highest"; through TMA still 10% faster than through pointers). fp32 under
-#: TF32 through TMA ("_tf32") must not spill. All are still checked against the shared-memory limit.
+#: Configurations measured to spill on H100 and shipped anyway, with the most spill bytes allowed (about 1.5x
+#: the measured, so a change that makes them spill much more fails): no spill-free configuration was faster
+#: (chunk_NOTES.md). Pointer loads of two K halves (K = 256) and of fp32 tiles at 8 warps; fp32 tiles under
+#: 3xTF32 (torch's default "highest"); the TMA scans of K = 256 and of fp32 at 4 warps (one warpgroup with
+#: 80-170 spilled bytes ran 16-25% faster than two spill-free ones: scan_config). All are still checked
+#: against the shared-memory limit.
 KNOWN_SPILLS = {
-    ("scan", 256, 256, "bfloat16"), ("scan_tma", 256, 256, "bfloat16"),
-    ("scan", 128, 128, "float32"), ("scan_tma", 128, 128, "float32"),
-}  # fmt: skip
+    ("scan", 256, 256, "bfloat16"): 128,
+    ("scan", 128, 128, "float32"): 2200,
+    ("scan_tma", 256, 256, "bfloat16"): 256,
+    ("scan_paired_tma_reverse", 256, 256, "bfloat16"): 256,
+    ("scan_tma", 128, 128, "float32"): 3072,
+    ("scan_tma_tf32", 128, 128, "float32"): 256,
+    ("scan_paired_tma_reverse_tf32", 128, 128, "float32"): 256,
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +56,10 @@ def test_shipped_configs_fit_hopper_shared_memory(sm90_resources):
 
 
 def test_scans_and_fused_dkdv_do_not_spill_unless_known(sm90_resources):
-    checked = [r for r in sm90_resources if (r["kernel"], r["dk"], r["dv"], r["dtype"]) not in KNOWN_SPILLS]
-    assert len(checked) >= 4
-    for r in checked:
-        assert r["spill_bytes"] == 0, r
+    for r in sm90_resources:
+        assert r["spill_bytes"] <= KNOWN_SPILLS.get((r["kernel"], r["dk"], r["dv"], r["dtype"]), 0), r
         assert r["registers"] <= 255, r
+    assert sum(1 for r in sm90_resources if r["spill_bytes"] == 0) >= 6
 
 
 def test_main_shape_scan_runs_four_warps(sm90_resources):

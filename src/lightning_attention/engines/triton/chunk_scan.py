@@ -69,6 +69,10 @@ class ScanConfig:
     num_stages: int
     chunk: int = CHUNK
     tma_stages: int = 4  # pipeline depth of the TMA loop (measured best on H100: 4 > 3 > 2)
+    tma_warps: int | None = None  # warps of the TMA path, where they differ from the pointer path's
+
+    def warps(self, tma: bool) -> int:
+        return self.tma_warps if tma and self.tma_warps is not None else self.num_warps
 
 
 #: Head sizes K whose scans load whole chunks through TMA tensor descriptors (uses_tma). Measured on H100
@@ -79,10 +83,10 @@ class ScanConfig:
 _TMA_SWITCH = os.environ.get("LIGHTNING_ATTENTION_TMA", "")
 TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(_TMA_SWITCH, (128, 256))
 
-#: The same for fp32 heads: K = 128 (a chunk's fp32 boxes of K = 256 would not fit shared memory twice). The
-#: tiles land in shared memory, so fewer stay in registers: under TF32 spill-free (pointer loads spill 240 bytes).
-#: H100, one run (chunk.md, session 5): 4x8192x32x128 fp32 forward 2.344 -> 2.086 ms under TF32 and 8.704 ->
-#: 7.912 under 3xTF32; fwd+bwd 9.317 -> 8.228 and 34.706 -> 30.873.
+#: The same for fp32 heads: K = 128 (a chunk's fp32 boxes of K = 256 would not fit shared memory twice).
+#: H100, one run each (chunk.md, session 5): 4x8192x32x128 fp32 forward 2.344 -> 2.086 ms under TF32 (8.704 ->
+#: 7.912 under 3xTF32), fwd+bwd 9.317 -> 8.228 (34.706 -> 30.873), at the pointer path's 8 warps; at 4 warps
+#: (scan_config) 1.777 and 6.900 (6.178 and 23.759).
 TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (128,)
 
 
@@ -95,13 +99,18 @@ def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
     """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
     nothing autotunes at run time. 16-bit tiles run 4 warps (about 245 registers per thread, no spills) with
     3 stages: as fast as 2 stages (where two programs fit one SM) at 4x8192x32x128, faster on split sequences.
-    Two K halves (K > 128) need 8 warps; fp32 tiles 8 warps, one pointer stage and two TMA stages to fit shared
-    memory (224 KiB through TMA; spill-free 32-wide V-blocks ran 1.6x slower on H100). Registers,
-    spills and shared memory of these configurations are checked in CI (testing/kernel_resources.py)."""
+    Two K halves (K > 128) and fp32 tiles take 8 warps on pointer loads (fp32: one stage, to fit shared memory).
+    Through TMA the tiles wait in shared memory, not registers, and one warpgroup (4 warps) runs them faster
+    than two despite 80-170 bytes of spills (bf16, TF32): with two, each 64-row product is split in n32
+    instructions and the scores cross between the warpgroups through shared memory each chunk. H100, one run
+    (chunk.md, session 5): 2x8192x16x256 bf16 forward 0.561 -> 0.421 ms, fwd+bwd 2.196 -> 1.653; fp32
+    4x8192x32x128 (TF32) 2.089 -> 1.777 and 8.134 -> 6.900; spill-free 32-wide V-blocks were slower at 4 and at
+    8 warps. Registers, spills and shared memory of these configurations are checked in CI
+    (testing/kernel_resources.py)."""
     if dtype == torch.float32:
-        return ScanConfig(64, 8, 1, tma_stages=2)
+        return ScanConfig(64, 8, 1, tma_stages=2, tma_warps=4)  # 224 KiB through TMA
     if block_dim(dk) >= 256:
-        return ScanConfig(64, 8, 2, tma_stages=2)  # two K halves: 72 KiB of boxes per TMA stage
+        return ScanConfig(64, 8, 2, tma_stages=2, tma_warps=4)  # two K halves: 72 KiB of boxes per TMA stage
     return ScanConfig(64, 4, 3)
 
 
@@ -343,7 +352,7 @@ def scan(
             SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
             USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
             USE_TMA=tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=tma and TMA_STORES,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.warps(tma), num_stages=cfg.num_stages,
         )  # fmt: skip
 
 
