@@ -42,19 +42,23 @@ def _forward_backward(q, k, v, h0, g, cu, reverse, backend):
     return [t.detach() for t in (o, final, *grads)]
 
 
-def check(name, B, T, H, K, V, dtype, reverse=False, cu=None) -> bool:
+def check(name, B, T, H, K, V, dtype, reverse=False, cu=None, fp32_precision="highest") -> bool:
+    """Ours and the torch engine in ``dtype`` against the torch engine in float64. ``fp32_precision``: torch's
+    float32 matmul precision for ours and the fp32 baseline ("high": one TF32 product per dot in both)."""
     num_seqs = None if cu is None else len(cu) - 1
     q, k, v, h0 = make_inputs(B, T, H, K, V, dtype=dtype, device="cuda", initial_state=True, num_seqs=num_seqs)
     h0 = h0.float()
     g = decay.g_gamma(H, 2, 8, device="cuda")
     cu_t = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
-    got = _forward_backward(q, k, v, h0, g, cu_t, reverse, "triton")
-    orig = torch_engine_common.compute_dtype
-    torch_engine_common.compute_dtype = lambda *tensors: dtype
+    orig_precision, orig_dtype = torch.get_float32_matmul_precision(), torch_engine_common.compute_dtype
+    torch.set_float32_matmul_precision(fp32_precision)
     try:
+        got = _forward_backward(q, k, v, h0, g, cu_t, reverse, "triton")
+        torch_engine_common.compute_dtype = lambda *tensors: dtype
         base = _forward_backward(q, k, v, h0, g, cu_t, reverse, "torch")
     finally:
-        torch_engine_common.compute_dtype = orig
+        torch_engine_common.compute_dtype = orig_dtype
+        torch.set_float32_matmul_precision(orig_precision)
     ref = _forward_backward(q.double(), k.double(), v.double(), h0.double(), g, cu_t, reverse, "torch")
     ok = True
     for tname, a, b, r in zip(NAMES, got, base, ref):
@@ -102,6 +106,7 @@ def main() -> int:
     ok &= check(f"varlen {len(cu) - 1} seqs T={cu[-1]} reverse fp32", 1, cu[-1], 4, 128, 64, torch.float32, True, cu)
     ok &= check("1x32768x8 K128 V128 bf16 (split)", 1, 32768, 8, 128, 128, torch.bfloat16)
     ok &= check("4x8192x8 K128 V128 fp32", 4, 8192, 8, 128, 128, torch.float32)
+    ok &= check("4x8192x8 K128 V128 fp32 TF32", 4, 8192, 8, 128, 128, torch.float32, fp32_precision="high")
     ok &= check("2x8192x4 K256 V256 bf16", 2, 8192, 4, 256, 256, torch.bfloat16)
     ok &= check("2x4100x4 K48 V80 bf16", 2, 4100, 4, 48, 80, torch.bfloat16)
     ok &= check("2x4100x4 K200 V24 bf16 reverse", 2, 4100, 4, 200, 24, torch.bfloat16, reverse=True)
