@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-#: Largest shared memory one block may use, by compute capability (bytes; Hopper's opt-in maximum).
-SHARED_MEMORY_LIMIT = {90: 232448}
+#: Largest shared memory one block may use, by compute capability (bytes, the opt-in maximum): H100/H200,
+#: B200, consumer Blackwell (RTX 50xx; sm_121 too), Ada (sm_89) and A100.
+SHARED_MEMORY_LIMIT = {90: 232448, 100: 232448, 120: 101376, 89: 101376, 80: 166912}
 
 _TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 #: The i32 stride arguments of a state_in / state_out pair, shared by both kernels' signatures.

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
 from lightning_attention import chunk_lightning_attn, chunk_simple_gla
 from lightning_attention.engines.cpu import _common as torch_engine_common
@@ -219,6 +220,48 @@ def test_tma_path_needs_aligned_outputs(triton_device, monkeypatch, split):
     # Same products in the same order; compiled, the two paths' schedules may round a few outputs differently
     # (by one bf16 ulp, where the norm-wise error stays far below 1e-3).
     assert rel_err(outs[1], outs[0]) < 1e-3
+
+
+def test_scan_falls_back_to_launches_that_fit_shared_memory(triton_device, monkeypatch):
+    """Where a GPU has less shared memory per block than the H100 the configurations were tuned on (consumer
+    Blackwell: 99 KiB; B200 for the fp32 TMA scan), loading the tuned kernel raises OutOfResources before it
+    runs: the scan moves on to pointer loads with fewer stages, with the same results, and later scans of the
+    same shape start from the variant that fit. Simulated: only pointer launches of <= 2 stages "fit"."""
+    monkeypatch.setattr(chunk_scan, "_FIRST_FITTING", {})
+    kernel, launches = chunk_scan._scan_kernel, []
+
+    class SmallSharedMemory:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                variant = (kwargs["USE_TMA"], kwargs["num_stages"])
+                launches.append(variant)
+                if variant != (False, 2) and variant != (False, 1):
+                    raise OutOfResources(200_000, 101_376, "shared memory")
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(chunk_scan, "_scan_kernel", SmallSharedMemory())
+    inputs = make_inputs(1, 150, 2, 128, 128, dtype=torch.bfloat16, device=triton_device, initial_state=True)
+    _check_against_reference(inputs, G2, None, False, monkeypatch)
+    # forward, dq, and the paired dk/dv: the unpaired key tries TMA and 3 stages once, the paired key too
+    assert launches == [(True, 3), (False, 3), (False, 2), (False, 2), (True, 3), (False, 3), (False, 2)]
+
+
+def test_scan_reraises_when_no_launch_fits(triton_device, monkeypatch):
+    monkeypatch.setattr(chunk_scan, "_FIRST_FITTING", {})
+
+    class NothingFits:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300_000, 1_024, "shared memory")
+
+            return launch
+
+    monkeypatch.setattr(chunk_scan, "_scan_kernel", NothingFits())
+    q, k, v, _ = make_inputs(1, 70, 2, 64, 64, device=triton_device)
+    with pytest.raises(OutOfResources):
+        chunk_simple_gla(q, k, v, torch.tensor(G2, device=triton_device), backend="triton")
 
 
 def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device, monkeypatch):

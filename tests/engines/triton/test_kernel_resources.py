@@ -37,17 +37,21 @@ KNOWN_SPILLS = {
 }
 
 
-@pytest.fixture(scope="module")
-def sm90_resources():
+def _resources(arch: int) -> list[dict]:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_attention.testing.kernel_resources", "--arch", "90", "--json"],
+        [sys.executable, "-m", "lightning_attention.testing.kernel_resources", "--arch", str(arch), "--json"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("Triton's ptxas is not available here")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sm90_resources():
+    return _resources(90)
 
 
 def test_shipped_configs_fit_hopper_shared_memory(sm90_resources):
@@ -69,3 +73,17 @@ def test_main_shape_scan_runs_four_warps(sm90_resources):
         if r["kernel"] == "scan" and (r["dk"], r["dv"], r["dtype"]) == (128, 128, "bfloat16")
     ]  # fmt: skip
     assert "num_warps=4" in main["config"] and "block_v=64" in main["config"], main
+
+
+@pytest.mark.parametrize("arch", [89, 100, 120])
+def test_pointer_scans_fit_other_gpus(arch):
+    """Where a GPU has less shared memory than the H100 the configurations were tuned on, chunk_scan.scan falls
+    back from the tuned launch to pointer loads with fewer stages (launch_variants): its first pointer variant,
+    and the fused dk/dv kernel (which has no fallback), must fit Ada (sm_89, 99 KiB; Ampere's consumer cards
+    alike), B200 (sm_100; the fp32 TMA scan needs more than it has) and consumer Blackwell (sm_120, 99 KiB; every
+    TMA scan needs more)."""
+    rows = _resources(arch)
+    pointer = [r for r in rows if "tma" not in r["kernel"]]
+    assert len(pointer) >= 6
+    for r in pointer:
+        assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[arch], r
