@@ -10,7 +10,7 @@ whose shared memory exceeds the card's limit fails at launch; tests/engines/trit
 checks the shipped configurations in CI through this module, in a subprocess (it needs the compiled kernels,
 not the interpreter's).
 
-    python -m lightning_attention.testing.kernel_resources [--arch 90] [--json]
+    python -m lightning_attention.testing.kernel_resources [--arch 90] [--json] [--stages N] [--no-tma]
 """
 
 from __future__ import annotations
@@ -79,13 +79,14 @@ def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: di
 
 def scan_resources(
     dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False, tma: bool = False,
-    reverse: bool = False, precision: str | None = None,
+    reverse: bool = False, precision: str | None = None, num_stages: int | None = None,
 ) -> Resources:
     """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration
     (``paired``: the backward's dk/dv launch, a scan and its transposed twin; ``tma``: whole chunks through TMA
     descriptors, chunk_scan.uses_tma; ``reverse``: a reverse-order scan, as the backward's dk and dv;
     ``precision``: the products' precision instead of _common.dot_precision's, e.g. "tf32" for fp32 under
-    torch.set_float32_matmul_precision("high"))."""
+    torch.set_float32_matmul_precision("high"); ``num_stages``: the pointer loads' pipeline depth instead of
+    the configuration's, as the launch fallbacks of _common.launch_fitting use)."""
     from lightning_attention.engines.triton import _common, chunk_scan
 
     cfg = chunk_scan.scan_config(dk, dv, dtype)
@@ -104,14 +105,15 @@ def scan_resources(
     order = chunk_scan._scan_kernel.arg_names
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in order}
-    compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.warps(tma), cfg.num_stages, arch)
+    stages = num_stages or cfg.num_stages
+    compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.warps(tma), stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
     name = "scan" + ("_paired" if paired else "") + ("_tma" if tma else "") + ("_reverse" if reverse else "")
     name += f"_{precision}" if precision else ""
     return Resources(name, dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
 
 
-def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Resources:
+def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90, num_stages: int | None = None) -> Resources:
     """The fused dk/dv kernel (chunk_bwd._dkdv_kernel, no states) with its shipped configuration."""
     from lightning_attention.engines.triton import _common, chunk_bwd
 
@@ -126,9 +128,32 @@ def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90) -> Reso
     scalars = dict(scale="fp32", H="i32", **_STATE_STRIDES)
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in chunk_bwd._dkdv_kernel.arg_names}
-    compiled = _compile(chunk_bwd._dkdv_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, arch)
+    stages = num_stages or cfg.num_stages
+    compiled = _compile(chunk_bwd._dkdv_kernel, signature, constexprs, cfg.num_warps, stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
     return Resources("dkdv", dk, dv, str(dtype)[6:], str(cfg), registers, stack, compiled.metadata.shared)
+
+
+def local_state_resources(
+    dk: int, dv: int, dtype: torch.dtype, arch: int = 90, num_stages: int | None = None
+) -> Resources:
+    """The local-state pass of split sequences (chunk_state._local_state_kernel) with its shipped launch."""
+    from lightning_attention.engines.triton import _common, chunk_state
+
+    t = f"*{_TRITON_DTYPE[dtype]}"
+    bk = min(_common.block_dim(dk), chunk_state._STATE_BLOCK_K)
+    bv = min(_common.block_dim(dv), chunk_state._STATE_BLOCK_V)
+    constexprs = dict(
+        DK=dk, DV=dv, BK=bk, BV=bv, C=_common.CHUNK, REVERSE=False, PRECISION=_common.dot_precision(dtype)
+    )
+    pointers = dict(k=t, v=t, g_gamma="*fp32", buf="*fp32", segments="*i32")
+    signature = _signature(pointers, dict(k_scale="fp32", H="i32"), constexprs)
+    signature = {name: signature[name] for name in chunk_state._local_state_kernel.arg_names}
+    stages = num_stages or chunk_state._LOCAL_STAGES
+    compiled = _compile(chunk_state._local_state_kernel, signature, constexprs, chunk_state._LOCAL_WARPS, stages, arch)
+    registers, stack = _registers_and_stack(compiled.asm["cubin"])
+    config = f"BK={bk}, BV={bv}, num_warps={chunk_state._LOCAL_WARPS}, num_stages={stages}"
+    return Resources("local_state", dk, dv, str(dtype)[6:], config, registers, stack, compiled.metadata.shared)
 
 
 #: (kernel, K, V, dtype) reported by default: the benchmark's head sizes and dtypes.
@@ -149,6 +174,9 @@ DEFAULT_CASES = [
     ("scan_tma_tf32", 128, 128, torch.float32),
     ("scan_paired_tma_reverse_tf32", 128, 128, torch.float32),
     ("dkdv", 64, 64, torch.bfloat16),
+    ("dkdv", 64, 64, torch.float32),
+    ("local_state", 128, 128, torch.bfloat16),
+    ("local_state", 128, 128, torch.float32),
 ]
 
 
@@ -156,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     parser.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    parser.add_argument("--stages", type=int, default=None, help="pointer loads' pipeline depth for every kernel")
+    parser.add_argument("--no-tma", action="store_true", help="leave out the TMA scans (pointer kernels only)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles the kernels, the interpreter does not")
@@ -168,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         "scan_paired_tma_reverse_tf32": functools.partial(
             scan_resources, paired=True, tma=True, reverse=True, precision="tf32"
         ),
-        "dkdv": dkdv_resources,
+        "dkdv": dkdv_resources, "local_state": local_state_resources,
     }  # fmt: skip
-    rows = [fns[kernel](dk, dv, dtype, args.arch) for kernel, dk, dv, dtype in DEFAULT_CASES]
+    cases = [case for case in DEFAULT_CASES if not (args.no_tma and "tma" in case[0])]
+    rows = [fns[kernel](dk, dv, dtype, args.arch, num_stages=args.stages) for kernel, dk, dv, dtype in cases]
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))
         return 0

@@ -227,7 +227,7 @@ def test_scan_falls_back_to_launches_that_fit_shared_memory(triton_device, monke
     Blackwell: 99 KiB; B200 for the fp32 TMA scan), loading the tuned kernel raises OutOfResources before it
     runs: the scan moves on to pointer loads with fewer stages, with the same results, and later scans of the
     same shape start from the variant that fit. Simulated: only pointer launches of <= 2 stages "fit"."""
-    monkeypatch.setattr(chunk_scan, "_FIRST_FITTING", {})
+    monkeypatch.setattr(triton_common, "_FIRST_FITTING", {})
     kernel, launches = chunk_scan._scan_kernel, []
 
     class SmallSharedMemory:
@@ -248,8 +248,40 @@ def test_scan_falls_back_to_launches_that_fit_shared_memory(triton_device, monke
     assert launches == [(True, 3), (False, 3), (False, 2), (False, 2), (True, 3), (False, 3), (False, 2)]
 
 
+def test_every_kernel_falls_back_to_one_stage(triton_device, monkeypatch):
+    """The local-state pass and the fused dk/dv kernel fall back like the scans: here only one-stage pointer
+    launches "fit" (split sequences, heads of 64: the op runs all three kernels)."""
+    from lightning_attention.engines.triton import chunk_bwd, chunk_state
+
+    monkeypatch.setattr(triton_common, "_FIRST_FITTING", {})
+    split_all_sequences(monkeypatch)
+    stages = {}
+
+    class OneStageOnly:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                stages.setdefault(self.name, []).append(kwargs["num_stages"])
+                if kwargs["num_stages"] > 1 or kwargs.get("USE_TMA", False):
+                    raise OutOfResources(150_000, 101_376, "shared memory")
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    kernels = ((chunk_scan, "_scan_kernel"), (chunk_state, "_local_state_kernel"), (chunk_bwd, "_dkdv_kernel"))
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, OneStageOnly(name, getattr(module, name)))
+    inputs = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device, initial_state=True)
+    _check_against_reference(inputs, G2, None, False, monkeypatch)
+    assert sorted(stages) == sorted(name for _, name in kernels)
+    for name, tried in stages.items():
+        assert tried[0] > 1 and tried[-1] == 1, (name, tried)  # the tuned depth first, one stage in the end
+
+
 def test_scan_reraises_when_no_launch_fits(triton_device, monkeypatch):
-    monkeypatch.setattr(chunk_scan, "_FIRST_FITTING", {})
+    monkeypatch.setattr(triton_common, "_FIRST_FITTING", {})
 
     class NothingFits:
         def __getitem__(self, grid):

@@ -78,3 +78,23 @@ def test_descriptor_scratch_gives_an_allocator_only_where_none_is_set():
             assert _allocation._allocator.get() is own
     finally:
         _allocation._allocator.reset(token)
+
+
+def test_launch_fitting_moves_on_from_launches_the_gpu_cannot_load(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(_common, "_FIRST_FITTING", {})
+    tried = []
+
+    def launch(stages):
+        tried.append(stages)
+        if stages > 2:
+            raise OutOfResources(150_000, 101_376, "shared memory")
+
+    _common.launch_fitting(("k", 1), [4, 3, 2, 1], launch)
+    _common.launch_fitting(("k", 1), [4, 3, 2, 1], launch)  # starts where the first call ended
+    _common.launch_fitting(("k", 2), [2, 1], launch)
+    assert tried == [4, 3, 2, 2, 2]
+    with pytest.raises(OutOfResources):
+        _common.launch_fitting(("k", 3), [4, 3], launch)
+    assert _common.fewer_stages(3) == [3, 2, 1]

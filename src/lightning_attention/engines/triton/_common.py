@@ -261,6 +261,36 @@ def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tenso
     return torch.empty(size, dtype=torch.uint8, device="cuda")
 
 
+#: Per launch site and shape key: the index of the first launch variant that fit the device (launch_fitting).
+_FIRST_FITTING: dict[tuple, int] = {}
+
+
+def launch_fitting(key: tuple, variants: list, launch) -> None:
+    """``launch(variant)`` with the first of ``variants`` that the GPU can load, starting from the one that fit
+    last time for ``key`` (include the device and whatever sets the kernel's resources).
+
+    The configurations are tuned on H100; a GPU with less shared memory per block (consumer Blackwell and Ada:
+    99 KiB) cannot load some of them, and Triton raises OutOfResources as the kernel loads, before it runs (its
+    autotuner skips such configurations the same way). Later variants must need less; the last one's error is
+    raised."""
+    from triton.runtime.errors import OutOfResources
+
+    for i in range(_FIRST_FITTING.get(key, 0), len(variants)):
+        try:
+            launch(variants[i])
+        except OutOfResources:
+            if i + 1 == len(variants):
+                raise
+            continue
+        _FIRST_FITTING[key] = i
+        return
+
+
+def fewer_stages(num_stages: int) -> list[int]:
+    """Pipeline depths to fall back through: ``num_stages`` down to 1 (each stage holds one more set of tiles)."""
+    return list(range(num_stages, 0, -1))
+
+
 def state_strides(state: torch.Tensor | None) -> tuple[int, int, int, int]:
     """Strides of a ``[N, H, K, V]`` state (zeros for None), so transposed views need no copy."""
     return (0, 0, 0, 0) if state is None else tuple(state.stride())

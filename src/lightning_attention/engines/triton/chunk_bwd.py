@@ -28,9 +28,11 @@ from lightning_attention.engines.triton._common import (
     chunk_decays,
     chunk_rows,
     dot_precision,
+    fewer_stages,
     fold_earlier_segments,
     intra_decay,
     is_last_segment,
+    launch_fitting,
     load_rows,
     load_state_block,
     mma,
@@ -144,11 +146,15 @@ def dkdv(
     ``plan.split``) chunk_state.local_states of (q, do) with k_scale = scale."""
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
     cfg = dkdv_config(DK, DV, q.dtype)
-    _dkdv_kernel[(plan.num_segments * H,)](
-        q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, plan.seq_offsets, plan.segments,
-        float(scale), H, *state_strides(state_in), *state_strides(state_out),
-        DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
-        REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
-        STORE_STATE_OUT=state_out is not None, PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+
+    def launch(num_stages: int) -> None:
+        _dkdv_kernel[(plan.num_segments * H,)](
+            q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, plan.seq_offsets, plan.segments,
+            float(scale), H, *state_strides(state_in), *state_strides(state_out),
+            DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
+            REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
+            STORE_STATE_OUT=state_out is not None, PRECISION=dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=num_stages,
+        )  # fmt: skip
+
+    launch_fitting(("dkdv", q.device, DK, DV, q.dtype), fewer_stages(cfg.num_stages), launch)

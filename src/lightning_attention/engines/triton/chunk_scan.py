@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from lightning_attention.engines.triton._common import (
     CHUNK,
@@ -44,9 +43,11 @@ from lightning_attention.engines.triton._common import (
     chunk_rows,
     descriptor_scratch,
     dot_precision,
+    fewer_stages,
     fold_earlier_segments,
     intra_decay,
     is_last_segment,
+    launch_fitting,
     load_rows,
     load_state_block,
     mma,
@@ -342,46 +343,35 @@ def scan(
     # TMA stores, so theirs too.)
     tma = uses_tma(q, k, v) and all(_tma_aligned(t) for t in (out, q_b, out_b) if t is not None)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
-    variants = launch_variants(cfg, tma)
-    fitting_key = (q.device, DK, DV, q.dtype, transposed is not None, tma)
-    for i in range(_FIRST_FITTING.get(fitting_key, 0), len(variants)):
-        use_tma, num_warps, num_stages = variants[i]
-        try:
-            with descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
-                _scan_kernel[grid](
-                    q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, local_states,
-                    plan.seq_offsets, plan.segments, slot_ids, slot_used,
-                    float(scale), float(k_scale), q.shape[0], H,
-                    *state_strides(state_in), *state_strides(state_out),
-                    DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v,
-                    C=cfg.chunk, REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
-                    SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
-                    USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
-                    USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=use_tma and TMA_STORES,
-                    num_warps=num_warps, num_stages=num_stages,
-                )  # fmt: skip
-        except OutOfResources:  # raised when the kernel loads, before it runs
-            if i + 1 == len(variants):
-                raise
-            continue
-        _FIRST_FITTING[fitting_key] = i
-        return
+    def launch(variant: tuple[bool, int, int]) -> None:
+        use_tma, num_warps, num_stages = variant
+        with descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
+            _scan_kernel[grid](
+                q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, local_states,
+                plan.seq_offsets, plan.segments, slot_ids, slot_used,
+                float(scale), float(k_scale), q.shape[0], H,
+                *state_strides(state_in), *state_strides(state_out),
+                DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
+                REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
+                SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
+                USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
+                USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=use_tma and TMA_STORES,
+                num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
 
-
-#: Per (device, DK, DV, dtype, paired, TMA-eligible): the index into launch_variants of the first variant that
-#: fit the device, so that a GPU with less shared memory pays for the ones that did not once.
-_FIRST_FITTING: dict[tuple, int] = {}
+    key = ("scan", q.device, DK, DV, q.dtype, transposed is not None, tma)
+    launch_fitting(key, launch_variants(cfg, tma), launch)
 
 
 def launch_variants(cfg: ScanConfig, tma: bool) -> list[tuple[bool, int, int]]:
     """(TMA, warps, pipeline stages) to launch a scan with, in order: the configuration tuned on H100, then ones
-    needing less shared memory per block, for GPUs that have less (scan() moves on when Triton reports
-    OutOfResources as the kernel loads). The tuned TMA scans need 184-224 KiB on H100 and more on B200 (fp32
+    needing less shared memory per block, for GPUs that have less (_common.launch_fitting). The tuned TMA
+    scans need 184-224 KiB on H100 and more on B200 (fp32
     under TF32: 289 KiB compiled for sm_100), the pointer scans 64-176 KiB on H100 but 48-80 KiB for the
     mma.sync GPUs (sm_80-sm_89, sm_120), whose limit is 99 KiB except A100's 163 (testing/kernel_resources.py
     --arch N). So: TMA as tuned, then pointer loads with fewer and fewer stages."""
     variants = [(True, cfg.warps(True), cfg.num_stages)] if tma else []
-    return variants + [(False, cfg.num_warps, stages) for stages in range(cfg.num_stages, 0, -1)]
+    return variants + [(False, cfg.num_warps, stages) for stages in fewer_stages(cfg.num_stages)]
 
 
 @functools.cache

@@ -26,6 +26,8 @@ from lightning_attention.engines.triton._common import (
     cdiv,
     chunk_rows,
     dot_precision,
+    fewer_stages,
+    launch_fitting,
     load_rows,
     mma,
     program_block,
@@ -84,9 +86,13 @@ def local_states(
     BK, BV = min(block_dim(DK), _STATE_BLOCK_K), min(block_dim(DV), _STATE_BLOCK_V)
     blocks = cdiv(DK, BK) * cdiv(DV, BV)
     buf = torch.empty(plan.num_segments, H, DK, DV, dtype=torch.float32, device=k.device)
-    _local_state_kernel[(plan.num_segments * H * blocks,)](
-        k, v, g_gamma, buf, plan.segments, float(k_scale), H,
-        DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=dot_precision(k.dtype),
-        num_warps=_LOCAL_WARPS, num_stages=_LOCAL_STAGES,
-    )  # fmt: skip
+
+    def launch(num_stages: int) -> None:
+        _local_state_kernel[(plan.num_segments * H * blocks,)](
+            k, v, g_gamma, buf, plan.segments, float(k_scale), H,
+            DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=dot_precision(k.dtype),
+            num_warps=_LOCAL_WARPS, num_stages=num_stages,
+        )  # fmt: skip
+
+    launch_fitting(("local_states", k.device, DK, DV, k.dtype), fewer_stages(_LOCAL_STAGES), launch)
     return buf
