@@ -343,6 +343,7 @@ def scan(
     # TMA stores, so theirs too.)
     tma = uses_tma(q, k, v) and all(_tma_aligned(t) for t in (out, q_b, out_b) if t is not None)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
+
     def launch(variant: tuple[bool, int, int]) -> None:
         use_tma, num_warps, num_stages = variant
         with descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
@@ -365,11 +366,11 @@ def scan(
 
 def launch_variants(cfg: ScanConfig, tma: bool) -> list[tuple[bool, int, int]]:
     """(TMA, warps, pipeline stages) to launch a scan with, in order: the configuration tuned on H100, then ones
-    needing less shared memory per block, for GPUs that have less (_common.launch_fitting). The tuned TMA
-    scans need 184-224 KiB on H100 and more on B200 (fp32
-    under TF32: 289 KiB compiled for sm_100), the pointer scans 64-176 KiB on H100 but 48-80 KiB for the
-    mma.sync GPUs (sm_80-sm_89, sm_120), whose limit is 99 KiB except A100's 163 (testing/kernel_resources.py
-    --arch N). So: TMA as tuned, then pointer loads with fewer and fewer stages."""
+    needing less shared memory per block, for GPUs that have less (_common.launch_fitting). The tuned TMA scans
+    need 184-224 KiB on H100, 120-160 KiB on consumer Blackwell (sm_120, 99 KiB per block) and 289 KiB for fp32
+    on B200 (227 KiB); the pointer scans 64-176 KiB on H100 but 48-80 KiB for the mma.sync GPUs (sm_80-sm_89,
+    sm_120), whose limit is 99 KiB except A100's 163 (testing/kernel_resources.py --arch N). So: TMA as tuned,
+    then pointer loads with fewer and fewer stages."""
     variants = [(True, cfg.warps(True), cfg.num_stages)] if tma else []
     return variants + [(False, cfg.num_warps, stages) for stages in fewer_stages(cfg.num_stages)]
 
