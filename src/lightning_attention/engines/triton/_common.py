@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 #: Tokens per chunk inside the kernels. Any chunk size gives the same result up to rounding; 64 is the
 #: measured best on H100 (the op's ``chunk_size`` argument is accepted and mapped to it).
@@ -267,14 +268,12 @@ _FIRST_FITTING: dict[tuple, int] = {}
 
 def launch_fitting(key: tuple, variants: list, launch) -> None:
     """``launch(variant)`` with the first of ``variants`` that the GPU can load, starting from the one that fit
-    last time for ``key`` (include the device and whatever sets the kernel's resources).
+    last time for ``key`` (the device, and what sets the kernel's resources: shapes, dtype, precision).
 
     The configurations are tuned on H100; a GPU with less shared memory per block (consumer Blackwell and Ada:
     99 KiB) cannot load some of them, and Triton raises OutOfResources as the kernel loads, before it runs (its
     autotuner skips such configurations the same way). Later variants must need less; the last one's error is
     raised."""
-    from triton.runtime.errors import OutOfResources
-
     for i in range(_FIRST_FITTING.get(key, 0), len(variants)):
         try:
             launch(variants[i])

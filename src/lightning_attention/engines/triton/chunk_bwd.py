@@ -157,4 +157,5 @@ def dkdv(
             num_warps=cfg.num_warps, num_stages=num_stages,
         )  # fmt: skip
 
-    launch_fitting(("dkdv", q.device, DK, DV, q.dtype), fewer_stages(cfg.num_stages), launch)
+    key = ("dkdv", q.device, DK, DV, q.dtype, dot_precision(q.dtype))
+    launch_fitting(key, fewer_stages(cfg.num_stages), launch)

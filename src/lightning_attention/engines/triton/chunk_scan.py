@@ -360,7 +360,7 @@ def scan(
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
 
-    key = ("scan", q.device, DK, DV, q.dtype, transposed is not None, tma)
+    key = ("scan", q.device, DK, DV, q.dtype, dot_precision(q.dtype), transposed is not None, tma)
     launch_fitting(key, launch_variants(cfg, tma), launch)
 
 

@@ -94,5 +94,6 @@ def local_states(
             num_warps=_LOCAL_WARPS, num_stages=num_stages,
         )  # fmt: skip
 
-    launch_fitting(("local_states", k.device, DK, DV, k.dtype), fewer_stages(_LOCAL_STAGES), launch)
+    key = ("local_states", k.device, DK, DV, k.dtype, dot_precision(k.dtype))
+    launch_fitting(key, fewer_stages(_LOCAL_STAGES), launch)
     return buf
