@@ -8,6 +8,7 @@ reference may be at most twice that of plain torch computing the same chunked al
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -147,19 +148,26 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     assert (len(launches), scans_with_twin) == expected[route]
 
 
-def _record_scan_launches(monkeypatch) -> list[bool]:
-    """Patch chunk_scan's kernel to record each launch's USE_TMA; returns the list it fills."""
-    kernel, launches = chunk_scan._scan_kernel, []
+def _intercept_launches(monkeypatch, module, name: str, hook) -> None:
+    """Patch the Triton kernel ``module.name`` so that ``hook(launch kwargs)`` runs before each launch (a hook
+    that raises stands for a launch the GPU refused)."""
+    kernel = getattr(module, name)
 
-    class Recorder:
+    class Intercepted:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append(kwargs["USE_TMA"])
+                hook(kwargs)
                 return kernel[grid](*args, **kwargs)
 
             return launch
 
-    monkeypatch.setattr(chunk_scan, "_scan_kernel", Recorder())
+    monkeypatch.setattr(module, name, Intercepted())
+
+
+def _record_scan_launches(monkeypatch) -> list[bool]:
+    """Patch chunk_scan's kernel to record each launch's USE_TMA; returns the list it fills."""
+    launches = []
+    _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", lambda kwargs: launches.append(kwargs["USE_TMA"]))
     return launches
 
 
@@ -228,20 +236,15 @@ def test_scan_falls_back_to_launches_that_fit_shared_memory(triton_device, monke
     runs: the scan moves on to pointer loads with fewer stages, with the same results, and later scans of the
     same shape start from the variant that fit. Simulated: only pointer launches of <= 2 stages "fit"."""
     monkeypatch.setattr(triton_common, "_FIRST_FITTING", {})
-    kernel, launches = chunk_scan._scan_kernel, []
+    launches = []
 
-    class SmallSharedMemory:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                variant = (kwargs["USE_TMA"], kwargs["num_stages"])
-                launches.append(variant)
-                if variant != (False, 2) and variant != (False, 1):
-                    raise OutOfResources(200_000, 101_376, "shared memory")
-                return kernel[grid](*args, **kwargs)
+    def small_shared_memory(kwargs):
+        variant = (kwargs["USE_TMA"], kwargs["num_stages"])
+        launches.append(variant)
+        if variant != (False, 2) and variant != (False, 1):
+            raise OutOfResources(200_000, 101_376, "shared memory")
 
-            return launch
-
-    monkeypatch.setattr(chunk_scan, "_scan_kernel", SmallSharedMemory())
+    _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", small_shared_memory)
     inputs = make_inputs(1, 150, 2, 128, 128, dtype=torch.bfloat16, device=triton_device, initial_state=True)
     _check_against_reference(inputs, G2, None, False, monkeypatch)
     # forward, dq, and the paired dk/dv: the unpaired key tries TMA and 3 stages once, the paired key too
@@ -257,22 +260,14 @@ def test_every_kernel_falls_back_to_one_stage(triton_device, monkeypatch):
     split_all_sequences(monkeypatch)
     stages = {}
 
-    class OneStageOnly:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                stages.setdefault(self.name, []).append(kwargs["num_stages"])
-                if kwargs["num_stages"] > 1 or kwargs.get("USE_TMA", False):
-                    raise OutOfResources(150_000, 101_376, "shared memory")
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
+    def one_stage_only(name, kwargs):
+        stages.setdefault(name, []).append(kwargs["num_stages"])
+        if kwargs["num_stages"] > 1 or kwargs.get("USE_TMA", False):
+            raise OutOfResources(150_000, 101_376, "shared memory")
 
     kernels = ((chunk_scan, "_scan_kernel"), (chunk_state, "_local_state_kernel"), (chunk_bwd, "_dkdv_kernel"))
     for module, name in kernels:
-        monkeypatch.setattr(module, name, OneStageOnly(name, getattr(module, name)))
+        _intercept_launches(monkeypatch, module, name, functools.partial(one_stage_only, name))
     inputs = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device, initial_state=True)
     _check_against_reference(inputs, G2, None, False, monkeypatch)
     assert sorted(stages) == sorted(name for _, name in kernels)
@@ -283,14 +278,10 @@ def test_every_kernel_falls_back_to_one_stage(triton_device, monkeypatch):
 def test_scan_reraises_when_no_launch_fits(triton_device, monkeypatch):
     monkeypatch.setattr(triton_common, "_FIRST_FITTING", {})
 
-    class NothingFits:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise OutOfResources(300_000, 1_024, "shared memory")
+    def nothing_fits(kwargs):
+        raise OutOfResources(300_000, 1_024, "shared memory")
 
-            return launch
-
-    monkeypatch.setattr(chunk_scan, "_scan_kernel", NothingFits())
+    _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", nothing_fits)
     q, k, v, _ = make_inputs(1, 70, 2, 64, 64, device=triton_device)
     with pytest.raises(OutOfResources):
         chunk_simple_gla(q, k, v, torch.tensor(G2, device=triton_device), backend="triton")
