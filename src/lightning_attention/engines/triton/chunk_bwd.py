@@ -146,6 +146,7 @@ def dkdv(
     ``plan.split``) chunk_state.local_states of (q, do) with k_scale = scale."""
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
     cfg = dkdv_config(DK, DV, q.dtype)
+    precision = dot_precision(q.dtype)
 
     def launch(num_stages: int) -> None:
         _dkdv_kernel[(plan.num_segments * H,)](
@@ -153,9 +154,9 @@ def dkdv(
             float(scale), H, *state_strides(state_in), *state_strides(state_out),
             DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
             REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
-            STORE_STATE_OUT=state_out is not None, PRECISION=dot_precision(q.dtype),
+            STORE_STATE_OUT=state_out is not None, PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=num_stages,
         )  # fmt: skip
 
-    key = ("dkdv", q.device, DK, DV, q.dtype, dot_precision(q.dtype))
+    key = ("dkdv", q.device, DK, DV, q.dtype, precision)
     launch_fitting(key, fewer_stages(cfg.num_stages), launch)

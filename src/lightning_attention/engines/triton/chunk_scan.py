@@ -343,6 +343,7 @@ def scan(
     # TMA stores, so theirs too.)
     tma = uses_tma(q, k, v) and all(_tma_aligned(t) for t in (out, q_b, out_b) if t is not None)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
+    precision = dot_precision(q.dtype)
 
     def launch(variant: tuple[bool, int, int]) -> None:
         use_tma, num_warps, num_stages = variant
@@ -355,12 +356,12 @@ def scan(
                 DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
                 REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
                 SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
-                USE_SLOTS=slot_ids is not None, PRECISION=dot_precision(q.dtype), PAIRED=transposed is not None,
+                USE_SLOTS=slot_ids is not None, PRECISION=precision, PAIRED=transposed is not None,
                 USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=use_tma and TMA_STORES,
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
 
-    key = ("scan", q.device, DK, DV, q.dtype, dot_precision(q.dtype), transposed is not None, tma)
+    key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma)
     launch_fitting(key, launch_variants(cfg, tma), launch)
 
 

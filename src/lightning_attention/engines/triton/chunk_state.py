@@ -86,14 +86,15 @@ def local_states(
     BK, BV = min(block_dim(DK), _STATE_BLOCK_K), min(block_dim(DV), _STATE_BLOCK_V)
     blocks = cdiv(DK, BK) * cdiv(DV, BV)
     buf = torch.empty(plan.num_segments, H, DK, DV, dtype=torch.float32, device=k.device)
+    precision = dot_precision(k.dtype)
 
     def launch(num_stages: int) -> None:
         _local_state_kernel[(plan.num_segments * H * blocks,)](
             k, v, g_gamma, buf, plan.segments, float(k_scale), H,
-            DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=dot_precision(k.dtype),
+            DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=precision,
             num_warps=_LOCAL_WARPS, num_stages=num_stages,
         )  # fmt: skip
 
-    key = ("local_states", k.device, DK, DV, k.dtype, dot_precision(k.dtype))
+    key = ("local_states", k.device, DK, DV, k.dtype, precision)
     launch_fitting(key, fewer_stages(_LOCAL_STAGES), launch)
     return buf
