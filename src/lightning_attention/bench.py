@@ -121,7 +121,6 @@ def _measure(fn, q, k, v, g, do) -> Result:
         res.fwdbwd_graph_ms = triton.testing.do_bench_cudagraph(fwdbwd, rep=100, return_mode="median")
     except Exception as e:  # noqa: BLE001 (reported in the table's note)
         res.note = f"no CUDA graph: {type(e).__name__}"
-        torch.cuda.synchronize()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

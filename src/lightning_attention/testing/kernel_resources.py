@@ -16,7 +16,6 @@ not the interpreter's).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -180,6 +179,28 @@ DEFAULT_CASES = [
 ]
 
 
+_SCAN_FLAGS = {"paired", "tma", "reverse", "tf32"}
+
+
+def case_resources(kernel: str, dk: int, dv: int, dtype: torch.dtype, arch: int, num_stages: int | None) -> Resources:
+    """A DEFAULT_CASES row: "dkdv", "local_state", or "scan" with the flags its name carries in scan_resources'
+    order ("scan_paired_tma_reverse_tf32": the paired, TMA, reverse-order scan under TF32)."""
+    if kernel == "dkdv":
+        return dkdv_resources(dk, dv, dtype, arch, num_stages=num_stages)
+    if kernel == "local_state":
+        return local_state_resources(dk, dv, dtype, arch, num_stages=num_stages)
+    flags = kernel.split("_")
+    if flags[0] != "scan" or not set(flags[1:]) <= _SCAN_FLAGS:
+        raise ValueError(f"unknown kernel case {kernel!r}")
+    row = scan_resources(
+        dk, dv, dtype, arch, paired="paired" in flags, tma="tma" in flags, reverse="reverse" in flags,
+        precision="tf32" if "tf32" in flags else None, num_stages=num_stages,
+    )  # fmt: skip
+    if row.kernel != kernel:  # flags out of scan_resources' order would name the row differently
+        raise ValueError(f"kernel case {kernel!r} is spelled {row.kernel!r}")
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
@@ -189,19 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles the kernels, the interpreter does not")
-    fns = {
-        "scan": scan_resources, "scan_paired": functools.partial(scan_resources, paired=True),
-        "scan_tma": functools.partial(scan_resources, tma=True),
-        "scan_tma_reverse": functools.partial(scan_resources, tma=True, reverse=True),
-        "scan_paired_tma_reverse": functools.partial(scan_resources, paired=True, tma=True, reverse=True),
-        "scan_tma_tf32": functools.partial(scan_resources, tma=True, precision="tf32"),
-        "scan_paired_tma_reverse_tf32": functools.partial(
-            scan_resources, paired=True, tma=True, reverse=True, precision="tf32"
-        ),
-        "dkdv": dkdv_resources, "local_state": local_state_resources,
-    }  # fmt: skip
     cases = [case for case in DEFAULT_CASES if not (args.no_tma and "tma" in case[0])]
-    rows = [fns[kernel](dk, dv, dtype, args.arch, num_stages=args.stages) for kernel, dk, dv, dtype in cases]
+    rows = [case_resources(kernel, dk, dv, dtype, args.arch, args.stages) for kernel, dk, dv, dtype in cases]
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))
         return 0
