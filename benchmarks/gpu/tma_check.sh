@@ -6,7 +6,7 @@
 #   variants  ours: the default against overridden engine constants (VARIANTS; bench_variant.py)
 #   host    host_overhead.py with TMA on and off (host time per call, where eager columns are host-bound)
 # e.g. `bash benchmarks/gpu/tma_check.sh check bench`. Output: $OUT/log.txt, $OUT/files.tgz.
-# Needs .whl (fla-core; .whl/issue7 for pytest). check ~5 min, bench ~2 min (~5 with fla), host ~1 min.
+# Needs .whl (fla-core; .whl/issue7 for pytest). check ~3 min (SHARDS=6), bench ~2 min (~5 with fla), host ~1 min.
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/files"; L=$OUT/log.txt
 SHAPES=${SHAPES:-4x8192x32x128 1x32768x8x128 8x4096x16x64}
@@ -20,12 +20,20 @@ for MODE in "${@:-check}"; do
     export LIGHTNING_ATTENTION_TMA=${TMA-1}
     timeout 300 python3 -m pytest -q -p no:cacheprovider --runslow -k "fresh_process" \
       tests/engines/triton/test_chunk.py >"$OUT/files/pytest_first_bwd.log" 2>&1
-    timeout 420 python3 -m pytest -q -p no:cacheprovider --runslow \
-      tests/engines/triton/test_chunk.py tests/test_serving.py >"$OUT/files/pytest_tma.log" 2>&1 &
+    # compiles are CPU-bound and serial within a process: SHARDS processes share the tests round-robin
+    python3 -m pytest -q -p no:cacheprovider --runslow --collect-only tests/engines/triton/test_chunk.py \
+      tests/test_serving.py 2>/dev/null | grep "::" >"$OUT/test_ids.txt"
+    for ((s = 0; s < ${SHARDS:-6}; s++)); do
+      awk -v n="${SHARDS:-6}" -v s=$s 'NR % n == s' "$OUT/test_ids.txt" >"$OUT/shard$s.txt"
+      timeout 420 python3 -m pytest -q -p no:cacheprovider --runslow @"$OUT/shard$s.txt" \
+        >"$OUT/files/pytest_tma$s.log" 2>&1 &
+    done
     timeout 420 python3 benchmarks/gpu/check_chunk.py >"$OUT/files/check_tma.log" 2>&1 &
     wait
     unset LIGHTNING_ATTENTION_TMA
-    for f in pytest_first_bwd pytest_tma; do echo "== $f"; tail -3 "$OUT/files/$f.log"; done >>"$L"
+    { echo "== $(wc -l <"$OUT/test_ids.txt") tests in ${SHARDS:-6} shards"
+      for f in "$OUT"/files/pytest_*.log; do echo "== ${f##*/}"; tail -3 "$f"; done; } >>"$L"
+    rm -f "$OUT"/test_ids.txt "$OUT"/shard*.txt
     { echo "== check_chunk, TMA on: ok lines"; grep -c " ok$" "$OUT/files/check_tma.log"
       grep -v " ok$" "$OUT/files/check_tma.log" | tail -8; } >>"$L" ;;
   bench)
