@@ -107,6 +107,7 @@ def main() -> int:
     ok &= check("1x32768x8 K128 V128 bf16 (split)", 1, 32768, 8, 128, 128, torch.bfloat16)
     ok &= check("4x8192x8 K128 V128 fp32", 4, 8192, 8, 128, 128, torch.float32)
     ok &= check("4x8192x8 K128 V128 fp32 TF32", 4, 8192, 8, 128, 128, torch.float32, fp32_precision="high")
+    ok &= check("4x8192x8 K64 V64 fp32 TF32", 4, 8192, 8, 64, 64, torch.float32, fp32_precision="high")
     ok &= check("2x8192x4 K256 V256 bf16", 2, 8192, 4, 256, 256, torch.bfloat16)
     ok &= check("2x4100x4 K48 V80 bf16", 2, 4100, 4, 48, 80, torch.bfloat16)
     ok &= check("2x4100x4 K200 V24 bf16 reverse", 2, 4100, 4, 200, 24, torch.bfloat16, reverse=True)

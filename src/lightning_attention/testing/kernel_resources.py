@@ -88,7 +88,7 @@ def scan_resources(
     the configuration's, as the launch fallbacks of _common.launch_fitting use)."""
     from lightning_attention.engines.triton import _common, chunk_scan
 
-    cfg = chunk_scan.scan_config(dk, dv, dtype)
+    cfg = chunk_scan.scan_config(dk, dv, dtype, precision)
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
@@ -171,6 +171,7 @@ DEFAULT_CASES = [
     ("scan_paired_tma_reverse", 256, 256, torch.bfloat16),
     ("scan_tma", 128, 128, torch.float32),
     ("scan_tma_tf32", 128, 128, torch.float32),
+    ("scan_tma_tf32", 64, 64, torch.float32),
     ("scan_paired_tma_reverse_tf32", 128, 128, torch.float32),
     ("dkdv", 64, 64, torch.bfloat16),
     ("dkdv", 64, 64, torch.float32),

@@ -186,6 +186,7 @@ def _record_scan_launches(monkeypatch) -> list[bool]:
         pytest.param(torch.float16, 256, None, False, False, False, id="fp16-D256-unpaired"),
         pytest.param(torch.float32, 128, [0, 130, 200], True, True, True, id="fp32-D128-varlen-reverse-split"),
         pytest.param(torch.float32, 128, [0, 0, 70, 200], False, False, False, id="fp32-D128-varlen-empty-unpaired"),
+        pytest.param(torch.float32, 64, [0, 130, 200], True, True, True, id="fp32-D64-varlen-reverse-split"),
     ],
 )
 def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, reverse, split, paired):
@@ -197,6 +198,7 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, 
     if split:
         split_all_sequences(monkeypatch)
     monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128, 256))
+    monkeypatch.setattr(chunk_scan, "TMA_FP32_HEAD_DIMS", (64, 128))
     monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
     launches = _record_scan_launches(monkeypatch)
     num_seqs = None if cu is None else len(cu) - 1
@@ -206,6 +208,30 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, 
     _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
     scans = 2 if dim == 64 else (3 if paired else 4)
     assert launches == [True] * scans  # every scan of the forward and backward went through TMA
+
+
+@pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])
+@pytest.mark.parametrize("dim", [pytest.param(64, id="D64-fused-dkdv"), pytest.param(128, id="D128-paired-tma")])
+def test_fp32_under_one_pass_tf32_rounds_operands_to_nearest(triton_device, monkeypatch, dim, split):
+    """torch.set_float32_matmul_precision("high"): one TF32 product per dot, its operands rounded to nearest
+    (_common.tf32_operand) in every kernel: the scans (o, dq), the dk/dv kernels, the local states (split).
+    Each result's error against float64 is TF32's: below 2^-10 (two roundings of 2^-11 along the chain
+    operand -> state -> output; 4-6e-4 measured on H100 at T = 8192) and far above fp32's (~1e-7, the error
+    without rounding under the interpreter, whose products are exact)."""
+    if split:
+        split_all_sequences(monkeypatch)
+    monkeypatch.setattr(chunk_scan, "TMA_FP32_HEAD_DIMS", (64, 128))
+    inputs = make_inputs(2, 150, 2, dim, dim, dtype=torch.float32, device=triton_device, initial_state=True)
+    g = torch.tensor(G2, dtype=torch.float32)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        got = _run(inputs, g.to(triton_device), None, False, "triton")
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    ref = _reference(tuple(t.detach().double().cpu() for t in inputs), g.double(), None, False, True)
+    for name, a, r in zip(NAMES, got, ref):
+        assert 2.0**-16 < rel_err(a.cpu(), r) < 2.0**-10, name
 
 
 @pytest.mark.parametrize("split", [pytest.param(False, id="whole"), pytest.param(True, id="split")])

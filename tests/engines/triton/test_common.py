@@ -1,5 +1,5 @@
-"""Host helpers of the chunked engine (engines/triton/_common.py): the segment planner (when and how sequences
-are split) and the scratch allocator of in-kernel TMA descriptors."""
+"""Helpers of the chunked engine (engines/triton/_common.py): the segment planner (when and how sequences are
+split), the scratch allocator of in-kernel TMA descriptors, the launch fallback and the TF32 operand rounding."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from lightning_attention.engines.triton import _common  # noqa: E402
 
@@ -98,3 +101,35 @@ def test_launch_fitting_moves_on_from_launches_the_gpu_cannot_load(monkeypatch):
     with pytest.raises(OutOfResources):
         _common.launch_fitting(("k", 3), [4, 3], launch)
     assert _common.fewer_stages(3) == [3, 2, 1]
+
+
+@triton.jit
+def _tf32_operand_kernel(x, y, N: tl.constexpr, PRECISION: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(y + offsets, _common.tf32_operand(tl.load(x + offsets), PRECISION))
+
+
+def _nearest_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest-even to 11 significant bits, from frexp (not bit tricks); inf and NaN unchanged."""
+    mantissa, exponent = torch.frexp(x.double())  # |mantissa| in [0.5, 1): 11 significant bits = 2^-11 steps
+    rounded = torch.ldexp(torch.round(mantissa * 2048) / 2048, exponent)
+    return torch.where(torch.isfinite(x), rounded, x.double()).float()
+
+
+def test_tf32_operand_rounds_to_nearest_even(triton_device):
+    """The TF32 products' operands: rounded to nearest (ties to even), not truncated as the tensor cores would."""
+    gen = torch.Generator().manual_seed(0)
+    randoms = torch.randn(200, generator=gen) * torch.logspace(-30, 30, 200)
+    tf32_values = _nearest_tf32(torch.randn(8, generator=gen))
+    ties = tf32_values + torch.ldexp(torch.ones(8), torch.frexp(tf32_values)[1] - 12)  # half a TF32 step above
+    edges = torch.tensor([0.0, -0.0, 1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 2**-130, 3.4e38,
+                          float("inf"), float("-inf"), float("nan")])  # fmt: skip
+    x = torch.cat([edges, randoms, ties, torch.zeros(256 - len(edges) - 200 - 8)]).to(triton_device)
+    rounded, untouched = torch.empty_like(x), torch.empty_like(x)
+    _tf32_operand_kernel[(1,)](x, rounded, N=256, PRECISION="tf32")
+    _tf32_operand_kernel[(1,)](x, untouched, N=256, PRECISION="tf32x3")
+    torch.testing.assert_close(rounded.cpu(), _nearest_tf32(x.cpu()), rtol=0, atol=0, equal_nan=True)
+    # ties go to the even neighbour: 1 + 2^-11 down to 1, 1 + 3 * 2^-11 up to 1 + 2^-9
+    assert rounded[2:5].tolist() == [1.0, 1 + 2**-9, -1.0]
+    assert torch.isnan(rounded[9]) and rounded[7:9].tolist() == [float("inf"), float("-inf")]
+    torch.testing.assert_close(untouched, x, rtol=0, atol=0, equal_nan=True)

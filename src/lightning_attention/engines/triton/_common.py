@@ -136,6 +136,25 @@ def mma(a, b, PRECISION: tl.constexpr, acc=None):
 
 
 @triton.jit
+def tf32_operand(x, PRECISION: tl.constexpr):
+    """``x`` as the operand of a one-pass "tf32" product: fp32 tiles rounded to the nearest TF32 value (10-bit
+    mantissa, ties to even; NaN kept); anything else unchanged. The tensor cores read an fp32 operand's top 19
+    bits, i.e. round toward zero: a bias of about -3.5e-4 per operand which, chained through the state (K^T V,
+    then Q S), made our outputs' error 3.6x that of cuBLAS's round-to-nearest TF32. Applied where a tile is in
+    registers anyway (computed; transposed on its way to shared memory, as TF32 products need for operands
+    contracted over tokens; every tile of the pointer-load dk/dv kernel). q and k feeding the tensor cores
+    straight from shared memory stay truncated: rounding them too matched cuBLAS exactly but took 9% longer.
+    H100, 4x8192x8x128 fp32 (check_chunk.py; session 6): relative error of o 1.48e-3 -> 5.60e-4 (cuBLAS
+    4.14e-4), of the final state 7.83e-4 -> 2.94e-4 (2.93e-4)."""
+    if PRECISION == "tf32" and x.dtype == tl.float32:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0xFFF + ((bits >> 13) & 1)) & -0x2000
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    else:
+        return x
+
+
+@triton.jit
 def tile_positions(C: tl.constexpr, FLIP: tl.constexpr = False):
     """Scan position of each row of a chunk's tile: the row index, or (FLIP: a reverse scan's tile loaded in
     memory order, as TMA loads it) C - 1 - the row index."""

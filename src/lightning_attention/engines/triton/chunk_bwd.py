@@ -41,6 +41,7 @@ from lightning_attention.engines.triton._common import (
     state_strides,
     store_rows,
     store_state_block,
+    tf32_operand,
 )
 
 #: Largest padded K * V the fused kernel takes. Measured on H100 (benchmarks/results/chunk_candidates2_h100.log):
@@ -100,24 +101,25 @@ def _dkdv_kernel(
     length = end - start
     for c in range(0, tl.cdiv(length, C)):
         rows, valid = chunk_rows(start, end, c, C, REVERSE)
-        b_q = load_rows(q, rows, valid, H * DK, o_k, m_k)
-        b_k = load_rows(k, rows, valid, H * DK, o_k, m_k)
-        b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
-        b_do = load_rows(do, rows, valid, H * DV, o_v, m_v)
+        # (pointer loads put every tile in registers: all four are rounded for TF32 products, see tf32_operand)
+        b_q = tf32_operand(load_rows(q, rows, valid, H * DK, o_k, m_k), PRECISION)
+        b_k = tf32_operand(load_rows(k, rows, valid, H * DK, o_k, m_k), PRECISION)
+        b_v = tf32_operand(load_rows(v, rows, valid, H * DV, o_v, m_v), PRECISION)
+        b_do = tf32_operand(load_rows(do, rows, valid, H * DV, o_v, m_v), PRECISION)
         q_decay, k_decay, block_decay = chunk_decays(g, c, length, first, C)
-        b_state = state.to(b_q.dtype)
+        b_state = tf32_operand(state.to(b_q.dtype), PRECISION)
 
-        scores = (mma(b_k, tl.trans(b_q), PRECISION) * mask).to(b_do.dtype)
+        scores = tf32_operand((mma(b_k, tl.trans(b_q), PRECISION) * mask).to(b_do.dtype), PRECISION)
         b_dv = mma(scores, b_do, PRECISION)
-        b_dv += mma((b_k * q_decay[:, None]).to(b_k.dtype), b_state, PRECISION)
+        b_dv += mma(tf32_operand((b_k * q_decay[:, None]).to(b_k.dtype), PRECISION), b_state, PRECISION)
         store_rows(dv, b_dv, rows, valid, H * DV, o_v, m_v)
 
-        scores = (mma(b_v, tl.trans(b_do), PRECISION) * mask).to(b_q.dtype)
+        scores = tf32_operand((mma(b_v, tl.trans(b_do), PRECISION) * mask).to(b_q.dtype), PRECISION)
         b_dk = mma(scores, b_q, PRECISION)
-        b_dk += mma((b_v * q_decay[:, None]).to(b_v.dtype), tl.trans(b_state), PRECISION)
+        b_dk += mma(tf32_operand((b_v * q_decay[:, None]).to(b_v.dtype), PRECISION), tl.trans(b_state), PRECISION)
         store_rows(dk, b_dk, rows, valid, H * DK, o_k, m_k)
 
-        b_qd = (b_q * (k_decay * scale)[:, None]).to(b_q.dtype)
+        b_qd = tf32_operand((b_q * (k_decay * scale)[:, None]).to(b_q.dtype), PRECISION)
         state = state * block_decay + mma(tl.trans(b_qd), b_do, PRECISION)
     if STORE_STATE_OUT:
         final = state * tl.exp(g * (length > 0).to(tl.float32))

@@ -17,8 +17,8 @@ state (_common.fold_earlier_segments), and the sequence's last segment writes th
 transposed) over the same rows, so that the rows both read come from L2 once.
 
 K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM). 16-bit
-heads of 128 and 256, and fp32 heads of 128, on sm_90+ load whole chunks through TMA descriptors built in the
-kernel (uses_tma).
+heads of 128 and 256, and fp32 heads of 64 and 128, on sm_90+ load whole chunks through TMA descriptors built in
+the kernel (uses_tma).
 Shapes: q, k ``[R, H, DK]``, v ``[R, H, DV]``, o ``[R, H, DV]`` (R = B * T rows, contiguous);
 states ``[N, H, DK, DV]`` with any strides (so a transposed state needs no copy).
 """
@@ -56,6 +56,7 @@ from lightning_attention.engines.triton._common import (
     state_strides,
     store_rows,
     store_state_block,
+    tf32_operand,
     tma_chunk_rows,
 )
 
@@ -85,11 +86,12 @@ class ScanConfig:
 _TMA_SWITCH = os.environ.get("LIGHTNING_ATTENTION_TMA", "")
 TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(_TMA_SWITCH, (128, 256))
 
-#: The same for fp32 heads: K = 128 (a chunk's fp32 boxes of K = 256 would not fit shared memory twice).
+#: The same for fp32 heads: K = 64 and 128 (a chunk's fp32 boxes of K = 256 would not fit shared memory twice).
 #: H100, one run each (chunk.md, session 5): 4x8192x32x128 fp32 forward 2.344 -> 2.086 ms under TF32 (8.704 ->
 #: 7.912 under 3xTF32), fwd+bwd 9.317 -> 8.228 (34.706 -> 30.873), at the pointer path's 8 warps; at 4 warps
-#: (scan_config) 1.777 and 6.900 (6.178 and 23.759).
-TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (128,)
+#: (scan_config) 1.777 and 6.900 (6.178 and 23.759). Session 6, 8x4096x16x64 fp32 (GPU time): 0.332 -> 0.294
+#: forward, 1.631 -> 1.559 fwd+bwd under TF32; 0.792 -> 0.519 and 4.512 -> 3.968 under 3xTF32.
+TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (64, 128)
 
 
 #: Whole chunks' outputs of a TMA scan leave through TMA stores too (the partial last chunk: masked pointer
@@ -97,20 +99,26 @@ TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (128,)
 TMA_STORES = True
 
 
-def scan_config(dk: int, dv: int, dtype: torch.dtype) -> ScanConfig:
+def scan_config(dk: int, dv: int, dtype: torch.dtype, precision: str | None = None) -> ScanConfig:
     """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
-    nothing autotunes at run time. 16-bit tiles run 4 warps (about 245 registers per thread, no spills) with
-    3 stages: as fast as 2 stages (where two programs fit one SM) at 4x8192x32x128, faster on split sequences.
+    nothing autotunes at run time. ``precision``: the products' (default _common.dot_precision(dtype)).
+    16-bit tiles run 4 warps (about 245 registers per thread, no spills) with 3 stages: as fast as 2 stages
+    (where two programs fit one SM) at 4x8192x32x128, faster on split sequences.
     Two K halves (K > 128) and fp32 tiles take 8 warps on pointer loads (fp32: one stage, to fit shared memory).
     Through TMA the tiles wait in shared memory, not registers, and one warpgroup (4 warps) runs them faster
     than two despite 80-170 bytes of spills (bf16, TF32): with two, each 64-row product is split in n32
     instructions and the scores cross between the warpgroups through shared memory each chunk. H100, one run
     (chunk.md, session 5): 2x8192x16x256 bf16 forward 0.561 -> 0.421 ms, fwd+bwd 2.196 -> 1.653; fp32
     4x8192x32x128 (TF32) 2.089 -> 1.777 and 8.134 -> 6.900; spill-free 32-wide V-blocks were slower at 4 and at
-    8 warps. Registers, spills and shared memory of these configurations are checked in CI
+    8 warps. The exception: fp32 heads of 128 under one-pass TF32, whose operands are rounded in registers
+    (_common.tf32_operand; 296 bytes of spills at 4 warps, none at 8): two warpgroups, H100, one run (chunk.md,
+    session 6): 1.902 -> 1.734 ms forward, 7.074 -> 6.876 fwd+bwd at 4x8192x32x128 (heads of 64: 0.301 ->
+    0.369, so they keep one). Registers, spills and shared memory of these configurations are checked in CI
     (testing/kernel_resources.py)."""
     if dtype == torch.float32:
-        return ScanConfig(64, 8, 1, tma_stages=2, tma_warps=4)  # 224 KiB through TMA
+        precision = precision or dot_precision(dtype)
+        tma_warps = 8 if precision == "tf32" and dk > 64 else 4
+        return ScanConfig(64, 8, 1, tma_stages=2, tma_warps=tma_warps)  # 176-224 KiB through TMA
     if block_dim(dk) >= 256:
         return ScanConfig(64, 8, 2, tma_stages=2, tma_warps=4)  # two K halves: 72 KiB of boxes per TMA stage
     return ScanConfig(64, 4, 3)
@@ -127,19 +135,20 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
     first and only its low-precision copy (a shared-memory operand) stays live for Q S; the per-token decays
     scale V (the smaller tile) and the Q S product, so Q and K feed the tensor cores straight from shared memory.
     """
-    s_low0 = state0.to(b_v.dtype)
+    s_low0 = tf32_operand(state0.to(b_v.dtype), PRECISION)
     if TWO_K:
-        s_low1 = state1.to(b_v.dtype)
-    v_weighted = (b_v * (k_decay * k_scale)[:, None]).to(b_v.dtype)
-    state0 = mma(tl.trans(b_k0), v_weighted, PRECISION, state0 * block_decay)
+        s_low1 = tf32_operand(state1.to(b_v.dtype), PRECISION)
+    v_weighted = tf32_operand((b_v * (k_decay * k_scale)[:, None]).to(b_v.dtype), PRECISION)
+    state0 = mma(tl.trans(tf32_operand(b_k0, PRECISION)), v_weighted, PRECISION, state0 * block_decay)
     if TWO_K:
-        state1 = mma(tl.trans(b_k1), v_weighted, PRECISION, state1 * block_decay)
+        state1 = mma(tl.trans(tf32_operand(b_k1, PRECISION)), v_weighted, PRECISION, state1 * block_decay)
     b_o = mma(b_q0, s_low0, PRECISION)
     scores = mma(b_q0, tl.trans(b_k0), PRECISION)
     if TWO_K:
         b_o = mma(b_q1, s_low1, PRECISION, b_o)
         scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
-    b_o = mma((scores * mask).to(b_v.dtype), b_v, PRECISION, b_o * q_decay[:, None])
+    weighted_scores = tf32_operand((scores * mask).to(b_v.dtype), PRECISION)
+    b_o = mma(weighted_scores, tf32_operand(b_v, PRECISION), PRECISION, b_o * q_decay[:, None])
     return b_o, state0, state1
 
 
@@ -337,13 +346,13 @@ def scan(
     if plan.split != (local_states is not None):
         raise ValueError("local_states must be given exactly when the plan splits sequences")
     q_b, out_b = transposed if transposed is not None else (None, None)
-    cfg = scan_config(DK, DV, q.dtype)
+    precision = dot_precision(q.dtype)
+    cfg = scan_config(DK, DV, q.dtype, precision)
     nv = cdiv(DV, cfg.block_v)
     # (A twin has q's dtype and head size, so only its rows' alignment is left to check; outputs leave through
     # TMA stores, so theirs too.)
     tma = uses_tma(q, k, v) and all(_tma_aligned(t) for t in (out, q_b, out_b) if t is not None)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
-    precision = dot_precision(q.dtype)
 
     def launch(variant: tuple[bool, int, int]) -> None:
         use_tma, num_warps, num_stages = variant

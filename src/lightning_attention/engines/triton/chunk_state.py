@@ -33,6 +33,7 @@ from lightning_attention.engines.triton._common import (
     program_block,
     segment_bounds,
     store_state_block,
+    tf32_operand,
 )
 
 #: State block and launch of the pass (blocks are independent here; K = 256 never meets one tl.dot).
@@ -70,7 +71,8 @@ def _local_state_kernel(
         b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
         after = (length - 1 - c * C - tl.arange(0, C)).to(tl.float32)
         weight = tl.where(valid, tl.exp(g * tl.maximum(after, 0.0)), 0.0) * k_scale
-        state = mma(tl.trans(b_k), (b_v * weight[:, None]).to(b_v.dtype), PRECISION, state)
+        b_v = tf32_operand((b_v * weight[:, None]).to(b_v.dtype), PRECISION)
+        state = mma(tl.trans(tf32_operand(b_k, PRECISION)), b_v, PRECISION, state)
     # buf is contiguous [S, H, DK, DV]
     store_state_block(
         buf, state, i_s, i_h, H * DK * DV, DK * DV, DV, 1, o_k, o_v, m_k[:, None] & m_v[None, :], buf, False
