@@ -9,7 +9,8 @@ The scan of chunk_scan.py (or the fused backward of chunk_bwd.py) then runs ever
 program first folds the local states of the segments before its own into the state it starts from,
 S_in(first) = S0, S_in(s+1) = lam^(len_s - e) S_in(s) + A_s (e = SHIFT on the first segment;
 _common.fold_earlier_segments), and the sequence's last segment writes the final state. The same combine
-rule is what context parallelism needs across devices.
+rule is what context parallelism needs across devices. Nothing reads A of a sequence's last segment in scan
+order, so the pass skips those segments (zero blocks): (n - 1) / n of k and v are read for n segments.
 Shapes: k ``[R, H, DK]``, v ``[R, H, DV]``; A ``[S, H, DK, DV]`` fp32.
 """
 
@@ -27,6 +28,7 @@ from lightning_attention.engines.triton._common import (
     chunk_rows,
     dot_precision,
     fewer_stages,
+    is_last_segment,
     launch_fitting,
     load_rows,
     mma,
@@ -61,7 +63,9 @@ def _local_state_kernel(
     m_k, m_v = o_k < DK, o_v < DV
     k, v = k + i_h * DK, v + i_h * DV
     state = tl.zeros([BK, BV], dtype=tl.float32)
-    length = end - start
+    # The last segment of a sequence in scan order hands its state to no later one (the scans fold only the
+    # segments before their own): its programs read nothing and store a zero block.
+    length = tl.where(is_last_segment(segments, i_s, REVERSE), 0, end - start)
     # Every token's weight is closed-form (lam^(tokens after it in the segment)), so the loop is a plain
     # reduction into one accumulator, with no rescaling of it between chunks: the tensor-core products of
     # successive chunks overlap like a GEMM's K loop (on H100 at 1 x 32768 x 8 x 128 bf16: 0.085 -> 0.058 ms).
@@ -83,7 +87,8 @@ def local_states(
     k: torch.Tensor, v: torch.Tensor, g_gamma: torch.Tensor, plan: SegmentPlan, *, k_scale: float = 1.0, reverse: bool
 ) -> torch.Tensor:
     """Pass 1: A_s, fp32 contiguous ``[S, H, DK, DV]``, the local state of every segment of ``plan`` (from a zero
-    state, in scan direction ``reverse``), for the scans' :func:`_common.fold_earlier_segments`."""
+    state, in scan direction ``reverse``), for the scans' :func:`_common.fold_earlier_segments`; zero for each
+    sequence's last segment in scan order, which no scan reads."""
     H, DK, DV = k.shape[1], k.shape[2], v.shape[2]
     BK, BV = min(block_dim(DK), _STATE_BLOCK_K), min(block_dim(DV), _STATE_BLOCK_V)
     blocks = cdiv(DK, BK) * cdiv(DV, BV)

@@ -1,0 +1,40 @@
+"""The local-state pass of split sequences (engines/triton/chunk_state.py) against its definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lightning_attention.engines.triton import _common  # noqa: E402
+from lightning_attention.engines.triton.chunk_state import local_states  # noqa: E402
+
+
+def _local_state(k, v, g, start, end, k_scale, reverse):
+    """A = k_scale * sum_j lam^(tokens after j in scan order within [start, end)) k_j^T v_j, float64 [H, K, V]."""
+    j = torch.arange(start, end, dtype=torch.float64)
+    after = (j - start) if reverse else (end - 1 - j)
+    weight = torch.exp(g.double()[:, None] * after[None, :]) * k_scale  # [H, n]
+    return torch.einsum("hj,jhk,jhv->hkv", weight, k[start:end].double(), v[start:end].double())
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_local_states_of_every_segment_but_each_sequences_last(triton_device, monkeypatch, reverse):
+    """Every segment's A_s from a zero state, except the last one of each sequence in scan order (the first in
+    memory for a reverse scan): no scan reads it, so the pass leaves it zero without reading its rows."""
+    monkeypatch.setattr(_common, "POLICY", _common.SegmentPolicy(programs_per_sm=1e6))  # one chunk per segment
+    bounds = (0, 150, 150, 170, 300)  # segments: 3, 1 (empty sequence), 1 (a partial chunk), 3
+    H, K, V = 2, 24, 40
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(bounds[-1], H, d, generator=gen) for d in (K, V))
+    g = torch.tensor([-0.05, -1.0])
+    plan = _common.plan_segments(bounds, H, torch.device(triton_device))
+    got = local_states(k.to(triton_device), v.to(triton_device), g.to(triton_device), plan, k_scale=0.5,
+                       reverse=reverse).cpu()  # fmt: skip
+    segments = plan.segments.cpu().tolist()
+    assert plan.split and len(segments) == 8
+    for s, (start, end, _, flags) in enumerate(segments):
+        last_in_scan_order = flags & (1 if reverse else 2)
+        expected = torch.zeros(H, K, V) if last_in_scan_order else _local_state(k, v, g, start, end, 0.5, reverse)
+        torch.testing.assert_close(got[s].double(), expected.double(), rtol=1e-5, atol=1e-5, msg=f"segment {s}")
