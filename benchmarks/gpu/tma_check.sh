@@ -6,7 +6,7 @@
 #   variants  ours: the default against overridden engine constants (VARIANTS; bench_variant.py)
 #   host    host_overhead.py with TMA on and off (host time per call, where eager columns are host-bound)
 # e.g. `bash benchmarks/gpu/tma_check.sh check bench`. Output: $OUT/log.txt, $OUT/files.tgz.
-# Needs .whl (fla-core; .whl/issue7 for pytest). check ~3 min (SHARDS=6), bench ~2 min (~5 with fla), host ~1 min.
+# Needs .whl (fla-core; .whl/issue7 for pytest). check ~5-7 min (SHARDS=6), bench ~2 min (~5 with fla), host ~1 min.
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/files"; L=$OUT/log.txt
 SHAPES=${SHAPES:-4x8192x32x128 1x32768x8x128 8x4096x16x64}
