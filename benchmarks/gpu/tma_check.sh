@@ -22,7 +22,8 @@ for MODE in "${@:-check}"; do
       tests/engines/triton/test_chunk.py >"$OUT/files/pytest_first_bwd.log" 2>&1
     # compiles are CPU-bound and serial within a process: SHARDS processes share the tests round-robin
     python3 -m pytest -q -p no:cacheprovider --runslow --collect-only tests/engines/triton/test_chunk.py \
-      tests/test_serving.py 2>/dev/null | grep "::" >"$OUT/test_ids.txt"
+      tests/engines/triton/test_chunk_state.py tests/engines/triton/test_common.py tests/test_serving.py \
+      2>/dev/null | grep "::" >"$OUT/test_ids.txt"
     for ((s = 0; s < ${SHARDS:-6}; s++)); do
       awk -v n="${SHARDS:-6}" -v s=$s 'NR % n == s' "$OUT/test_ids.txt" >"$OUT/shard$s.txt"
       timeout 420 python3 -m pytest -q -p no:cacheprovider --runslow @"$OUT/shard$s.txt" \
