@@ -40,18 +40,27 @@ _EMPTY = (0,)
 
 
 def _scan_forward(algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend):
-    """The engine's forward (shared by the custom op and the eager path): ``(o, final or None)``."""
+    """The engine's forward (shared by the custom op and the eager path): ``(o, final or None, saved)``, where
+    ``saved`` is what an engine with ``forward_saving`` (engines/base.py) lets its backward reuse, or None."""
     cfg = val.ScanConfig(scale, reverse, chunk_size, output_final_state)
+    engine = get_engine(backend, algorithm)
     with autocast_off(q.device):
-        o, final = get_engine(backend, algorithm).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
-    return o, (final if output_final_state else None)
+        if hasattr(engine, "forward_saving"):
+            o, final, saved = engine.forward_saving(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+        else:
+            (o, final), saved = engine.forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens), None
+    return o, (final if output_final_state else None), saved
 
 
-def _scan_backward(algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend):
+def _scan_backward(
+    algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend, saved=None
+):
     """The engine's backward: ``(dq, dk, dv, dh0 or None)``."""
     cfg = val.ScanConfig(scale, reverse, chunk_size, True)
+    engine = get_engine(backend, algorithm)
+    reuse = {} if saved is None else {"saved": saved}
     with autocast_off(q.device):
-        return get_engine(backend, algorithm).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+        return engine.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht, **reuse)
 
 
 def _define_scan_op(algorithm: str):
@@ -79,7 +88,9 @@ def _define_scan_op(algorithm: str):
         output_final_state: bool,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, final = _scan_forward(
+        # (Nothing is saved for the backward op: a custom op's outputs must have shapes that follow from its inputs'
+        # alone, for torch.compile's fake implementation; what the engine would save depends on the GPU's size.)
+        o, final, _ = _scan_forward(
             algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend
         )
         return o, (final if final is not None else _empty_state(q))
@@ -150,19 +161,19 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend):  # noqa: E501
-        o, final = _scan_forward(
+        o, final, saved = _scan_forward(
             algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend
         )
-        ctx.save_for_backward(q, k, v, g_gamma, initial_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, g_gamma, initial_state, cu_seqlens, saved)
         ctx.config = (algorithm, scale, reverse, chunk_size, backend)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g_gamma, initial_state, cu_seqlens = ctx.saved_tensors
+        q, k, v, g_gamma, initial_state, cu_seqlens, saved = ctx.saved_tensors
         algorithm, scale, reverse, chunk_size, backend = ctx.config
         dq, dk, dv, dh0 = _scan_backward(
-            algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend
+            algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, do, dht, scale, reverse, chunk_size, backend, saved
         )
         return None, dq, dk, dv, None, (dh0 if initial_state is not None else None), *(None,) * 6
 

@@ -50,7 +50,12 @@ class Scan(Protocol):
 
 
 class Engine(Protocol):
-    """What ops.py calls: forward returns (o, final_state); backward returns (dq, dk, dv, dh0 or None)."""
+    """What ops.py calls: forward returns (o, final_state); backward returns (dq, dk, dv, dh0 or None).
+
+    An engine may also define ``forward_saving(...)`` (forward's arguments) returning ``(o, final_state, saved)``
+    and accept ``backward(..., saved=saved)``: ``saved`` (a tensor or None) is a result of the forward that the
+    backward would otherwise compute again. ops.py's eager path keeps it between the two; the backward must give
+    the same result without it (the torch.compile custom ops save nothing)."""
 
     def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens): ...
 

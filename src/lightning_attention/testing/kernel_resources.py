@@ -92,7 +92,7 @@ def scan_resources(
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
-        USE_TMA=tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=tma and chunk_scan.TMA_STORES,
+        USE_TMA=tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=tma and chunk_scan.TMA_STORES, LOCALS_T=False,
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
         C=cfg.chunk, REVERSE=reverse, SHIFT=int(reverse), HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         USE_SLOTS=False, PRECISION=precision or _common.dot_precision(dtype), PAIRED=paired,

@@ -148,6 +148,52 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     assert (len(launches), scans_with_twin) == expected[route]
 
 
+@pytest.mark.parametrize(
+    "K, V, cu, reverse, eager_passes",
+    [
+        # local-state passes (their DK): the forward's of (k, v); the backward's dq scan's of (v, k) unless
+        # reused; the fused dk/dv kernel's of (q, do), or the two dk, dv scans' of (q, do) and (do, q)
+        pytest.param(16, 24, None, False, (16, 16), id="K16-V24"),
+        pytest.param(64, 64, [0, 130, 130, 200], True, (64, 64), id="K64-varlen-empty-reverse"),
+        pytest.param(72, 40, None, False, (72, 40, 72, 40), id="K72-V40-other-segments"),
+    ],
+)
+def test_backward_reuses_the_forward_local_states(triton_device, monkeypatch, K, V, cu, reverse, eager_passes):
+    """On split sequences the dq scan = scan(do, v, k) needs the transposes of the forward's local states: the
+    eager op keeps them from the forward (one local-state pass fewer), the custom op of torch.compile computes them
+    again as the forward did, and both give the same bits. Where the dq scan plans other segments (K and V with
+    different numbers of V-blocks) it computes its own."""
+    from lightning_attention.engines.triton import chunk_state
+    from lightning_attention.ops import chunk_scan_op
+
+    split_all_sequences(monkeypatch)
+    passes = []
+    _intercept_launches(monkeypatch, chunk_state, "_local_state_kernel", lambda kwargs: passes.append(kwargs["DK"]))
+    num_seqs = None if cu is None else len(cu) - 1
+    inputs = make_inputs(1, 200, 2, K, V, device=triton_device, initial_state=True, num_seqs=num_seqs)
+    cu_seqlens = None if cu is None else torch.tensor(cu, device=triton_device)
+    g = torch.tensor(G2, device=triton_device)
+    q, k, v, h0 = (t.detach().requires_grad_() for t in inputs)
+    do = _random_like(q[..., :1].expand(*q.shape[:3], V), 1)
+    results = {}
+    for path in ("eager", "custom op"):
+        passes.clear()
+        if path == "eager":
+            o, final = chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
+                                        reverse=reverse, backend="triton")  # fmt: skip
+        else:
+            o, final = chunk_scan_op(q, k, v, g, h0, cu_seqlens, K**-0.5, reverse, 64, True, "triton")
+        grads = torch.autograd.grad((o, final), (q, k, v, h0), (do, torch.ones_like(final)))
+        results[path] = (o, final, *grads, list(passes))
+    assert tuple(results["eager"][-1]) == eager_passes
+    reused = len(eager_passes) == 2
+    # (the custom op computes the dq scan's states as the forward did: a pass of (k, v) again)
+    assert tuple(results["custom op"][-1]) == ((K, K, K) if reused else eager_passes)
+    for name, a, b in zip(NAMES, results["eager"][:-1], results["custom op"][:-1]):
+        assert torch.equal(a, b), name
+    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+
+
 def _intercept_launches(monkeypatch, module, name: str, hook) -> None:
     """Patch the Triton kernel ``module.name`` so that ``hook(launch kwargs)`` runs before each launch (a hook
     that raises stands for a launch the GPU refused)."""

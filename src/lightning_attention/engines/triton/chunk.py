@@ -2,7 +2,7 @@
 
 With a scalar decay per head every decay factor is closed-form (lam^(i-j), lam^C), so the running state
 never needs to leave the chip: one program per (segment, head, V-block) walks its chunks in order
-(chunk_scan.py). No per-chunk state is stored; the backward recomputes nothing from the forward.
+(chunk_scan.py). No per-chunk state is stored.
 
     forward   o, final = scan(q, k, v, h0, offset 1)                                      1 launch
     backward  dq       = scan(do, v, k, h0^T, offset 1)                                   1 launch
@@ -14,8 +14,11 @@ never needs to leave the chip: one program per (segment, head, V-block) walks it
 
 When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and a first
 pass computes each segment's local state (chunk_state.py), which the scan's programs fold into the state
-they start from: 2 launches instead of 1, and k, v are read twice. Sequences never share a chunk (varlen
-``cu_seqlens``; a varlen call reads ``cu_seqlens`` on the host once to plan the segments).
+they start from: 2 launches instead of 1, and k, v are read twice. The backward's dq scan needs the transposes
+of the forward's local states: the eager op keeps them from the forward (forward_saving; a few MiB), saving a
+pass over k and v (H100: 1x32768x8x128 bf16 fwd+bwd 0.574 -> 0.530 ms, benchmarks/results/chunk_NOTES.md).
+Sequences never share a chunk (varlen ``cu_seqlens``; a varlen call reads ``cu_seqlens`` on the host once to
+plan the segments).
 
 Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, states ``[N, H, K, V]`` fp32 (see engines/base.py for the
 contract). Accumulation and states are fp32; fp32 inputs multiply as torch.get_float32_matmul_precision()
@@ -47,20 +50,27 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _scan(
     q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_in, state_out=None, slots=(None, None),
-    transposed=None,
+    transposed=None, swapped_locals=None,
 ):  # fmt: skip
     """One scan (engines/base.py contract) over rows ``[R, H, D]``, splitting sequences when that fills the GPU;
-    ``transposed = (q_b, out_b)`` adds its twin ``out_b = scan(q_b, v, k)`` (chunk_scan.scan)."""
+    ``transposed = (q_b, out_b)`` adds its twin ``out_b = scan(q_b, v, k)`` (chunk_scan.scan).
+    Returns the local states of (k, v) it computed (None when no sequence was split). ``swapped_locals``: the
+    local states of (v, k) over this scan's segments, computed before (the backward's dq scan takes the
+    forward's): read transposed instead of computing those of (k, v)."""
     slot_ids, slot_used = slots
     pps = scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype, paired=transposed is not None)
     plan = plan_segments(bounds, pps, q.device)
-    common = dict(scale=scale, k_scale=k_scale, reverse=reverse, shift=shift, transposed=transposed)
     # Split sequences: one set of local states serves both scans (the twin reads them transposed).
-    locals_ = local_states(k, v, g, plan, k_scale=k_scale, reverse=reverse) if plan.split else None
+    locals_ = None
+    if plan.split and swapped_locals is None:
+        locals_ = local_states(k, v, g, plan, k_scale=k_scale, reverse=reverse)
     scan(
-        q, k, v, out, g, plan, **common, state_in=state_in, local_states=locals_, state_out=state_out,
-        slot_ids=slot_ids, slot_used=slot_used,
+        q, k, v, out, g, plan, scale=scale, k_scale=k_scale, reverse=reverse, shift=shift, transposed=transposed,
+        state_in=state_in, local_states=locals_ if swapped_locals is None else swapped_locals,
+        local_states_transposed=swapped_locals is not None, state_out=state_out, slot_ids=slot_ids,
+        slot_used=slot_used,
     )  # fmt: skip
+    return locals_
 
 
 def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
@@ -94,8 +104,13 @@ class TritonChunkEngine:
         return None
 
     def forward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens):
+        return self.forward_saving(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)[:2]
+
+    def forward_saving(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens):
+        """forward, and what the backward may reuse (``saved``): the forward's local states of (k, v) where it
+        split sequences and the backward's dq scan has the same segments, else None."""
         if (fallback := self._torch_engine(q, v)) is not None:
-            return fallback.forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+            return (*fallback.forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens), None)
         B, T, H, K = q.shape
         V = v.shape[-1]
         bounds = sequence_bounds(B, T, cu_seqlens)
@@ -104,13 +119,14 @@ class TritonChunkEngine:
         if cfg.output_final_state:
             final = torch.empty(len(bounds) - 1, H, K, V, dtype=torch.float32, device=q.device)
         g = g_gamma.float().contiguous()
-        _scan(
+        locals_ = _scan(
             _rows(q), _rows(k), _rows(v), o, g, bounds,
             scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=initial_state, state_out=final,
         )  # fmt: skip
-        return o.view(B, T, H, V), final
+        return o.view(B, T, H, V), final, locals_ if _dq_shares_segments(H, K, V, q.dtype) else None
 
-    def backward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens, do, dht):
+    def backward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens, do, dht, saved=None):
+        """``saved``: forward_saving's, or None (then what it holds is computed again)."""
         if (fallback := self._torch_engine(q, v)) is not None:
             return fallback.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
         B, T, H, K = q.shape
@@ -121,9 +137,25 @@ class TritonChunkEngine:
         dq, dk, dv = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
         dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
         h0_t = None if initial_state is None else initial_state.transpose(-1, -2)
-        _scan(do2, v2, k2, dq, g, bounds, scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=h0_t)
+        # dq = scan(do, v, k) needs, on split sequences, the local states of (v, k): the transposes of the
+        # forward's of (k, v) when the segments are the same. Those are reused (the eager path saves them), or
+        # computed as the forward did (the custom op of torch.compile saves nothing: its outputs' shapes must follow
+        # from its inputs' alone), so that both paths give the same bits; this saves a pass over k and v either way
+        # where the eager path saved them.
+        if saved is None and _dq_shares_segments(H, K, V, q.dtype):
+            plan = plan_segments(bounds, scan_programs_per_segment(H, K, V, q.dtype), q.device)
+            saved = local_states(k2, v2, g, plan, reverse=cfg.reverse) if plan.split else None
+        _scan(
+            do2, v2, k2, dq, g, bounds, scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=h0_t,
+            swapped_locals=saved,
+        )  # fmt: skip
         _dkdv(q2, k2, v2, do2, dk, dv, g, bounds, scale=cfg.scale, reverse=not cfg.reverse, dht=dht, dh0=dh0)
         return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dh0
+
+
+def _dq_shares_segments(num_heads: int, dk: int, dv: int, dtype: torch.dtype) -> bool:
+    """Whether the backward's dq scan (K and V swapped) plans the forward's segments: as many programs each."""
+    return scan_programs_per_segment(num_heads, dk, dv, dtype) == scan_programs_per_segment(num_heads, dv, dk, dtype)
 
 
 ENGINE = TritonChunkEngine()

@@ -200,13 +200,18 @@ def _scan_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, STORE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, STORE_TMA: tl.constexpr, LOCALS_T: tl.constexpr,
 ):  # fmt: skip
     # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
     # K = 256 in one tl.dot fault on H100 with triton 3.6.
     NV: tl.constexpr = (DV + BV - 1) // BV
     i_v, role, i_h, i_s = program_block(tl.program_id(0), H, 2 if PAIRED else 1, NV)
-    l_k, l_v = DV, 1  # strides of a local state in chunk_state's contiguous [S, H, DK, DV] buffer
+    # Strides of a local state in chunk_state's contiguous [S, H, DK, DV] buffer, or (LOCALS_T) in a [S, H, DV, DK]
+    # one, read transposed: the backward's dq scan reuses the forward's local states of (k, v).
+    if LOCALS_T:
+        l_k, l_v = 1, DK
+    else:
+        l_k, l_v = DV, 1
     if PAIRED:
         # Role 1 runs the transposed scan: q_b against the state S^T = sum v^T k, i.e. k and v swapped (DK == DV).
         # Arithmetic, not branches: a stride of 1 is a compile-time constant that a branch could not reassign.
@@ -327,13 +332,16 @@ def scan(
     slot_ids: torch.Tensor | None = None,
     slot_used: torch.Tensor | None = None,
     transposed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    local_states_transposed: bool = False,
 ) -> None:
     """Launch the scan over ``plan``'s segments, writing ``out`` (and ``state_out`` if given) in place.
 
     q, k ``[R, H, DK]``; v, out ``[R, H, DV]`` contiguous; g_gamma fp32 [H]; state_in ``[N, H, DK, DV]`` or
     None; state_out ``[N, H, DK, DV]`` or None. With ``slot_ids`` int [N] the state rows are cache slots
     (state_in read where ``slot_used``, else zero). ``local_states`` (required when ``plan.split``):
-    chunk_state.local_states of (k, v) over the plan, contiguous ``[S, H, DK, DV]`` fp32.
+    chunk_state.local_states of (k, v) over the plan, contiguous ``[S, H, DK, DV]`` fp32; with
+    ``local_states_transposed``, those of (v, k) instead, ``[S, H, DV, DK]``, read transposed (their transposes
+    are the states needed: the backward's dq scan = scan(do, v, k) reuses the forward's).
 
     ``transposed = (q_b, out_b)`` (needs DK == DV) also runs, in the same launch, the scan of q_b against the
     transposed state (``out_b = scan(q_b, v, k)``, state_in transposed, no state_out): the backward's dk next to
@@ -345,6 +353,8 @@ def scan(
         raise ValueError(f"a transposed twin needs DK == DV and no slots, got DK={DK}, DV={DV}")
     if plan.split != (local_states is not None):
         raise ValueError("local_states must be given exactly when the plan splits sequences")
+    if local_states_transposed and transposed is not None:
+        raise ValueError("a paired launch reads its local states untransposed")
     q_b, out_b = transposed if transposed is not None else (None, None)
     precision = dot_precision(q.dtype)
     cfg = scan_config(DK, DV, q.dtype, precision)
@@ -367,7 +377,7 @@ def scan(
                 SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
                 USE_SLOTS=slot_ids is not None, PRECISION=precision, PAIRED=transposed is not None,
                 USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=use_tma and TMA_STORES,
-                num_warps=num_warps, num_stages=num_stages,
+                LOCALS_T=bool(local_states_transposed), num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
 
     key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma)
