@@ -2,8 +2,10 @@
 
 Prints, at one small shape: do_bench medians of the op and of the engine alone, the host time to enqueue one
 call (no synchronisation: if it exceeds the GPU time, the op is host-bound), and a cProfile of 200 calls.
+``--tma-ab``: instead, the host time of each launch of the forward and backward with TMA loads on and off,
+alternating in one process (rounds of 200 calls; separate processes differed by up to 60 us on the device host).
 
-    python benchmarks/gpu/host_overhead.py [BxTxHxD ...]   (default 8x4096x16x64)
+    python benchmarks/gpu/host_overhead.py [--tma-ab] [BxTxHxD ...]   (default 8x4096x16x64)
 """
 
 from __future__ import annotations
@@ -34,8 +36,57 @@ def _enqueue_us(fn, n=200) -> float:
 
 
 def main() -> None:
-    for shape in sys.argv[1:] or ["8x4096x16x64"]:
-        profile_shape(*map(int, shape.split("x")))
+    ab = "--tma-ab" in sys.argv
+    for shape in [a for a in sys.argv[1:] if a != "--tma-ab"] or ["8x4096x16x64"]:
+        (tma_ab if ab else profile_shape)(*map(int, shape.split("x")))
+
+
+def tma_ab(B: int, T: int, H: int, D: int, rounds: int = 5) -> None:
+    """Host enqueue time per call with TMA on / off, alternating, median of ``rounds`` rounds; then a cProfile
+    of the backward's paired launch with TMA on, by cumulative time (Triton's launch path included)."""
+    from lightning_attention.engines.triton import chunk, chunk_scan
+    from lightning_attention.engines.triton._common import sequence_bounds
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    g = decay.g_gamma(H, 2, 8, device="cuda")
+    cfg = val.ScanConfig(scale=D**-0.5)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    rows = [t.reshape(-1, H, D) for t in (q, k, v, do)]
+    outs = [torch.empty_like(rows[0]) for _ in range(3)]
+    bounds = sequence_bounds(B, T, None)
+    common = dict(scale=1.0, k_scale=cfg.scale, reverse=True, shift=1, state_in=None)
+    cases = {
+        "engine fwd": lambda: ENGINE.forward(q, k, v, g, cfg, None, None),
+        "engine bwd": lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None),
+        "dq scan": lambda: chunk._scan(rows[3], rows[2], rows[1], outs[0], g, bounds, scale=cfg.scale,
+                                       reverse=False, shift=0, state_in=None),
+        "dk/dv launch": lambda: chunk._scan(rows[1], rows[0], rows[3], outs[1], g, bounds, **common,
+                                            transposed=(rows[2], outs[2])),
+        "op fwd+bwd": lambda: torch.autograd.grad(
+            chunk_simple_gla(qg, kg, vg, g, backend="triton")[0], (qg, kg, vg), do
+        ),
+    }  # fmt: skip
+    shipped = chunk_scan.TMA_HEAD_DIMS
+    times = {(name, tma): [] for name in cases for tma in (True, False)}
+    for _ in range(rounds):
+        for tma in (True, False):
+            chunk_scan.TMA_HEAD_DIMS = shipped if tma else ()
+            for name, fn in cases.items():
+                times[name, tma].append(_enqueue_us(fn))
+    chunk_scan.TMA_HEAD_DIMS = shipped
+    print(f"{torch.cuda.get_device_name()} {B}x{T}x{H}x{D} bf16: host enqueue per call (us), median of {rounds}")
+    for name in cases:
+        on, off = (sorted(times[name, tma])[rounds // 2] for tma in (True, False))
+        print(f"  {name:14s} TMA {on:8.1f}   pointers {off:8.1f}")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        cases["dk/dv launch"]()
+    prof.disable()
+    torch.cuda.synchronize()
+    print("== cProfile, 200 x the paired dk/dv launch with TMA, by cumulative time")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
 
 def profile_shape(B: int, T: int, H: int, D: int) -> None:
