@@ -174,7 +174,7 @@ def test_backward_reuses_the_forward_local_states(triton_device, monkeypatch, K,
     cu_seqlens = None if cu is None else torch.tensor(cu, device=triton_device)
     g = torch.tensor(G2, device=triton_device)
     q, k, v, h0 = (t.detach().requires_grad_() for t in inputs)
-    do = _random_like(q[..., :1].expand(*q.shape[:3], V), 1)
+    do = _random_like(torch.empty(*q.shape[:3], V, dtype=q.dtype, device=q.device), 1)
     results = {}
     for path in ("eager", "custom op"):
         passes.clear()
