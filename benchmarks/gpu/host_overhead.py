@@ -4,8 +4,11 @@ Prints, at one small shape: do_bench medians of the op and of the engine alone, 
 call (no synchronisation: if it exceeds the GPU time, the op is host-bound), and a cProfile of 200 calls.
 ``--tma-ab``: instead, the host time of each launch of the forward and backward with TMA loads on and off,
 alternating in one process (rounds of 200 calls; separate processes differed by up to 60 us on the device host).
+``--autograd``: where the eager op's fwd+bwd spends host time beyond its engine calls: the backward's own time
+measured inside it (PyTorch runs it in its autograd worker thread), against the same engine call from the main
+thread, and a cProfile taken in that worker thread.
 
-    python benchmarks/gpu/host_overhead.py [--tma-ab] [BxTxHxD ...]   (default 8x4096x16x64)
+    python benchmarks/gpu/host_overhead.py [--tma-ab | --autograd] [BxTxHxD ...]   (default 8x4096x16x64)
 """
 
 from __future__ import annotations
@@ -36,9 +39,56 @@ def _enqueue_us(fn, n=200) -> float:
 
 
 def main() -> None:
-    ab = "--tma-ab" in sys.argv
-    for shape in [a for a in sys.argv[1:] if a != "--tma-ab"] or ["8x4096x16x64"]:
-        (tma_ab if ab else profile_shape)(*map(int, shape.split("x")))
+    modes = {"--tma-ab": tma_ab, "--autograd": autograd_thread}
+    run = next((modes[a] for a in sys.argv[1:] if a in modes), profile_shape)
+    for shape in [a for a in sys.argv[1:] if a not in modes] or ["8x4096x16x64"]:
+        run(*map(int, shape.split("x")))
+
+
+def autograd_thread(B: int, T: int, H: int, D: int, n: int = 200) -> None:
+    """Host time of the eager op's fwd+bwd split into: the forward call, the backward's body (timed inside it,
+    in autograd's thread), and the rest (autograd's engine around it); the engine's backward from the main thread
+    for comparison; then a cProfile of the backward's body in the worker thread."""
+    from lightning_attention import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    g = decay.g_gamma(H, 2, 8, device="cuda")
+    cfg = val.ScanConfig(scale=D**-0.5)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    inner, profiler = [], [None]
+    body = ops._EagerScan.backward
+
+    def timed_backward(ctx, *grads):
+        if profiler[0] is not None:
+            profiler[0].enable()
+        start = time.perf_counter()
+        result = body(ctx, *grads)
+        inner.append(time.perf_counter() - start)
+        if profiler[0] is not None:
+            profiler[0].disable()
+        return result
+
+    ops._EagerScan.backward = staticmethod(timed_backward)
+    try:
+        fwd = lambda: chunk_simple_gla(qg, kg, vg, g, backend="triton")[0]  # noqa: E731
+        fwd_bwd = lambda: torch.autograd.grad(fwd(), (qg, kg, vg), do)  # noqa: E731
+        print(f"{torch.cuda.get_device_name()} {B}x{T}x{H}x{D} bf16: host us per call ({n} calls)")
+        print(f"  op fwd (requires_grad)      {_enqueue_us(fwd, n):8.1f}")
+        inner.clear()
+        total = _enqueue_us(fwd_bwd, n)
+        body_us = sum(inner[1:]) / max(len(inner) - 1, 1) * 1e6  # (the first call is _enqueue_us's warm-up)
+        print(f"  op fwd+bwd                  {total:8.1f}   of which the backward's body {body_us:8.1f}")
+        engine_bwd = lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None)  # noqa: E731
+        print(f"  engine bwd, main thread     {_enqueue_us(engine_bwd, n):8.1f}")
+        profiler[0] = cProfile.Profile()
+        for _ in range(n):
+            fwd_bwd()
+        torch.cuda.synchronize()
+        print(f"== cProfile of the backward's body in autograd's thread, {n} calls, by own time")
+        pstats.Stats(profiler[0]).sort_stats("tottime").print_stats(18)
+    finally:
+        ops._EagerScan.backward = staticmethod(body)
 
 
 def tma_ab(B: int, T: int, H: int, D: int, rounds: int = 5) -> None:
