@@ -38,6 +38,15 @@ def _enqueue_us(fn, n=200) -> float:
     return host
 
 
+def _inputs(B: int, T: int, H: int, D: int):
+    """bf16 q, k, v, do ``[B, T, H, D]``, g_gamma, the engine's ScanConfig, and leaf copies of q, k, v."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    g = decay.g_gamma(H, 2, 8, device="cuda")
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    return q, k, v, do, g, val.ScanConfig(scale=D**-0.5), leaves
+
+
 def main() -> None:
     modes = {"--tma-ab": tma_ab, "--autograd": autograd_thread}
     run = next((modes[a] for a in sys.argv[1:] if a in modes), profile_shape)
@@ -51,11 +60,7 @@ def autograd_thread(B: int, T: int, H: int, D: int, n: int = 200) -> None:
     for comparison; then a cProfile of the backward's body in the worker thread."""
     from lightning_attention import ops
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
-    g = decay.g_gamma(H, 2, 8, device="cuda")
-    cfg = val.ScanConfig(scale=D**-0.5)
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    q, k, v, do, g, cfg, (qg, kg, vg) = _inputs(B, T, H, D)
     inner, profiler = [], [None]
     body = ops._EagerScan.backward
 
@@ -97,11 +102,7 @@ def tma_ab(B: int, T: int, H: int, D: int, rounds: int = 5) -> None:
     from lightning_attention.engines.triton import chunk, chunk_scan
     from lightning_attention.engines.triton._common import sequence_bounds
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
-    g = decay.g_gamma(H, 2, 8, device="cuda")
-    cfg = val.ScanConfig(scale=D**-0.5)
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    q, k, v, do, g, cfg, (qg, kg, vg) = _inputs(B, T, H, D)
     rows = [t.reshape(-1, H, D) for t in (q, k, v, do)]
     outs = [torch.empty_like(rows[0]) for _ in range(3)]
     bounds = sequence_bounds(B, T, None)
@@ -140,11 +141,7 @@ def tma_ab(B: int, T: int, H: int, D: int, rounds: int = 5) -> None:
 
 
 def profile_shape(B: int, T: int, H: int, D: int) -> None:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
-    g = decay.g_gamma(H, 2, 8, device="cuda")
-    cfg = val.ScanConfig(scale=D**-0.5)
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    q, k, v, do, g, cfg, (qg, kg, vg) = _inputs(B, T, H, D)
     cases = {
         "engine fwd": lambda: ENGINE.forward(q, k, v, g, cfg, None, None),
         "op fwd (no grad)": lambda: chunk_simple_gla(q, k, v, g, backend="triton"),
