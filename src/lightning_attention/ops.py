@@ -88,8 +88,9 @@ def _define_scan_op(algorithm: str):
         output_final_state: bool,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # (Nothing is saved for the backward op: a custom op's outputs must have shapes that follow from its inputs'
-        # alone, for torch.compile's fake implementation; what the engine would save depends on the GPU's size.)
+        # (Nothing is saved for the backward op: a custom op's outputs need shapes that its fake implementation can
+        # tell from the inputs' shapes, and what the engine saves is shaped by the segment plan: the GPU's size and,
+        # for packed sequences, cu_seqlens' values.)
         o, final, _ = _scan_forward(
             algorithm, q, k, v, g_gamma, initial_state, cu_seqlens, scale, reverse, chunk_size, output_final_state, backend
         )

@@ -139,8 +139,8 @@ class TritonChunkEngine:
         h0_t = None if initial_state is None else initial_state.transpose(-1, -2)
         # dq = scan(do, v, k) needs, on split sequences, the local states of (v, k): the transposes of the
         # forward's of (k, v) when the segments are the same. The eager path saved those (one pass over k and v
-        # fewer); the custom op of torch.compile saves nothing (its outputs' shapes must follow from its inputs'
-        # alone), so they are computed here as the forward did, and both paths give the same bits.
+        # fewer); the custom op of torch.compile saves nothing (ops.py says why), so they are computed here as the
+        # forward did, and both paths give the same bits.
         if saved is None and _dq_shares_segments(H, K, V, q.dtype):
             plan = plan_segments(bounds, scan_programs_per_segment(H, K, V, q.dtype), q.device)
             saved = local_states(k2, v2, g, plan, reverse=cfg.reverse) if plan.split else None
