@@ -5,8 +5,9 @@ forward and forward+backward of this library's Triton engine, fla's ``chunk_ligh
 OpenNLPLab's ``lightning_attn_func`` when importable, and torch SDPA (causal, flash backend) as a softmax
 reference point. It reports the bandwidth floor (forward: q, k, v read + o written = 4 tensor passes;
 forward+backward: 11 passes) at the card's measured copy bandwidth, and the peak memory of forward+backward
-above the inputs. Outputs: one printed table, and ``chunk.md`` + ``chunk.png`` (time vs T) in ``out_dir``,
-headed by the card, driver, torch and triton versions.
+above the inputs. Each call is timed as called (eager) and replayed as a CUDA graph (GPU time). Outputs: one
+printed table, and ``chunk.md`` + ``chunk.png`` (GPU time vs T) in ``out_dir``, headed by the card, driver, torch
+and triton versions.
 """
 
 from __future__ import annotations
@@ -232,15 +233,18 @@ def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # GPU time (the CUDA-graph replay) where a provider has it: the eager time of a small shape is the host's.
     series: dict[tuple, dict[str, list]] = {}
     for row in rows:
         B, T, H, D = row.shape
         family = (B, H, D, str(row.dtype).replace("torch.", ""))
         for r in row.results:
-            if r.fwdbwd_ms is not None:
-                series.setdefault(family, {}).setdefault(r.provider, []).append((T, r.fwd_ms, r.fwdbwd_ms))
+            graph = r.fwdbwd_graph_ms is not None
+            fwd, fwdbwd = (r.fwd_graph_ms, r.fwdbwd_graph_ms) if graph else (r.fwd_ms, r.fwdbwd_ms)
+            if fwdbwd is not None:
+                series.setdefault(family, {}).setdefault(r.provider, []).append((T, fwd, fwdbwd))
         series.setdefault(family, {}).setdefault("floor", []).append((T, row.floor_fwd_ms, row.floor_fwdbwd_ms))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
     colors = {  # one per provider
         "ours": "C0", "ours (3xTF32)": "C0", "ours (TF32)": "C4", "fla": "C1", "lightning_attn": "C2",
         "sdpa_flash": "C3", "floor": "k",
@@ -250,17 +254,18 @@ def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
         B, H, D, dt = family
         for name, pts in provs.items():
             pts.sort()
-            style = dict(color=colors.get(name), marker=markers[i % len(markers)], linestyle=":" if name == "floor" else "-")
+            line = ":" if name == "floor" else "-"
+            style = dict(color=colors.get(name), marker=markers[i % len(markers)], linestyle=line)
             for ax, idx in zip(axes, (1, 2)):
                 ax.plot([p[0] for p in pts], [p[idx] for p in pts], label=f"{name} B{B} H{H} D{D} {dt}", **style)
     for ax, title in zip(axes, ("forward", "forward+backward")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (tokens per sequence)")
-        ax.set_ylabel("ms")
+        ax.set_ylabel("ms (GPU time: CUDA graph replay; eager where none)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=6, loc="upper left")
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{env['card']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,41 @@
+"""lightning_attention.bench on the host: shape parsing, the markdown table and the plot (the timing itself needs
+a GPU and runs on the device: benchmarks/results/chunk.md)."""
+
+import pytest
+import torch
+
+from lightning_attention import bench
+
+ENV = {"card": "test card (1 SMs)", "driver": "0", "torch": torch.__version__, "triton": "-"}
+
+
+def _rows():
+    row = bench.Row((1, 2048, 2, 64), torch.bfloat16, floor_fwd_ms=0.5, floor_fwdbwd_ms=1.0)
+    row.results = [
+        bench.Result("ours", 1.0, 3.0, 12.0, "", fwd_graph_ms=0.75, fwdbwd_graph_ms=2.0),
+        bench.Result("fla", 2.0, 6.0, 24.0),  # no graph replay: the plot falls back to the eager time
+        bench.Result("sdpa_flash", note="flash needs fp16/bf16"),
+    ]
+    return [row]
+
+
+def test_parse_shape():
+    assert bench.parse_shape("4x8192x32x128") == (4, 8192, 32, 128, torch.bfloat16)
+    assert bench.parse_shape("2x16x1x64:fp32") == (2, 16, 1, 64, torch.float32)
+    with pytest.raises(ValueError, match="bad shape"):
+        bench.parse_shape("0x16x1x64")
+
+
+def test_markdown_table_has_ratios_to_the_floor_and_graph_times():
+    lines = bench.to_markdown(_rows(), ENV, 3e12).splitlines()
+    assert "copy bandwidth: 3.00 TB/s" in lines[2]
+    assert "| 1x2048x2x64 | bfloat16 | floor | 0.500 | 1.000 | 1.00 | 1.00 | | | | |" in lines
+    assert "| 1x2048x2x64 | bfloat16 | ours | 1.000 | 3.000 | 2.00 | 3.00 | 0.750 | 2.000 | 12 |  |" in lines
+    assert "| 1x2048x2x64 | bfloat16 | sdpa_flash | - | - | - | - | - | - | - | flash needs fp16/bf16 |" in lines
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "chunk.png"
+    bench.plot(_rows(), str(path), ENV)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
