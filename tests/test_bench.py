@@ -34,8 +34,16 @@ def test_markdown_table_has_ratios_to_the_floor_and_graph_times():
     assert "| 1x2048x2x64 | bfloat16 | sdpa_flash | - | - | - | - | - | - | - | flash needs fp16/bf16 |" in lines
 
 
-def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_shows_gpu_time_where_measured_and_writes_a_png(tmp_path, monkeypatch):
+    """Points are the CUDA-graph (GPU) times where a provider has them, else its eager times; providers without
+    a time are left out."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot() closes
     path = tmp_path / "chunk.png"
     bench.plot(_rows(), str(path), ENV)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    forward, fwd_bwd = figures[0].axes[:2]
+    points = {line.get_label().split()[0]: (list(line.get_ydata()), list(l2.get_ydata()))
+              for line, l2 in zip(forward.lines, fwd_bwd.lines)}  # fmt: skip
+    assert points == {"ours": ([0.75], [2.0]), "fla": ([2.0], [6.0]), "floor": ([0.5], [1.0])}
