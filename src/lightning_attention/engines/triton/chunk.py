@@ -50,25 +50,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _scan(
     q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_in, state_out=None, slots=(None, None),
-    transposed=None, swapped_locals=None,
+    transposed=None, locals_swapped=False, saved_locals=None,
 ):  # fmt: skip
     """One scan (engines/base.py contract) over rows ``[R, H, D]``, splitting sequences when that fills the GPU;
     ``transposed = (q_b, out_b)`` adds its twin ``out_b = scan(q_b, v, k)`` (chunk_scan.scan).
-    Returns the local states of (k, v) it computed (None when no sequence was split). ``swapped_locals``: the
-    local states of (v, k) over this scan's segments, computed before (the backward's dq scan takes the
-    forward's): read transposed instead of computing those of (k, v)."""
+    On split sequences it folds the local states of (k, v), or with ``locals_swapped`` the transposes of those of
+    (v, k): the backward's dq scan = scan(do, v, k) folds the forward's (k, v) states, computed the same way, so
+    that the forward can hand them over (``saved_locals``) and both give the same bits. Returns the local states
+    it folded (None when no sequence was split)."""
     slot_ids, slot_used = slots
     pps = scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype, paired=transposed is not None)
     plan = plan_segments(bounds, pps, q.device)
     # Split sequences: one set of local states serves both scans (the twin reads them transposed).
     locals_ = None
-    if plan.split and swapped_locals is None:
-        locals_ = local_states(k, v, g, plan, k_scale=k_scale, reverse=reverse)
+    if plan.split:
+        if not locals_swapped:
+            locals_ = local_states(k, v, g, plan, k_scale=k_scale, reverse=reverse)
+        elif saved_locals is not None:
+            locals_ = saved_locals
+        else:
+            locals_ = local_states(v, k, g, plan, k_scale=k_scale, reverse=reverse)
     scan(
         q, k, v, out, g, plan, scale=scale, k_scale=k_scale, reverse=reverse, shift=shift, transposed=transposed,
-        state_in=state_in, local_states=locals_ if swapped_locals is None else swapped_locals,
-        local_states_transposed=swapped_locals is not None, state_out=state_out, slot_ids=slot_ids,
-        slot_used=slot_used,
+        state_in=state_in, local_states=locals_, local_states_transposed=locals_swapped and locals_ is not None,
+        state_out=state_out, slot_ids=slot_ids, slot_used=slot_used,
     )  # fmt: skip
     return locals_
 
@@ -137,16 +142,12 @@ class TritonChunkEngine:
         dq, dk, dv = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
         dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
         h0_t = None if initial_state is None else initial_state.transpose(-1, -2)
-        # dq = scan(do, v, k) needs, on split sequences, the local states of (v, k): the transposes of the
-        # forward's of (k, v) when the segments are the same. The eager path saved those (one pass over k and v
-        # fewer); the custom op of torch.compile saves nothing (ops.py says why), so they are computed here as the
-        # forward did, and both paths give the same bits.
-        if saved is None and _dq_shares_segments(H, K, V, q.dtype):
-            plan = plan_segments(bounds, scan_programs_per_segment(H, K, V, q.dtype), q.device)
-            saved = local_states(k2, v2, g, plan, reverse=cfg.reverse) if plan.split else None
+        # On split sequences dq = scan(do, v, k) folds the forward's local states of (k, v), read transposed, where
+        # its segments are the forward's: the eager path saved them (one pass over k and v fewer); the custom op of
+        # torch.compile saves nothing (ops.py says why), so _scan computes them as the forward did.
         _scan(
             do2, v2, k2, dq, g, bounds, scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=h0_t,
-            swapped_locals=saved,
+            locals_swapped=_dq_shares_segments(H, K, V, q.dtype), saved_locals=saved,
         )  # fmt: skip
         _dkdv(q2, k2, v2, do2, dk, dv, g, bounds, scale=cfg.scale, reverse=not cfg.reverse, dht=dht, dh0=dh0)
         return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dh0
