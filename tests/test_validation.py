@@ -123,3 +123,112 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
 def test_unknown_keyword_is_rejected():
     with pytest.raises(TypeError, match="head_first"):
         chunk_simple_gla(**_args(), head_first=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values read on the device: cu_seqlens where an engine reads it on the host, g_gamma once per version.
+
+BAD_CU_SEQLENS = [
+    pytest.param([0, 5, 900], "must equal T=8", id="last-past-T"),
+    pytest.param([0, 6, 3, 8], "non-decreasing", id="decreasing"),
+    pytest.param([-2, 3, 8], "must start at 0", id="negative-start"),
+]
+
+
+def _as_if_on_the_device(monkeypatch):
+    """Make every value check that ops.py does up front see an unreadable tensor, as for a CUDA tensor."""
+    from lightning_attention import _validation
+
+    monkeypatch.setattr(_validation, "values_readable", lambda t: False)
+
+
+@pytest.mark.parametrize("bounds, match", BAD_CU_SEQLENS)
+@pytest.mark.parametrize(
+    "op, backend",
+    [
+        pytest.param(chunk_simple_gla, "torch", id="chunk-torch"),
+        pytest.param(chunk_simple_gla, "triton", id="chunk-triton"),
+        pytest.param(fused_recurrent_simple_gla, "torch", id="recurrent-torch"),
+    ],
+)
+def test_cu_seqlens_is_checked_where_the_engine_reads_it(monkeypatch, triton_device_or_skip, op, backend, bounds, match):
+    """Device-resident offsets are not checked up front (that would be a sync per call), but every engine that
+    reads them on the host checks them there, before a kernel runs."""
+    if backend == "triton":
+        triton_device_or_skip()
+    _as_if_on_the_device(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        op(**_args(cu_seqlens=torch.tensor(bounds)), backend=backend)
+
+
+@pytest.mark.parametrize("bounds, match", BAD_CU_SEQLENS)
+def test_cu_seqlens_of_the_layer_and_prefill(monkeypatch, bounds, match):
+    from lightning_attention.nn import LightningAttention
+    from lightning_attention.serving import lightning_attn_prefill, new_state_cache
+
+    _as_if_on_the_device(monkeypatch)
+    cu = torch.tensor(bounds)
+    with pytest.raises(ValueError, match=match):
+        LightningAttention(8, 2)(torch.randn(1, T, 8), cu_seqlens=cu)
+    q, k, v = (torch.randn(1, T, H, K) for _ in range(3))
+    cache = new_state_cache(4, H, K)
+    with pytest.raises(ValueError, match=match):
+        lightning_attn_prefill(q, k, v, cu, cache, torch.arange(len(bounds) - 1), torch.tensor([0.0, -1.0]))
+    assert not cache.any()
+
+
+@pytest.fixture
+def triton_device_or_skip(request):
+    def need():
+        request.getfixturevalue("triton_device")
+
+    return need
+
+
+def test_g_gamma_values_are_read_once_per_version(monkeypatch):
+    """A device-resident g_gamma costs one read per content, not per call: its values are checked on first use
+    and again only after an in-place change; decay.g_gamma's results are known good and never read."""
+    from lightning_attention import decay
+
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.data_ptr()) or real_tolist(t))
+    g = torch.tensor([0.0, -1.0])
+    args = _args(g_gamma=g)
+    chunk_simple_gla(**args)
+    chunk_simple_gla(**args)
+    fused_recurrent_simple_gla(**args)
+    assert reads.count(g.data_ptr()) == 1
+    g.fill_(0.5)  # an in-place change bumps the version: checked again
+    with pytest.raises(ValueError, match="g_gamma must be finite and <= 0"):
+        chunk_simple_gla(**args)
+    recipe = decay.g_gamma(H, 0, 2)
+    chunk_simple_gla(**_args(g_gamma=recipe))
+    assert recipe.data_ptr() not in reads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "bounds, match",
+    [
+        pytest.param([0, 40, 900], "must equal T=64", id="last-past-T"),
+        pytest.param([0, 48, 24, 64], "non-decreasing", id="decreasing"),
+        pytest.param([-16, 24, 64], "must start at 0", id="negative-start"),
+    ],
+)
+def test_cuda_cu_seqlens_is_checked_before_the_kernels(bounds, match):
+    """On CUDA the chunked op and the prefill of prompts longer than 16 tokens on average read cu_seqlens on the
+    host to plan their launches: it is checked there."""
+    from lightning_attention.serving import lightning_attn_prefill, new_state_cache
+
+    cu = torch.tensor(bounds, device="cuda")
+    q, k, v = (torch.randn(1, 64, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = torch.tensor([0.0, -1.0], device="cuda")
+    with pytest.raises(ValueError, match=match):
+        chunk_simple_gla(q, k, v, g, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=match):
+        fused_recurrent_simple_gla(q, k, v, g, cu_seqlens=cu)
+    cache = new_state_cache(4, H, 64, device="cuda")
+    with pytest.raises(ValueError, match=match):
+        lightning_attn_prefill(q, k, v, cu, cache, torch.arange(len(bounds) - 1), g)
+    assert not bool(cache.any())

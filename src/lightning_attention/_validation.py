@@ -1,14 +1,18 @@
 """Input validation shared by every public op: errors name the argument and show the shapes.
 
-Everything here runs before any kernel. Checks that would need a device->host sync on CUDA (the values
-of ``cu_seqlens`` and ``g_gamma``) are done on CPU tensors only, and documented as such in the ops.
+Everything here runs before any kernel. Values are checked without a device sync per call: ``cu_seqlens`` here
+when it is a CPU tensor, else where an engine reads it on the host anyway (:func:`cu_seqlens_bounds`; kernels that
+read it on the device clamp their rows to the tensors); ``g_gamma`` once per tensor and version.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: dtypes of the serving state cache (accumulation is float32 either way).
@@ -55,29 +59,74 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head dims K and V must be >= 1: q {shape_str(q)}, v {shape_str(v)}")
 
 
+#: g_gamma tensors whose values have been checked, with their version (torch's in-place update counter) at the
+#: time: a GPU tensor is read back once per content, not once per call, and decay.g_gamma marks its own results.
+_CHECKED_G_GAMMA = WeakIdKeyDictionary()
+
+
+def mark_g_gamma_checked(g_gamma: torch.Tensor) -> torch.Tensor:
+    """Record that ``g_gamma``'s current values are valid (finite, <= 0), so no op reads them back. Returns it."""
+    if not isinstance(g_gamma, FakeTensor) and not torch.compiler.is_compiling():
+        _CHECKED_G_GAMMA[g_gamma] = g_gamma._version
+    return g_gamma
+
+
+def _g_gamma_needs_check(g_gamma: torch.Tensor) -> bool:
+    """Unchecked values that can be read now: never under torch.compile or CUDA-graph capture (a read would
+    break the graph or fail), and a GPU tensor only once per version (one device sync)."""
+    if isinstance(g_gamma, FakeTensor) or g_gamma.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    if _CHECKED_G_GAMMA.get(g_gamma) == g_gamma._version:
+        return False
+    return not (g_gamma.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def check_g_gamma(g_gamma: torch.Tensor, num_heads: int, device: torch.device) -> torch.Tensor:
-    """Returns g_gamma as float32 [H] on ``device``."""
+    """Returns g_gamma as float32 [H] on ``device``. Its values are checked once per tensor and version."""
     if not isinstance(g_gamma, torch.Tensor):
         raise TypeError(f"g_gamma must be a torch.Tensor of shape [H={num_heads}], got {type(g_gamma).__name__}")
     if g_gamma.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"g_gamma must be a floating tensor, got {shape_str(g_gamma)}")
     if g_gamma.shape != (num_heads,):
         raise ValueError(f"g_gamma must have shape [H={num_heads}], got {shape_str(g_gamma)}")
-    if values_readable(g_gamma):
-        if not bool(torch.isfinite(g_gamma).all()) or bool((g_gamma > 0).any()):
-            raise ValueError(f"g_gamma must be finite and <= 0 (decay exp(g) <= 1), got {g_gamma.tolist()}")
+    if _g_gamma_needs_check(g_gamma):
+        values = g_gamma.detach().tolist()
+        if not all(math.isfinite(x) and x <= 0 for x in values):
+            raise ValueError(f"g_gamma must be finite and <= 0 (decay exp(g) <= 1), got {values}")
+        mark_g_gamma_checked(g_gamma)
     return g_gamma.detach().to(device=device, dtype=torch.float32)
 
 
 def values_readable(t: torch.Tensor) -> bool:
     """Values can be checked without a device sync or a trace break: a real CPU tensor, eager mode."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return t.device.type == "cpu" and not isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
 
 
+def cu_seqlens_bounds(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[int, ...]:
+    """The values of ``cu_seqlens`` as host ints, checked: 0-based, non-decreasing, last == ``num_tokens``.
+
+    Every place that reads ``cu_seqlens`` on the host goes through here (for a CUDA tensor this read is the one
+    device sync the caller already pays for), so a bad value is a ValueError before any kernel runs: a kernel
+    walking rows from a bad offset would read and write outside its tensors.
+    """
+    bounds = tuple(int(b) for b in cu_seqlens.tolist())
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {list(bounds[:8])}")
+    drops = [i for i in range(1, len(bounds)) if bounds[i] < bounds[i - 1]]
+    if drops:
+        i = drops[0]
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got cu_seqlens[{i - 1}]={bounds[i - 1]} > cu_seqlens[{i}]={bounds[i]}"
+        )
+    if bounds[-1] != num_tokens:
+        raise ValueError(f"cu_seqlens[-1] must equal T={num_tokens} (the packed tokens), got {bounds[-1]}")
+    return bounds
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
-    """Returns the number of independent sequences N (B without cu_seqlens)."""
+    """Returns the number of independent sequences N (B without cu_seqlens). The values are checked here when
+    that needs no device sync (a CPU tensor in eager mode); elsewhere wherever an engine reads them on the host
+    (:func:`cu_seqlens_bounds`)."""
     if cu_seqlens is None:
         return q.shape[0]
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -91,13 +140,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {shape_str(cu_seqlens)}")
     if values_readable(cu_seqlens):
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {bounds[:8]}")
-        if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds[:16]}")
-        if bounds[-1] != q.shape[1]:
-            raise ValueError(f"cu_seqlens[-1] must equal T={q.shape[1]}, got {bounds[-1]}")
+        cu_seqlens_bounds(cu_seqlens, q.shape[1])
     return cu_seqlens.numel() - 1
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_attention._validation import mark_g_gamma_checked
+
 __all__ = ["SCHEDULES", "DEFAULT_SCALE", "g_gamma", "default_scale"]
 
 SCHEDULES = ("tnl", "minimax")
@@ -76,7 +78,7 @@ def g_gamma(
         rate = base ** (torch.arange(num_heads, dtype=torch.float32) + 1)
         factor = 1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5
         g = -(rate * factor)
-    return g.to(dtype=torch.float32, device=device)
+    return mark_g_gamma_checked(g.to(dtype=torch.float32, device=device))
 
 
 def default_scale(schedule: str, head_dim: int) -> float:

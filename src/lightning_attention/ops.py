@@ -11,8 +11,10 @@ Head-first tensors ``[B, H, T, K]`` cannot be told apart from ``[B, T, H, K]`` b
 (``q.transpose(1, 2)``). Every op returns ``(o, final_state)``; ``final_state`` is None unless
 ``output_final_state=True``. ``o`` has q's dtype. Inputs are never modified.
 
-Validation runs before any kernel. The *values* of ``cu_seqlens`` and ``g_gamma`` are checked only for CPU
-tensors in eager mode: on CUDA that check would cost a device->host sync on every call.
+Validation runs before any kernel, without a device sync per call: the *values* of ``cu_seqlens`` are checked up
+front for a CPU tensor and, for a CUDA one, where an engine reads it on the host anyway (the chunked kernels'
+launch plan); kernels that read it on the device clamp every row to the tensors. ``g_gamma``'s values are checked
+once per tensor and in-place version (decay.g_gamma's results are known good).
 
 ``torch.autocast`` does not apply inside the ops: they compute in their inputs' dtype with float32 states, exactly
 as outside an autocast region (bf16 q, k, v from autocast projections give bf16 ``o``; no input is cast).

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_attention._validation import cu_seqlens_bounds
+
 __all__ = ["recurrent_reference", "chunk_reference"]
 
 
@@ -31,7 +33,7 @@ def _sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None):
         for b in range(q.shape[0]):
             yield b, 0, q.shape[1], b
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = cu_seqlens_bounds(cu_seqlens, q.shape[1])
         for n in range(len(bounds) - 1):
             yield 0, bounds[n], bounds[n + 1], n
 

@@ -124,7 +124,7 @@ def dkdv_resources(dk: int, dv: int, dtype: torch.dtype, arch: int = 90, num_sta
         PRECISION=_common.dot_precision(dtype),
     )  # fmt: skip
     pointers = dict(q=t, k=t, v=t, do=t, dk=t, dv=t, g_gamma="*fp32", seq_offsets="*i32", segments="*i32")
-    scalars = dict(scale="fp32", H="i32", **_STATE_STRIDES)
+    scalars = dict(scale="fp32", R="i32", H="i32", **_STATE_STRIDES)
     signature = _signature(pointers, scalars, constexprs)
     signature = {name: signature[name] for name in chunk_bwd._dkdv_kernel.arg_names}
     stages = num_stages or cfg.num_stages
@@ -146,7 +146,7 @@ def local_state_resources(
         DK=dk, DV=dv, BK=bk, BV=bv, C=_common.CHUNK, REVERSE=False, PRECISION=_common.dot_precision(dtype)
     )
     pointers = dict(k=t, v=t, g_gamma="*fp32", buf="*fp32", segments="*i32")
-    signature = _signature(pointers, dict(k_scale="fp32", H="i32"), constexprs)
+    signature = _signature(pointers, dict(k_scale="fp32", R="i32", H="i32"), constexprs)
     signature = {name: signature[name] for name in chunk_state._local_state_kernel.arg_names}
     stages = num_stages or chunk_state._LOCAL_STAGES
     compiled = _compile(chunk_state._local_state_kernel, signature, constexprs, chunk_state._LOCAL_WARPS, stages, arch)

@@ -133,3 +133,91 @@ def test_tf32_operand_rounds_to_nearest_even(triton_device):
     assert rounded[2:5].tolist() == [1.0, 1 + 2**-9, -1.0]
     assert torch.isnan(rounded[9]) and rounded[7:9].tolist() == [float("inf"), float("-inf")]
     torch.testing.assert_close(untouched, x, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows outside the tensors are never touched, whatever the offsets say (the host checks them where it reads them;
+# these tests bypass that check and hand the kernels bad offsets directly).
+
+GUARD = 1 << 15  # elements before and after each tensor: more than the bad offsets below reach
+
+
+def _guarded(shape, fill, dtype=torch.float32):
+    """A tensor of ``shape`` in the middle of a buffer whose GUARD elements on each side hold NaN: a read of
+    them poisons a result, a write changes them."""
+    n = int(torch.Size(shape).numel())
+    buf = torch.full((GUARD + n + GUARD,), float("nan"), dtype=dtype)
+    inner = buf[GUARD : GUARD + n].view(shape)
+    inner.copy_(fill)
+    return buf, inner
+
+
+def _guards_intact(buf):
+    return bool(torch.isnan(buf[:GUARD]).all()) and bool(torch.isnan(buf[-GUARD:]).all())
+
+
+BAD_SEGMENTS = [
+    pytest.param([(0, 5, 0, 3), (5, 900, 1, 3)], id="end-past-rows"),
+    pytest.param([(-7, 6, 0, 3), (6, 12, 1, 3)], id="negative-start"),
+    pytest.param([(0, 9, 0, 3), (9, 4, 1, 3)], id="decreasing"),
+]
+
+
+@pytest.mark.parametrize("segments", BAD_SEGMENTS)
+@pytest.mark.parametrize("kernel", ["scan", "dkdv", "local_states"])
+def test_chunk_kernels_clamp_rows_to_the_tensors(triton_device, segments, kernel):
+    from lightning_attention.engines.triton import chunk_bwd, chunk_scan, chunk_state
+
+    if triton_device != "cpu":
+        pytest.skip("guard buffers are checked on the interpreter's host memory")
+    R, Hh, D = 12, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    bufs, (q, k, v, do) = zip(*(_guarded((R, Hh, D), torch.randn(R, Hh, D, generator=gen)) for _ in range(4)))
+    out_bufs, (out, dk) = zip(*(_guarded((R, Hh, D), 0.0) for _ in range(2)))
+    seg = torch.tensor(segments, dtype=torch.int32, device=q.device)
+    plan = _common.SegmentPlan(seg, torch.tensor([0, 1, 2], dtype=torch.int32, device=q.device), 2, 2, False)
+    g = torch.tensor([-0.1, -0.5], device=q.device)
+    if kernel == "scan":
+        chunk_scan.scan(q, k, v, out, g, plan, scale=1.0, reverse=False, shift=0, state_in=None)
+    elif kernel == "dkdv":
+        chunk_bwd.dkdv(q, k, v, do, dk, out, g, plan, scale=1.0, reverse=True, state_in=None)
+    else:  # (flags 0: no segment is its sequence's last, which the pass would skip)
+        seg[:, 3] = 0
+        states = chunk_state.local_states(k, v, g, plan, reverse=False)
+        assert bool(torch.isfinite(states).all())
+    assert all(_guards_intact(b) for b in (*bufs, *out_bufs)), "a kernel wrote outside its tensors"
+    written = [out] if kernel == "scan" else [out, dk] if kernel == "dkdv" else []
+    for t in written:  # rows inside the clamped segments, computed from rows inside the tensors only
+        start, end = max(segments[0][0], 0), min(max(segments[1][1], segments[1][0]), R)
+        assert bool(torch.isfinite(t[start:end]).all()), "a kernel read outside its tensors"
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens", [pytest.param([0, 5, 900], id="past-T"), pytest.param([-4, 6, 3, 12], id="negative-decreasing")]
+)
+def test_recurrent_kernel_clamps_device_offsets(triton_device, monkeypatch, cu_seqlens):
+    """The fused recurrent kernel reads cu_seqlens on the device (no host read to check it): its rows are clamped
+    to the packed tokens, so bad offsets can make wrong or missing outputs but never a read or write outside."""
+    from lightning_attention.engines.triton import recurrent
+
+    if triton_device != "cpu":
+        pytest.skip("guard buffers are checked on the interpreter's host memory")
+    T, Hh, D = 12, 2, 8
+    gen = torch.Generator().manual_seed(1)
+    bufs, (q, k, v) = zip(*(_guarded((1, T, Hh, D), torch.randn(1, T, Hh, D, generator=gen)) for _ in range(3)))
+    outputs = []
+
+    def guarded_empty_like(t, dtype=None, **kwargs):
+        buf, inner = _guarded(t.shape, 0.0, dtype=dtype or t.dtype)
+        outputs.append(buf)
+        return inner
+
+    monkeypatch.setattr(recurrent.torch, "empty_like", guarded_empty_like)
+    cu = torch.tensor(cu_seqlens)
+    final = torch.zeros(len(cu_seqlens) - 1, Hh, D, D)
+    o = recurrent._launch(q, k, v, torch.tensor([-0.1, -0.5]), 1.0, None, final, state_offset=1, reverse=False,
+                          cu_seqlens=cu)  # fmt: skip
+    assert all(_guards_intact(b) for b in (*bufs, *outputs)), "the kernel wrote outside its tensors"
+    assert bool(torch.isfinite(final).all()), "the kernel read outside its tensors"
+    start, end = max(cu_seqlens[0], 0), min(cu_seqlens[1], T)
+    assert bool(torch.isfinite(o[0, start:end]).all())

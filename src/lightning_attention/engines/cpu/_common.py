@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from lightning_attention._validation import cu_seqlens_bounds
+
 DenseScan = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -53,7 +55,7 @@ def _map_sequences(fn, cu_seqlens, tokens, states):
     """
     if cu_seqlens is None:
         return fn(*tokens, *states)
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens_bounds(cu_seqlens, tokens[0].shape[2])
     token_outs, state_outs = [], []
     for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         seq_tokens = (x[:, :, start:end] for x in tokens)

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from lightning_attention._validation import cu_seqlens_bounds
+
 #: Tokens per chunk inside the kernels. Any chunk size gives the same result up to rounding; 64 is the
 #: measured best on H100 (the op's ``chunk_size`` argument is accepted and mapped to it).
 CHUNK = 64
@@ -47,10 +49,13 @@ def program_block(pid, H, NK: tl.constexpr, NV: tl.constexpr):
 
 
 @triton.jit
-def segment_bounds(segments, i_s, REVERSE: tl.constexpr):
-    """(start, end, sequence index, is first segment of its sequence in scan order) of segment ``i_s``."""
-    start = tl.load(segments + i_s * 4).to(tl.int64)
-    end = tl.load(segments + i_s * 4 + 1).to(tl.int64)
+def segment_bounds(segments, i_s, R, REVERSE: tl.constexpr):
+    """(start, end, sequence index, is first segment of its sequence in scan order) of segment ``i_s``.
+
+    Rows are clamped to ``[0, R)`` (R rows in the token tensors): the host checks cu_seqlens before building the
+    table, and this keeps a kernel inside its tensors whatever the table holds."""
+    start = tl.minimum(tl.maximum(tl.load(segments + i_s * 4).to(tl.int64), 0), R)
+    end = tl.minimum(tl.maximum(tl.load(segments + i_s * 4 + 1).to(tl.int64), start), R)
     seq = tl.load(segments + i_s * 4 + 2)
     flags = tl.load(segments + i_s * 4 + 3)
     if REVERSE:
@@ -72,7 +77,7 @@ def is_last_segment(segments, i_s, REVERSE: tl.constexpr):
 
 @triton.jit
 def fold_earlier_segments(
-    state, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k, o_v, mask,
+    state, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k, o_v, mask, R,
     SHIFT: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
     """The state entering segment ``i_s`` of sequence ``seq``: ``state`` (the sequence's initial state, fp32
@@ -90,7 +95,7 @@ def fold_earlier_segments(
             j = hi - 1 - idx
         else:
             j = lo + idx
-        start, end, _, first = segment_bounds(segments, j, REVERSE)
+        start, end, _, first = segment_bounds(segments, j, R, REVERSE)
         ptrs = local_states + j.to(tl.int64) * l_s + i_h * l_h + o_k[:, None] * l_k + o_v[None, :] * l_v
         carried = tl.exp(g * tl.maximum(end - start - SHIFT * first, 0).to(tl.float32))
         state = state * carried + tl.load(ptrs, mask=mask, other=0)
@@ -363,10 +368,10 @@ class SegmentPlan:
 
 
 def sequence_bounds(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -> tuple[int, ...]:
-    """Row offsets [N + 1] of the sequences on the flattened token axis (one host read of cu_seqlens)."""
+    """Row offsets [N + 1] of the sequences on the flattened token axis (one host read of cu_seqlens, checked)."""
     if cu_seqlens is None:
         return tuple(b * seq_len for b in range(batch + 1))
-    return tuple(int(x) for x in cu_seqlens.tolist())
+    return cu_seqlens_bounds(cu_seqlens, seq_len)
 
 
 def _segment_tokens(

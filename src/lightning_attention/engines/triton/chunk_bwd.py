@@ -71,14 +71,14 @@ def use_fused_dkdv(dk: int, dv: int) -> bool:
 @triton.jit
 def _dkdv_kernel(
     q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
-    scale, H,
+    scale, R, H,
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     _, _, i_h, i_s = program_block(tl.program_id(0), H, 1, 1)
-    start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
+    start, end, seq, first = segment_bounds(segments, i_s, R, REVERSE)
     g = tl.load(g_gamma + i_h)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -95,7 +95,7 @@ def _dkdv_kernel(
     if SPLIT:
         state = fold_earlier_segments(
             state, local_states, seq_offsets, segments, i_s, seq, i_h, g, H * DK * DV, DK * DV, DV, 1, o_k, o_v,
-            m_state, 1, REVERSE,
+            m_state, R, 1, REVERSE,
         )  # fmt: skip
     mask = intra_decay(g, C) * scale
     length = end - start
@@ -153,7 +153,7 @@ def dkdv(
     def launch(num_stages: int) -> None:
         _dkdv_kernel[(plan.num_segments * H,)](
             q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, plan.seq_offsets, plan.segments,
-            float(scale), H, *state_strides(state_in), *state_strides(state_out),
+            float(scale), q.shape[0], H, *state_strides(state_in), *state_strides(state_out),
             DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
             REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
             STORE_STATE_OUT=state_out is not None, PRECISION=precision,

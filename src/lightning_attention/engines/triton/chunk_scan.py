@@ -220,7 +220,7 @@ def _scan_kernel(
         k, v = tl.where(is_b, v, k), tl.where(is_b, k, v)
         si_k, si_v = si_k + role * (si_v - si_k), si_v + role * (si_k - si_v)
         l_k, l_v = l_k + role * (l_v - l_k), l_v + role * (l_k - l_v)
-    start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
+    start, end, seq, first = segment_bounds(segments, i_s, R, REVERSE)
     g = tl.load(g_gamma + i_h)
 
     o_k0 = tl.arange(0, BKH)
@@ -244,12 +244,12 @@ def _scan_kernel(
     if SPLIT:
         l_s, l_h = H * DK * DV, DK * DV
         state0 = fold_earlier_segments(
-            state0, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k0, o_v, m_s0,
+            state0, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k0, o_v, m_s0, R,
             SHIFT, REVERSE,
         )  # fmt: skip
         if TWO_K:
             state1 = fold_earlier_segments(
-                state1, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k1, o_v, m_s1,
+                state1, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k1, o_v, m_s1, R,
                 SHIFT, REVERSE,
             )  # fmt: skip
     mask = intra_decay(g, C) * k_scale

@@ -49,14 +49,14 @@ _LOCAL_STAGES = 4
 
 @triton.jit
 def _local_state_kernel(
-    k, v, g_gamma, buf, segments, k_scale, H,
+    k, v, g_gamma, buf, segments, k_scale, R, H,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     NV: tl.constexpr = (DV + BV - 1) // BV
     NK: tl.constexpr = (DK + BK - 1) // BK
     i_v, i_k, i_h, i_s = program_block(tl.program_id(0), H, NK, NV)
-    start, end, seq, first = segment_bounds(segments, i_s, REVERSE)
+    start, end, seq, first = segment_bounds(segments, i_s, R, REVERSE)
     g = tl.load(g_gamma + i_h)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -97,7 +97,7 @@ def local_states(
 
     def launch(num_stages: int) -> None:
         _local_state_kernel[(plan.num_segments * H * blocks,)](
-            k, v, g_gamma, buf, plan.segments, float(k_scale), H,
+            k, v, g_gamma, buf, plan.segments, float(k_scale), k.shape[0], H,
             DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=precision,
             num_warps=_LOCAL_WARPS, num_stages=num_stages,
         )  # fmt: skip

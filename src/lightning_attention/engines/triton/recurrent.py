@@ -87,8 +87,11 @@ def _recurrent_kernel(
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        # Offsets read on the device are clamped to the T packed rows: nothing checks them on the host here
+        # (ops.py checks them where it can without a device sync), and a bad one must not move a load or store
+        # outside the tensors. A decreasing pair is an empty sequence.
+        bos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n).to(tl.int64), 0), T)
+        eos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n + 1).to(tl.int64), bos), T)
     else:
         bos = i_n.to(tl.int64) * T
         eos = bos + T
