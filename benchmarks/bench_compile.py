@@ -16,7 +16,7 @@ Per shape ``B x T x hidden / heads`` and precision it reports:
 Precisions: "fp32" (float32 weights and input), "bf16" (bfloat16 weights and input), "autocast" (float32 weights,
 ``torch.autocast(bfloat16)``: mixed-precision training). States are float32 in every case.
 
-    python benchmarks/bench_compile.py [--threads 1]          # CPU, writes benchmarks/results/compile_cpu.md
+    python benchmarks/bench_compile.py [--threads 1]          # CPU, writes benchmarks/results/compile_cpu.md (kept as results/cpu/compile.md)
     python benchmarks/bench_compile.py --device cuda --out DIR   # 3 shapes x (bf16, autocast), ~3-5 min
 """
 

@@ -1,5 +1,5 @@
 """lightning_attention.bench on the host: shape parsing, the markdown table and the plot (the timing itself needs
-a GPU and runs on the device: benchmarks/results/chunk.md)."""
+a GPU and runs on the device: benchmarks/results/<card>/chunk.md)."""
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ alternating in one process (rounds of 200 calls; separate processes differed by 
 measured inside it (PyTorch runs it in its autograd worker thread), against the same engine call from the main
 thread, and a cProfile taken in that worker thread.
 
-    python benchmarks/gpu/host_overhead.py [--tma-ab | --autograd] [BxTxHxD ...]   (default 8x4096x16x64)
+    python benchmarks/bench_host_overhead.py [--tma-ab | --autograd] [BxTxHxD ...]   (default 8x4096x16x64)
 """
 
 from __future__ import annotations

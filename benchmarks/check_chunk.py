@@ -6,7 +6,7 @@ form; tests/engines/cpu check it against the token-loop reference). Pass rule (l
 relative error <= 2 x that of plain torch running the same algorithm in the input dtype, + 1e-5.
 Prints one line per case and tensor, then PASS/FAIL; exits 1 on any failure.
 
-    python benchmarks/gpu/check_chunk.py
+    python benchmarks/check_chunk.py
 """
 
 from __future__ import annotations

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check, run on a CUDA machine after every change to a kernel: the whole test suite with the slow tests
+# (the Triton tests run on the GPU there; pytest-xdist spreads them over processes, since Triton's compiles are
+# CPU-bound), then check_chunk.py's real-shape cases against float64. Exits non-zero on any failure.
+# Writes LOG_DIR/check_gpu.md (summary: card, versions, counts, failures) and LOG_DIR/pytest.log, check_chunk.log.
+#
+#   bash benchmarks/check_gpu.sh [LOG_DIR]          (default: benchmarks/results/<card>)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
+card=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
+# Results folder per card: "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100.
+dir=${1:-benchmarks/results/$(echo "$card" | grep -oiE '\b[a-z][0-9]{2,4}\b' | head -1 | tr 'A-Z' 'a-z')}
+mkdir -p "$dir"
+workers=${WORKERS:-8}
+start=$(date +%s)
+timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --runslow -n "$workers" tests \
+  >"$dir/pytest.log" 2>&1
+pytest_rc=$?
+timeout "${CHECK_TIMEOUT:-300}" python3 benchmarks/check_chunk.py >"$dir/check_chunk.log" 2>&1
+check_rc=$?
+{
+  echo "# GPU check: $card"
+  echo
+  python3 -c "import torch, triton; print(f'card: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}')"
+  nvidia-smi --query-gpu=driver_version --format=csv,noheader | sed 's/^/driver: /'
+  echo
+  echo "\`bash benchmarks/check_gpu.sh\` at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(( $(date +%s) - start )) s"
+  echo
+  echo "- pytest (whole suite, --runslow, $workers workers): $(tail -1 "$dir/pytest.log") (exit $pytest_rc)"
+  grep -E "^(FAILED|ERROR) " "$dir/pytest.log" | sed 's/^/  - /'
+  echo "- check_chunk.py: $(grep -c ' ok$' "$dir/check_chunk.log") checks ok, $(tail -1 "$dir/check_chunk.log") (exit $check_rc)"
+  grep -v " ok$" "$dir/check_chunk.log" | grep -E "FAIL" | sed 's/^/  - /'
+} >"$dir/check_gpu.md"
+cat "$dir/check_gpu.md"
+[ "$pytest_rc" -eq 0 ] && [ "$check_rc" -eq 0 ]
