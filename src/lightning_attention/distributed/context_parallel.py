@@ -362,8 +362,12 @@ def _context_parallel(
     device = _exchange_device(q, group)
     lengths = collectives.agree(signature, g, device, group, world_size, rank, error)
 
-    # cu_seqlens is equal on every rank (the exchange compared fingerprints): a bad value raises everywhere alike.
-    bounds = None if cu_seqlens is None else val.cu_seqlens_bounds(cu_host, sum(lengths))
+    bounds = None
+    if cu_seqlens is not None:  # equal on every rank (the exchange compared fingerprints): any error is too
+        try:
+            bounds = val.cu_seqlens_bounds(cu_host, sum(lengths))
+        except ValueError as exc:
+            raise ValueError(f"{exc} [context parallel: T is the whole axis, the shard lengths {lengths} summed]") from None
     plan = ShardPlan(tuple(lengths), bounds, bool(reverse), rank)
     local_cu = None
     if plan.packed and q.shape[1] > 0:
