@@ -3,7 +3,7 @@
 # (B=1, H=32, D=128, bf16), 512k without decay, and packed documents of 8k-64k tokens at 512k and 1M, on 1, 2 and
 # 4 GPUs (NCCL, one torchrun launch per GPU count, as many as the host has), then a markdown report.
 # Results: $OUT (default ./gpu_out): cp_P{1,2,4}.json, context_parallel.log, context_parallel.md, and the report
-# copied to benchmarks/results/<card>/context_parallel.md (card from nvidia-smi, e.g. h200).
+# copied to benchmarks/results/<card>x<GPUs>/context_parallel.md (card from nvidia-smi, e.g. h200x4).
 # Usage, from the repository root:  bash benchmarks/gpu/context_parallel.sh      (under 9 minutes)
 set -o pipefail
 # NVLink multicast stays off (it can take a shared host's GPUs out of service): NCCL, PyTorch and NVSHMEM.
@@ -18,6 +18,7 @@ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' \
   | sed -e 's/^nvidia //' -e 's/ .*//')
+[ "$NGPU" -gt 1 ] && CARD="${CARD}x$NGPU"  # e.g. h200x4, as results/h100x4/
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>&1 | tee -a "$LOG"
 
 # The local-state Triton kernel on this GPU against float64 (seconds; the CP tests themselves are CPU/gloo).

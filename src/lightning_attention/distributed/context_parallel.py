@@ -360,7 +360,8 @@ def _context_parallel(
     except (TypeError, ValueError) as exc:
         error = exc
     device = _exchange_device(q, group)
-    lengths = collectives.agree(signature, g, device, group, world_size, rank, error)
+    # The caller's g_gamma, not its validated copy: its fingerprint is kept per tensor (a layer passes the same one).
+    lengths = collectives.agree(signature, g_gamma if error is None else None, device, group, world_size, rank, error)
 
     bounds = None
     if cu_seqlens is not None:  # equal on every rank (the exchange compared fingerprints): any error is too
