@@ -107,6 +107,25 @@ def _chain(states, start, ranks, runs, g):
     return state
 
 
+def _shard_states(call: _Call, per_seq, crossing, L: int, head: bool):
+    """The per-sequence states the engine takes for this shard: initial states (forward, ``head``) or final-state
+    gradients (backward). Rows of the replicated ``per_seq`` ``[N, H, K, V]`` (or None: zeros) for the shard's
+    sequences, the head or tail run's replaced by the exchanged ``crossing`` state where it crosses the boundary.
+    Returns None where the engine needs none."""
+    if not call.plan.packed:
+        return crossing if crossing is not None else per_seq
+    if L == 0 or (per_seq is None and crossing is None):
+        return None
+    seqs = call.plan.local_seqs(call.plan.rank)
+    if per_seq is not None:
+        states = per_seq[seqs.start : seqs.stop].clone()
+    else:
+        states = crossing.new_zeros(len(seqs), *crossing.shape[1:])
+    if crossing is not None:
+        states[0 if head != call.cfg.reverse else -1] = crossing[0]  # the run's place in scan order
+    return states
+
+
 class _ContextParallelScan(torch.autograd.Function):
     """forward(q, k, v, initial_state, g, call) -> (o, final_state or None); engines pick their own precision,
     so an enclosing ``torch.autocast`` region is switched off inside (it would round the fp32 states)."""
@@ -148,20 +167,7 @@ class _ContextParallelScan(torch.autograd.Function):
             start = _rows(initial_state, plan.tail(chain[0]).seq, call)
             state_in = _chain(states, None if start is None else start.to(sdt), chain, plan.tail, gs)
 
-        # Initial states of the shard's sequences: the head run's from the chain, the others' from initial_state.
-        if not plan.packed:
-            local_h0 = state_in if head.open else initial_state
-        elif L == 0 or (initial_state is None and state_in is None):
-            local_h0 = None
-        else:
-            seqs = plan.local_seqs(rank)
-            local_h0 = (
-                initial_state[seqs.start : seqs.stop].clone()
-                if initial_state is not None
-                else q.new_zeros(len(seqs), H, K, V, dtype=sdt)
-            )
-            if state_in is not None:
-                local_h0[-1 if rev else 0] = state_in[0]
+        local_h0 = _shard_states(call, initial_state, state_in, L, head=True)
 
         saved = None
         local_final = None
@@ -227,19 +233,7 @@ class _ContextParallelScan(torch.autograd.Function):
             start = _rows(dfinal_sum, plan.head(chain[0]).seq, call)
             dstate = _chain(head_grads, start, chain, plan.head, gs)
 
-        if not plan.packed:
-            dht = dstate if tail.open else dfinal_sum
-        elif L == 0 or (dstate is None and dfinal_sum is None):
-            dht = None
-        else:
-            seqs = plan.local_seqs(rank)
-            dht = (
-                dfinal_sum[seqs.start : seqs.stop].clone()
-                if dfinal_sum is not None
-                else q.new_zeros(len(seqs), H, K, V, dtype=sdt)
-            )
-            if dstate is not None:
-                dht[0 if rev else -1] = dstate[0]
+        dht = _shard_states(call, dfinal_sum, dstate, L, head=False)
 
         if L == 0:
             dq, dk, dv, local_dh0 = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None

@@ -172,27 +172,20 @@ class ShardPlan:
     def chain_to(self, rank: int) -> list[int]:
         """Ranks whose tail states make up ``rank``'s incoming state, in scan order: the shard where the head
         sequence began (its state starts there from ``initial_state``), then every shard it spans."""
-        if not self.head(rank).open:
-            return []
-        ranks = []
-        r = self.previous(rank)
-        while r is not None:
-            ranks.append(r)
-            if not self.spans(r):
-                break
-            r = self.previous(r)
-        return ranks[::-1]
+        return self._walk(rank, self.previous) if self.head(rank).open else []
 
     def chain_from(self, rank: int) -> list[int]:
-        """Ranks whose head-run state gradients flow back into ``rank``'s tail, in reverse scan order: the next
-        shard, and on while the tail sequence spans them, up to the shard where it ends."""
-        if not self.tail(rank).open:
-            return []
-        ranks = []
-        r = self.next(rank)
+        """Ranks whose head-run state gradients flow back into ``rank``'s tail, in reverse scan order: the shard
+        where the tail sequence ends, then every shard it spans back to the next one."""
+        return self._walk(rank, self.next) if self.tail(rank).open else []
+
+    def _walk(self, rank: int, step) -> list[int]:
+        """From ``rank``'s neighbour (``step``: previous or next) onwards while the sequence spans the shards, and
+        the first one it does not span; returned farthest first."""
+        ranks, r = [], step(rank)
         while r is not None:
             ranks.append(r)
             if not self.spans(r):
                 break
-            r = self.next(r)
+            r = step(r)
         return ranks[::-1]
