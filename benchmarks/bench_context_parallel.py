@@ -6,9 +6,10 @@ Run under torchrun, one process per GPU (benchmarks/gpu/context_parallel.sh runs
     python benchmarks/bench_context_parallel.py --report OUT      # -> OUT/context_parallel.md
 
 Per launch (P = world size):
-  check   B=1, T=--check-tokens, H=32, D=128, bf16, with h0 and final state: every rank's shard of o, dq, dk,
-          dv and the final state / dh0 against the float64 torch engine on the full sequence, judged against the
-          single-GPU op in bf16 on the same inputs (the library's tolerance rule: err <= 2 x baseline + 1e-6).
+  check   B=1, T=--check-tokens, H=32, D=128, bf16, with h0 and final state, one sequence and packed documents
+          (1 to T/4 tokens, one empty): every rank's shard of o, dq, dk, dv and the final states / dh0 against the
+          float64 torch engine on the full axis, judged against the single-GPU op in bf16 on the same inputs (the
+          library's tolerance rule: err <= 2 x baseline + 1e-6).
   bench   forward+backward at each T: one sequence (--tokens with the 'tnl' decay, --no-decay-tokens with g = 0)
           and packed documents (--packed-tokens: lengths drawn uniformly from --doc-lengths, seeded, crossing the
           shard boundaries). For each: the single-GPU op on this rank's shard alone (its documents only; no
@@ -104,20 +105,26 @@ def global_rel_errs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
     return out
 
 
-def check(T: int, backend: str, rank: int, world: int) -> dict:
-    """Correctness of o, dq, dk, dv, final state, dh0 at B=1, T, H, D bf16 (see module docstring)."""
+def check(T: int, backend: str, rank: int, world: int, packed: bool) -> dict:
+    """Correctness of o, dq, dk, dv, final state, dh0 at B=1, T, H, D bf16 (see module docstring); ``packed``:
+    documents of 1 to T/4 tokens and one empty, across the shard boundaries."""
     g = decay.g_gamma(H, LAYER_IDX, NUM_LAYERS, device=DEVICE)
-    q, k, v, h0 = make_inputs(1, T, H, D, dtype=torch.bfloat16, device=DEVICE, seed=1, initial_state=True)
+    bounds = packed_documents(T, 1, T // 4) if packed else (0, T)
+    if packed:
+        bounds = (*bounds[:2], bounds[1], *bounds[2:])  # an empty document after the first
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE) if packed else None
+    N = len(bounds) - 1
+    q, k, v, h0 = make_inputs(1, T, H, D, dtype=torch.bfloat16, device=DEVICE, seed=1, initial_state=True, num_seqs=N)
     gen = torch.Generator(device=DEVICE).manual_seed(2)
     do = torch.randn(1, T, H, D, device=DEVICE, generator=gen).to(torch.bfloat16)
-    dfinal = torch.randn(world, 1, H, D, D, device=DEVICE, generator=gen)  # a different weight per rank
+    dfinal = torch.randn(world, N, H, D, D, device=DEVICE, generator=gen)  # a different weight per rank
     start, end = shard_bounds(T, rank, world)
 
     def full(dtype, engine):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
         leaves.append(h0.detach().to(torch.float64 if dtype == torch.float64 else h0.dtype).requires_grad_(True))
         o, final = chunk_simple_gla(
-            *leaves[:3], g_gamma=g, initial_state=leaves[3], output_final_state=True, backend=engine
+            *leaves[:3], g_gamma=g, initial_state=leaves[3], output_final_state=True, cu_seqlens=cu, backend=engine
         )
         grads = torch.autograd.grad((o, final), leaves, (do.to(dtype), dfinal.sum(0).to(final.dtype)))
         return o.detach(), final.detach(), grads
@@ -125,11 +132,11 @@ def check(T: int, backend: str, rank: int, world: int) -> dict:
     shard = [t[:, start:end].clone().requires_grad_(True) for t in (q, k, v)]  # q, k, v: no grad
     my_h0 = h0.clone().requires_grad_(True)
     o, final = context_parallel_simple_gla(
-        *shard, g_gamma=g, initial_state=my_h0, output_final_state=True, backend=backend
+        *shard, g_gamma=g, initial_state=my_h0, output_final_state=True, cu_seqlens=cu, backend=backend
     )
     grads = torch.autograd.grad((o, final), (*shard, my_h0), (do[:, start:end], dfinal[rank]))
     dh0 = grads[3].clone()
-    dist.all_reduce(dh0)  # the shares sum to the full gradient
+    dist.all_reduce(dh0)  # the parts sum to the full gradient
     o_one, final_one, g_one = full(torch.bfloat16, backend)
     o_ref, final_ref, g_ref = full(torch.float64, "torch")  # last: the largest
     sl = slice(start, end)
@@ -326,13 +333,16 @@ def run_launch(args) -> None:
     result.update(exchange_costs(world, rank, args.exchange_iters))
     save()
     if args.check_tokens:
-        t0 = time.time()
-        result["check"] = check(args.check_tokens, backend, rank, world)
         result["check_tokens"] = args.check_tokens
-        if rank == 0:
-            print(f"[P={world}] check T={args.check_tokens} in {time.time() - t0:.1f}s: {result['check']}", flush=True)
-        empty_cache()
-        save()
+        result["check"] = {}
+        for layout in ("one sequence", "packed documents"):
+            t0 = time.time()
+            errs = check(args.check_tokens, backend, rank, world, packed=layout != "one sequence")
+            result["check"].update({f"{layout}: {name}": e for name, e in errs.items()})
+            if rank == 0:
+                print(f"[P={world}] check {layout} T={args.check_tokens} in {time.time() - t0:.1f}s: {errs}", flush=True)
+            empty_cache()
+            save()
     runs = [(T, "tnl") for T in args.tokens] + [(T, "none") for T in args.no_decay_tokens]
     runs += [(T, "packed") for T in args.packed_tokens]
     for T, layout in runs:

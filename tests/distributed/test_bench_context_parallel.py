@@ -34,6 +34,7 @@ def test_benchmark_runs_at_tiny_size_and_reports(tmp_path):
     assert result["world_size"] == 2 and result["backend"] == "torch"
     assert result["signature_s"] > 0 and result["state_allgather_s"] > 0
     assert all(e["ok"] for e in result["check"].values()), result["check"]
+    assert {name.split(": ")[0] for name in result["check"]} == {"one sequence", "packed documents"}
     assert set(result["bench"]) == {"300-tnl", "200-none", "400-packed"}
     for key, r in result["bench"].items():
         assert r["local_s"] > 0 and r["cp_s"] > 0, (key, r)

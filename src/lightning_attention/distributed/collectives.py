@@ -11,7 +11,7 @@ what they disagree on (that would hang, or silently mix tensors): every rank com
 and raises the same ValueError, naming the field and each rank's value. A rank whose own arguments fail
 validation still takes part, flagged, and every rank raises that rank's error. Its cost: one tiny all-gather and
 one device-to-host read per forward (collective latency plus one pipeline bubble; on CPU/gloo see
-benchmarks/bench_context_parallel.py ``--signature-iters``).
+benchmarks/bench_context_parallel.py, which times it alone, and docs/distributed.md).
 
 A failed collective (a rank that exited, or did not reach the same call within the group's timeout) raises a
 RuntimeError naming the step; with gloo that happens as soon as the peer's connection drops, or after the

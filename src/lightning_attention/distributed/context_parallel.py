@@ -23,14 +23,16 @@ is the mirror image, against the scan direction (engines/base.py names D, the st
     dq, dk, dv = engine backward with the forward's initial states and dht = D(r) for the tail run
 
 Each direction makes one all-gather of one state per rank, whatever T or the number of documents (packed
-documents: only the one crossing each boundary carries a state; no collective per document).
+documents: only the one crossing each boundary carries a state; no collective per document); the forward also
+exchanges the call signature first, and with packed documents and ``output_final_state`` all-reduces the
+documents' final states (collectives.py).
 
 Overlap. The exchange is not overlapped with compute. Forward: the shard's scan needs S_in for its first token;
 splitting it into a scan from zero plus ``lam^t q_t S_in`` added afterwards costs a third pass over q and o for
 every undecayed head, more than the gather it would hide. Backward: the engine's dq scan does not need D and
 could run during the gather, but the engine computes dq, dk, dv in one call (one fused kernel for small heads).
 On 4x H100 at 512k tokens the state all-gather takes 100 us of a 14.5 ms step (0.7%,
-benchmarks/results/context_parallel_h100x4.md): the most overlap could save.
+benchmarks/results/h100x4/context_parallel.md): the most overlap could save.
 
 Replicated tensors (``initial_state`` in, ``final_state`` out) follow autograd through the exchange: the
 gradients of ``final_state`` received on all ranks are summed, and each rank returns a part of the gradient of
@@ -189,7 +191,7 @@ class _ContextParallelScan(torch.autograd.Function):
             if final is initial_state:  # no tokens at all: a new tensor, not the input
                 final = final.clone()
         elif cfg.output_final_state:
-            final = _packed_finals(call, local_final, initial_state, q, V, head, tail)
+            final = _packed_finals(call, local_final, initial_state, q, V, tail)
 
         ctx.save_for_backward(q, k, v, g, local_h0, saved)
         ctx.call = call
@@ -257,7 +259,7 @@ class _ContextParallelScan(torch.autograd.Function):
         return dq, dk, dv, dh0, None, None
 
 
-def _packed_finals(call: _Call, local_final, initial_state, q, V, head: Run, tail: Run) -> torch.Tensor:
+def _packed_finals(call: _Call, local_final, initial_state, q, V, tail: Run) -> torch.Tensor:
     """Every document's final state on every rank: each rank adds those of the documents whose last scanned
     token it holds (one all-reduce); a document without tokens keeps its initial state."""
     plan = call.plan
