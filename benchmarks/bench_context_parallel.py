@@ -2,18 +2,23 @@
 
 Run under torchrun, one process per GPU (benchmarks/gpu/context_parallel.sh runs 1, 2 and 4 and the report)::
 
-    torchrun --standalone --nproc_per_node=4 benchmarks/bench_context_parallel.py --out cp_P4.json
-    python benchmarks/bench_context_parallel.py --report OUT_DIR      # -> OUT_DIR/context_parallel.md
+    torchrun --standalone --nproc_per_node=4 benchmarks/bench_context_parallel.py --out OUT/cp_P4.json
+    python benchmarks/bench_context_parallel.py --report OUT      # -> OUT/context_parallel.md
 
 Per launch (P = world size):
-  check  B=1, T=--check-tokens, H=32, D=128, bf16, with h0 and final state: every rank's shard of o, dq, dk,
-         dv and the final state / dh0 against the float64 torch engine on the full sequence, judged against the
-         single-GPU op in bf16 on the same inputs (the library's tolerance rule: err <= 2 x baseline + 1e-6).
-  bench  for each T (--tokens with the 'tnl' decay, --no-decay-tokens with g = 0): forward+backward of the
-         single-GPU op on this rank's shard alone (no communication: the ideal), then of context parallelism
-         over the P ranks; median over --iters, the slowest rank.
-         With P = 1 the first is the single-GPU baseline. Out-of-memory is caught and reported per T.
+  check   B=1, T=--check-tokens, H=32, D=128, bf16, with h0 and final state, one sequence and packed documents
+          (1 to T/4 tokens, one empty): every rank's shard of o, dq, dk, dv and the final states / dh0 against the
+          float64 torch engine on the full axis, judged against the single-GPU op in bf16 on the same inputs (the
+          library's tolerance rule: err <= 2 x baseline + 1e-6).
+  bench   forward+backward at each T: one sequence (--tokens with the 'tnl' decay, --no-decay-tokens with g = 0)
+          and packed documents (--packed-tokens: lengths drawn uniformly from --doc-lengths, seeded, crossing the
+          shard boundaries). For each: the single-GPU op on this rank's shard alone (its documents only; no
+          communication: the ideal), then context parallelism over the P ranks; median over --iters, the
+          slowest rank. With P = 1 the first is the single-GPU baseline. Out-of-memory is caught and reported.
+  costs   the call-signature exchange (collectives.agree: the check that ranks agree, once per forward) and one
+          state all-gather, alone, median over --exchange-iters.
 Results go to one JSON per launch (rank 0), rewritten after each measurement so a killed launch keeps what it did.
+``--device cpu`` runs the same on CPU with gloo (the torch engine) at tiny sizes: a smoke test of this script.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -31,14 +37,17 @@ import torch
 import torch.distributed as dist
 
 from lightning_attention import chunk_simple_gla, decay
-from lightning_attention.distributed import context_parallel_simple_gla
-from lightning_attention.distributed import local_state
+from lightning_attention.distributed import collectives, context_parallel_simple_gla, local_state
+from lightning_attention.distributed.plan import ShardPlan
 from lightning_attention.testing import make_inputs
 
 H, D = 32, 128
 DEVICE = torch.device("cuda")  # --device cpu (gloo, torch engine) is for a smoke test of this script only
 LAYER_IDX, NUM_LAYERS = 2, 8  # 'tnl' layer 2 of 8: head 0 undecayed, the others decaying
-TOKENS = [131072, 524288, 1048576]
+TOKENS = [131072, 524288, 1048576, 4194304]
+#: Context parallelism is skipped where the shard alone already used more of the card than this: a rank running
+#: out of memory inside a collective would leave the others waiting until the process group's timeout.
+MEMORY_MARGIN = 0.92
 
 
 def sync() -> None:
@@ -59,7 +68,7 @@ def pick_backend(wanted: str) -> tuple[str, str]:
             return "torch", "Triton not importable"
         get_engine("triton", "chunk")
         q, k, v, _ = make_inputs(1, 256, 2, 64, dtype=torch.bfloat16, device=DEVICE)
-        chunk_simple_gla(q, k, v, torch.full((2,), -0.1, device=DEVICE), backend="triton")
+        chunk_simple_gla(q, k, v, g_gamma=torch.full((2,), -0.1, device=DEVICE), backend="triton")
         sync()
         return "triton", ""
     except Exception as exc:  # any failure of the Triton path: measure the torch engine instead, and say so
@@ -69,6 +78,15 @@ def pick_backend(wanted: str) -> tuple[str, str]:
 
 def shard_bounds(T: int, rank: int, world: int) -> tuple[int, int]:
     return T * rank // world, T * (rank + 1) // world
+
+
+def packed_documents(T: int, low: int, high: int) -> tuple[int, ...]:
+    """``cu_seqlens`` values of documents with lengths uniform in [low, high] (seeded), the last cut at T."""
+    rng = random.Random(T)
+    bounds = [0]
+    while bounds[-1] < T:
+        bounds.append(min(T, bounds[-1] + rng.randint(low, high)))
+    return tuple(bounds)
 
 
 def global_rel_errs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group) -> dict[str, tuple]:
@@ -87,28 +105,38 @@ def global_rel_errs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
     return out
 
 
-def check(T: int, backend: str, rank: int, world: int) -> dict:
-    """Correctness of o, dq, dk, dv, final state, dh0 at B=1, T, H, D bf16 (see module docstring)."""
+def check(T: int, backend: str, rank: int, world: int, packed: bool) -> dict:
+    """Correctness of o, dq, dk, dv, final state, dh0 at B=1, T, H, D bf16 (see module docstring); ``packed``:
+    documents of 1 to T/4 tokens and one empty, across the shard boundaries."""
     g = decay.g_gamma(H, LAYER_IDX, NUM_LAYERS, device=DEVICE)
-    q, k, v, h0 = make_inputs(1, T, H, D, dtype=torch.bfloat16, device=DEVICE, seed=1, initial_state=True)
+    bounds = packed_documents(T, 1, T // 4) if packed else (0, T)
+    if packed:
+        bounds = (*bounds[:2], bounds[1], *bounds[2:])  # an empty document after the first
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE) if packed else None
+    N = len(bounds) - 1
+    q, k, v, h0 = make_inputs(1, T, H, D, dtype=torch.bfloat16, device=DEVICE, seed=1, initial_state=True, num_seqs=N)
     gen = torch.Generator(device=DEVICE).manual_seed(2)
     do = torch.randn(1, T, H, D, device=DEVICE, generator=gen).to(torch.bfloat16)
-    dfinal = torch.randn(world, 1, H, D, D, device=DEVICE, generator=gen)  # a different weight per rank
+    dfinal = torch.randn(world, N, H, D, D, device=DEVICE, generator=gen)  # a different weight per rank
     start, end = shard_bounds(T, rank, world)
 
     def full(dtype, engine):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
         leaves.append(h0.detach().to(torch.float64 if dtype == torch.float64 else h0.dtype).requires_grad_(True))
-        o, final = chunk_simple_gla(*leaves[:3], g, None, leaves[3], True, backend=engine)
+        o, final = chunk_simple_gla(
+            *leaves[:3], g_gamma=g, initial_state=leaves[3], output_final_state=True, cu_seqlens=cu, backend=engine
+        )
         grads = torch.autograd.grad((o, final), leaves, (do.to(dtype), dfinal.sum(0).to(final.dtype)))
         return o.detach(), final.detach(), grads
 
     shard = [t[:, start:end].clone().requires_grad_(True) for t in (q, k, v)]  # q, k, v: no grad
     my_h0 = h0.clone().requires_grad_(True)
-    o, final = context_parallel_simple_gla(*shard, g, None, my_h0, True, backend=backend)
+    o, final = context_parallel_simple_gla(
+        *shard, g_gamma=g, initial_state=my_h0, output_final_state=True, cu_seqlens=cu, backend=backend
+    )
     grads = torch.autograd.grad((o, final), (*shard, my_h0), (do[:, start:end], dfinal[rank]))
     dh0 = grads[3].clone()
-    dist.all_reduce(dh0)  # the shares sum to the full gradient
+    dist.all_reduce(dh0)  # the parts sum to the full gradient
     o_one, final_one, g_one = full(torch.bfloat16, backend)
     o_ref, final_ref, g_ref = full(torch.float64, "torch")  # last: the largest
     sl = slice(start, end)
@@ -168,16 +196,25 @@ DECAYS = {
 }
 
 
-def bench(T: int, decay_name: str, backend: str, rank: int, world: int, iters: int) -> dict:
-    g = DECAYS[decay_name]()
+def bench(T: int, layout: str, backend: str, rank: int, world: int, iters: int, doc_lengths) -> dict:
+    """``layout``: "tnl" / "none" (one sequence, that decay) or "packed" (documents, 'tnl' decay)."""
+    g = DECAYS["none" if layout == "none" else "tnl"]()
     start, end = shard_bounds(T, rank, world)
-    out = {"tokens": T, "decay": decay_name}
+    out = {"tokens": T, "layout": layout}
+    cu = local_cu = None
+    if layout == "packed":
+        bounds = packed_documents(T, *doc_lengths)
+        out["documents"] = len(bounds) - 1
+        cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+        plan = ShardPlan(tuple(e - s for s, e in (shard_bounds(T, r, world) for r in range(world))), bounds, False, rank)
+        local_cu = torch.tensor(plan.local_bounds(rank), dtype=torch.int32, device=DEVICE) if end > start else None
     try:  # generated on the device: make_inputs draws float64 on the host, slow at a million tokens
         q, k, v, do = (torch.randn(1, end - start, H, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_(True)
     except torch.cuda.OutOfMemoryError:
         q = k = v = do = None
+
     def timed(fn, run: bool, collective: bool) -> float | None:
         """Slowest rank's median seconds, None if out of memory on any rank (or not run)."""
         seconds = None
@@ -189,16 +226,34 @@ def bench(T: int, decay_name: str, backend: str, rank: int, world: int, iters: i
             empty_cache()
         return slowest(seconds)
 
-    # 1) the single-GPU op on this rank's shard alone: the ideal (no communication, no cross-shard work).
-    out["local_s"] = timed(lambda *x: chunk_simple_gla(*x, g, backend=backend)[0], q is not None, False)
-    # 2) context parallel over the group; skipped (OOM) if any rank could not run its shard alone, so that
-    #    no rank is left waiting in a collective.
-    cp_fn = lambda *x: context_parallel_simple_gla(*x, g, backend=backend)[0]  # noqa: E731
-    out["cp_s"] = timed(cp_fn, out["local_s"] is not None, True)
+    def local_fn(*x):  # 1) the single-GPU op on this rank's shard alone: the ideal
+        return chunk_simple_gla(*x, g_gamma=g, cu_seqlens=local_cu, backend=backend)[0]
+
+    def cp_fn(*x):  # 2) context parallel over the group
+        return context_parallel_simple_gla(*x, g_gamma=g, cu_seqlens=cu, backend=backend)[0]
+
+    out["local_s"] = timed(local_fn, q is not None, False)
+    room = memory_room()
+    if DEVICE.type == "cuda":
+        out["local_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    # Skipped (None) where any rank could not run its shard alone, or nearly filled its card doing so, so that
+    # no rank is left waiting in a collective.
+    out["cp_s"] = timed(cp_fn, out["local_s"] is not None and room, True)
     if DEVICE.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     return out
+
+
+def memory_room() -> bool:
+    """Every rank's peak so far stayed under MEMORY_MARGIN of its card (always True on CPU)."""
+    fits = 1.0
+    if DEVICE.type == "cuda":
+        fits = float(torch.cuda.max_memory_allocated() < MEMORY_MARGIN * torch.cuda.get_device_properties(DEVICE).total_memory)
+    t = torch.tensor([fits], device=DEVICE)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item() == 1.0
 
 
 def empty_cache() -> None:
@@ -206,19 +261,32 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def state_gather_seconds(world: int, iters: int = 50) -> float:
-    """One all-gather of the forward's packed per-rank state (B=1: H*D*D + 1 fp32), median seconds."""
-    buf = torch.randn(H * D * D + 1, device=DEVICE)
-    out = torch.empty(world * buf.numel(), device=DEVICE)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def median_seconds(fn, iters: int) -> float:
     times = []
     for _ in range(iters):
         sync()
         t0 = time.perf_counter()
-        gather(out, buf)
+        fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return slowest(sorted(times)[len(times) // 2])
+
+
+def exchange_costs(world: int, rank: int, iters: int) -> dict:
+    """The per-call collectives alone: the call-signature exchange (an all-gather of a few int64 and one host
+    read, as every forward does it) and one all-gather of the forward's state (B=1: H*D*D fp32)."""
+    g = decay.g_gamma(H, LAYER_IDX, NUM_LAYERS, device=DEVICE)
+    signature = collectives.Signature(
+        tokens=524288 // world, batch=1, heads=H, k_dim=D, v_dim=D, dtype=torch.bfloat16, device_type=DEVICE.type,
+        initial_state=False, output_final_state=False, reverse=False, chunk_size=64, scale=D**-0.5, num_seqs=-1,
+        cu_seqlens=0, needs_grad=True,
+    )  # fmt: skip
+    state = torch.randn(1, H, D, D, device=DEVICE)
+    agree = lambda: collectives.agree(signature, g, DEVICE, None, world, rank)  # noqa: E731
+    gather = lambda: collectives.all_gather_rows(state, None, world, "benchmark all-gather")  # noqa: E731
+    for fn in (agree, gather):
+        fn()  # warm-up
+    return {"signature_s": median_seconds(agree, iters), "state_allgather_s": median_seconds(gather, iters)}
 
 
 def run_launch(args) -> None:
@@ -245,8 +313,11 @@ def run_launch(args) -> None:
         "backend_note": note,
         "local_state_kernel": None,
         "torch": torch.__version__,
+        "triton": triton_version(),
         "nccl": nccl_version(),
         "card": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+        "command": "torchrun --standalone --nproc_per_node={} {}".format(world, " ".join(sys.argv)),
+        "doc_lengths": list(args.doc_lengths),
         "check": None,
         "bench": {},
     }
@@ -259,27 +330,38 @@ def run_launch(args) -> None:
 
     if rank == 0:
         print(f"[P={world}] backend={backend} {note}", flush=True)
-    if world > 1:
-        result["state_allgather_s"] = state_gather_seconds(world)
+    result.update(exchange_costs(world, rank, args.exchange_iters))
     save()
     if args.check_tokens:
-        t0 = time.time()
-        result["check"] = check(args.check_tokens, backend, rank, world)
         result["check_tokens"] = args.check_tokens
-        if rank == 0:
-            print(f"[P={world}] check T={args.check_tokens} in {time.time() - t0:.1f}s: {result['check']}", flush=True)
-        empty_cache()
-        save()
+        result["check"] = {}
+        for layout in ("one sequence", "packed documents"):
+            t0 = time.time()
+            errs = check(args.check_tokens, backend, rank, world, packed=layout != "one sequence")
+            result["check"].update({f"{layout}: {name}": e for name, e in errs.items()})
+            if rank == 0:
+                print(f"[P={world}] check {layout} T={args.check_tokens} in {time.time() - t0:.1f}s: {errs}", flush=True)
+            empty_cache()
+            save()
     runs = [(T, "tnl") for T in args.tokens] + [(T, "none") for T in args.no_decay_tokens]
-    for T, decay_name in runs:
+    runs += [(T, "packed") for T in args.packed_tokens]
+    for T, layout in runs:
         t0 = time.time()
-        key = f"{T}-{decay_name}"
-        result["bench"][key] = bench(T, decay_name, backend, rank, world, args.iters)
+        key = f"{T}-{layout}"
+        result["bench"][key] = bench(T, layout, backend, rank, world, args.iters, args.doc_lengths)
         if rank == 0:
             print(f"[P={world}] {key}: {result['bench'][key]} ({time.time() - t0:.1f}s)", flush=True)
         save()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
 
 
 def nccl_version() -> str:
@@ -301,6 +383,13 @@ def gpu_lines() -> list[str]:
     return text.splitlines() or ["nvidia-smi printed nothing"]
 
 
+LAYOUT_NAMES = {
+    "tnl": "one sequence, 'tnl' decay",
+    "none": "one sequence, no decay",
+    "packed": "packed documents, 'tnl' decay",
+}
+
+
 def report(out_dir: str) -> str:
     """Markdown from the launches' JSON files in ``out_dir`` (written there as context_parallel.md)."""
     launches = {}
@@ -310,46 +399,68 @@ def report(out_dir: str) -> str:
         launches[data["world_size"]] = data
     shapes = sorted({data.get("shape", "") for data in launches.values()})
     lines = [f"# Context parallelism: forward+backward scaling over GPUs ({'; '.join(shapes) or 'no results'})", ""]
-    lines += ["GPUs (nvidia-smi):", ""] + [f"- {line}" for line in gpu_lines()] + [""]
+    lines += ["GPUs (nvidia-smi: index, name, memory, driver):", ""] + [f"- {line}" for line in gpu_lines()] + [""]
     if not launches:
         return "\n".join(lines + ["No launch produced results (see context_parallel.log)."]) + "\n"
     any_launch = next(iter(launches.values()))
-    lines.append(f"torch {any_launch['torch']}, NCCL {any_launch['nccl']}, card seen by torch: {any_launch['card']}.")
+    lines.append(
+        f"torch {any_launch['torch']}, triton {any_launch.get('triton', '?')}, NCCL {any_launch['nccl']}, "
+        f"card seen by torch: {any_launch['card']}. Made by benchmarks/gpu/context_parallel.sh; each launch:"
+    )
+    lines += ["", "```"] + [data.get("command", "?") for _, data in sorted(launches.items())] + ["```", ""]
     for P, data in sorted(launches.items()):
         note = f" ({data['backend_note']})" if data["backend_note"] else ""
-        gather = f", state all-gather {data['state_allgather_s'] * 1e6:.0f} us" if "state_allgather_s" in data else ""
-        lines.append(
-            f"- P={P}: engine **{data['backend']}**{note}; "
-            f"local-state kernel (Triton): {data['local_state_kernel']}{gather}"
-        )
+        costs = ""
+        if P > 1 and "signature_s" in data:
+            costs = (
+                f"; call-signature exchange {data['signature_s'] * 1e6:.0f} us, "
+                f"state all-gather {data['state_allgather_s'] * 1e6:.0f} us"
+            )
+            step = data["bench"].get("524288-tnl", {}).get("cp_s")
+            if step:
+                costs += f" (the exchange is {data['signature_s'] / step * 100:.2f}% of the 512k step)"
+        lines.append(f"- P={P}: engine **{data['backend']}**{note}; local-state kernel (Triton): "
+                     f"{data['local_state_kernel']}{costs}")  # fmt: skip
+    low, high = any_launch.get("doc_lengths", ["?", "?"])
     lines += [
         "",
-        f"Decay 'tnl' = layer {LAYER_IDX} of {NUM_LAYERS} (head 0 undecayed, the rest decaying); 'none' = g = 0 "
-        "for every head (worst case of the local-state pass). Times: median fwd+bwd of the slowest rank. "
-        "'local' = the single-GPU op on one rank's shard alone (no communication): the ideal for P GPUs. "
-        "Speedup = tokens/s of CP on P GPUs / tokens/s of the single-GPU op on 1 GPU at the same T.",
+        f"Decay 'tnl' = layer {LAYER_IDX} of {NUM_LAYERS} (head 0 undecayed, the rest decaying); 'no decay' = g = 0 "
+        f"for every head (worst case of the local-state pass); packed documents: lengths uniform in [{low}, {high}] "
+        "(seeded), across the shard boundaries. Times: median fwd+bwd of the slowest rank. 'shard alone' = the "
+        "single-GPU op on one rank's shard (its documents) alone, no communication: the ideal for P GPUs. "
+        "Speedup = tokens/s of CP on P GPUs / tokens/s of the single-GPU op on 1 GPU at the same T and layout. "
+        "'skipped' = not run: a shard alone ran out of memory, or came within "
+        f"{(1 - MEMORY_MARGIN) * 100:.0f}% of the card.",
         "",
-        "| T | decay | GPUs | single-GPU op on the shard (ms) | context parallel (ms) | CP overhead vs shard alone "
+        "| T | layout | GPUs | shard alone (ms) | context parallel (ms) | CP overhead vs shard alone "
         "| Mtokens/s | speedup vs 1 GPU | peak GiB (rank 0) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = {key: (r["decay"] != "tnl", r["tokens"]) for data in launches.values() for key, r in data["bench"].items()}
+    order = {"tnl": 0, "packed": 1, "none": 2}
+    keys = {
+        key: (order.get(r.get("layout", r.get("decay")), 3), r["tokens"])
+        for data in launches.values()
+        for key, r in data["bench"].items()
+    }
     for key in sorted(keys, key=keys.get):
         base = launches.get(1, {}).get("bench", {}).get(key, {}).get("local_s")
-        T, decay_name = key.split("-")
+        T, layout = key.split("-")
         for P, data in sorted(launches.items()):
             r = data["bench"].get(key)
+            name = LAYOUT_NAMES.get(layout, layout)
             if r is None:
-                lines.append(f"| {T} | {decay_name} | {P} | not run | not run | | | | |")
+                lines.append(f"| {T} | {name} | {P} | not run | not run | | | | |")
                 continue
-            T = r["tokens"]
+            if "documents" in r:
+                name += f" ({r['documents']} documents)"
             local, cp = r["local_s"], r["cp_s"]
             fmt = lambda s: "OOM" if s is None else f"{s * 1e3:.2f}"  # noqa: E731
+            cp_cell = fmt(cp) if local is not None and cp is not None else ("skipped" if local is not None else "OOM")
             over = "" if local is None or cp is None else f"{(cp / local - 1) * 100:+.1f}%"
-            rate = "" if cp is None else f"{T / cp / 1e6:.1f}"
+            rate = "" if cp is None else f"{r['tokens'] / cp / 1e6:.1f}"
             speed = "" if cp is None or base is None else f"{base / cp:.2f}x"
             peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else ""
-            cells = [T, decay_name, P, fmt(local), fmt(cp), over, rate, speed, peak]
+            cells = [r["tokens"], name, P, fmt(local), cp_cell, over, rate, speed, peak]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "## Correctness at real size (relative errors over the whole sequence)", ""]
     lines += [
@@ -371,6 +482,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS, help="sequence lengths to time")
     parser.add_argument("--no-decay-tokens", type=int, nargs="*", default=[524288], help="also time these with g = 0")
     parser.add_argument(
+        "--packed-tokens", type=int, nargs="*", default=[524288, 1048576], help="packed-document batches to time"
+    )
+    parser.add_argument("--doc-lengths", type=int, nargs=2, default=(8192, 65536), metavar=("MIN", "MAX"))
+    parser.add_argument(
         "--check-tokens",
         type=int,
         default=65536,
@@ -378,6 +493,7 @@ def main() -> int:
         "(tens of GB at 128k tokens, H=32, D=128)",
     )
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--exchange-iters", type=int, default=50, help="repeats of the collectives timed alone")
     parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     parser.add_argument("--heads", type=int, default=H)
     parser.add_argument("--head-dim", type=int, default=D)

@@ -129,6 +129,15 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
     (:func:`cu_seqlens_bounds`)."""
     if cu_seqlens is None:
         return q.shape[0]
+    num_seqs = check_cu_seqlens_layout(cu_seqlens, q)
+    if values_readable(cu_seqlens):
+        cu_seqlens_bounds(cu_seqlens, q.shape[1])
+    return num_seqs
+
+
+def check_cu_seqlens_layout(cu_seqlens: torch.Tensor, q: torch.Tensor) -> int:
+    """Type, shape and device of ``cu_seqlens`` (not its values: context parallelism checks those against the
+    token count of all shards). Returns the number of sequences N."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if q.shape[0] != 1:
@@ -139,8 +148,6 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
         raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1, got {shape_str(cu_seqlens)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {shape_str(cu_seqlens)}")
-    if values_readable(cu_seqlens):
-        cu_seqlens_bounds(cu_seqlens, q.shape[1])
     return cu_seqlens.numel() - 1
 
 

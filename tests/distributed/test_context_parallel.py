@@ -1,31 +1,29 @@
 """Context parallelism on CPU with gloo: 1 (in process), 2 and 4 processes against the single-process op.
 
-Each world size is spawned once (module fixture) and runs every case inside; every rank compares its shard
-of the output and of the gradients (q, k, v, its share of dh0, and the group sum of dh0) with the exact
-float64 reference, judged against the single-process op in the same dtype (lightning_attention.testing).
-The loss is the sum of per-rank losses, each with its own weight on the replicated final state, so the
-summation of final-state gradients across ranks is exercised too.
+The cases run as jobs in the shared spawned worlds (tests/distributed/world.py); every rank compares its shard
+of the output and of the gradients (q, k, v, its part of dh0, and the group sum of dh0) with the exact float64
+reference, judged against the single-process op in the same dtype (lightning_attention.testing). The loss is the
+sum of per-rank losses, each with its own weight on the replicated final state, so the summation of final-state
+gradients across ranks is exercised too. Packed cases (``docs``) put documents of length 0, 1 and more across
+shard boundaries, through empty shards and over 3+ shards.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_attention import chunk_simple_gla, decay
 from lightning_attention.distributed import context_parallel_lightning_attn, context_parallel_simple_gla
 from lightning_attention.engines import triton_available
 from lightning_attention.reference import chunk_reference
 from lightning_attention.testing import assert_matches_baseline, make_inputs
+from tests.distributed.world import rank_job
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,8 @@ class Case:
     odd_ranks_only: bool = False  # run on a subgroup (group rank != global rank)
     backend: str = "torch"  # "triton": the Triton engine (CUDA, or CPU under TRITON_INTERPRET=1, as in CI)
     world_sizes: tuple[int, ...] = (2, 4)
+    # Packed documents (B = 1): their lengths along the whole token axis, the last one taking what remains.
+    docs: tuple[int, ...] | None = None
 
 
 CASES = [
@@ -62,13 +62,53 @@ CASES = [
     Case("subgroup", (24, 21, 24, 24), odd_ranks_only=True),
     # The interpreter is slow: two ranks only (the combine across more ranks is covered above).
     Case("triton-engine", (20, 9), K=16, V=16, H=2, reverse=True, backend="triton", world_sizes=(2,)),
+    # Packed documents. World 2 holds the first two shards; world 4 adds documents over 3 and 4 shards.
+    Case("packed-span-all", (10, 12, 9, 11), docs=(3, 36)),  # doc 1: ranks 0-3 (world 2: 0-1, ends there)
+    Case("packed-span-reverse", (10, 12, 9, 11), docs=(3, 36), reverse=True),
+    Case("packed-empty-and-short", (7, 0, 18, 9), docs=(0, 1, 5, 0, 0, 12, 1, 0, 9)),  # 0/1-token documents
+    Case("packed-on-boundaries", (8, 8, 8, 8), docs=(8, 0, 8, 4, 12)),  # documents ending exactly at shards
+    Case("packed-empty-spanned", (6, 0, 0, 14), docs=(2, 10), reverse=True),  # a document through empty shards
+    Case("packed-many-per-shard", (30, 25, 3, 14), docs=(2, 3, 1, 7, 4, 9, 2, 11, 6, 1), final_state=False),
+    Case("packed-no-state", (13, 17, 21, 8), docs=(20, 25), initial_state=False, final_state=False),
+    Case("packed-final-only", (13, 17, 21, 8), docs=(1, 30, 0, 4), initial_state=False, reverse=True),
+    Case("packed-bf16", (20, 30, 10, 20), docs=(15, 40, 1), dtype=torch.bfloat16, schedule="minimax"),
+    Case("packed-fp64", (11, 19, 13, 7), docs=(4, 22, 9), dtype=torch.float64, layer_idx=2),
+    Case("packed-subgroup", (9, 14, 7, 7), docs=(5, 13, 0), odd_ranks_only=True),
+    Case("packed-lightning-api", (12, 12, 12, 12), docs=(5, 30), api="lightning", reverse=True),
+    Case(
+        "packed-triton", (18, 11), docs=(4, 20, 1), K=16, V=16, H=2, reverse=True, backend="triton",
+        world_sizes=(2,),
+    ),  # fmt: skip
 ]
 NUM_LAYERS = 4
 CHUNK = 16  # small, so shards span several chunks and end in partial ones
 FLOOR = {torch.float64: 1e-12}
 
 
-def _full_results(case: Case, q, k, v, h0, g, scale, w_o, w_f, bounds, exact: bool):
+def _doc_bounds(case: Case, T: int) -> tuple[int, ...] | None:
+    if case.docs is None:
+        return None
+    bounds = [0]
+    for n in case.docs:
+        bounds.append(min(T, bounds[-1] + n))
+    return (*bounds, T)
+
+
+def _first_scanned_owner(case: Case, docs: tuple[int, ...], shard_bounds: list[int]) -> list[int]:
+    """Per document, the rank whose part of dh0 is the whole gradient (the packed rule, module docstring of
+    lightning_attention.distributed.context_parallel)."""
+    P = len(shard_bounds) - 1
+    owners = []
+    for start, end in zip(docs[:-1], docs[1:]):
+        if start == end:
+            owners.append(P - 1 if case.reverse else 0)
+            continue
+        token = end - 1 if case.reverse else start
+        owners.append(next(r for r in range(P) if shard_bounds[r] <= token < shard_bounds[r + 1]))
+    return owners
+
+
+def _full_results(case: Case, q, k, v, h0, g, scale, w_o, w_f, bounds, cu, exact: bool):
     """Single-process outputs and gradients: of the total loss, and dh0 of each rank's own loss.
 
     ``exact``: the float64 reference (inputs upcast); else the op itself in the inputs' dtype."""
@@ -76,11 +116,13 @@ def _full_results(case: Case, q, k, v, h0, g, scale, w_o, w_f, bounds, exact: bo
     leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
     if h0 is not None:
         h0 = h0.detach().to(torch.float64 if exact else h0.dtype).requires_grad_(True)
+    cu_seqlens = None if cu is None else torch.tensor(cu)
+    options = dict(scale=scale, initial_state=h0, output_final_state=case.final_state, reverse=case.reverse)
     if exact:
-        o, final = chunk_reference(*leaves, g, scale, h0, case.final_state, case.reverse, chunk_size=CHUNK)
+        o, final = chunk_reference(*leaves, g_gamma=g, cu_seqlens=cu_seqlens, chunk_size=CHUNK, **options)
     else:
         o, final = chunk_simple_gla(
-            *leaves, g, scale, h0, case.final_state, chunk_size=CHUNK, reverse=case.reverse, backend=case.backend
+            *leaves, g_gamma=g, cu_seqlens=cu_seqlens, chunk_size=CHUNK, backend=case.backend, **options
         )
     rank_losses = []
     for r, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -95,7 +137,14 @@ def _full_results(case: Case, q, k, v, h0, g, scale, w_o, w_f, bounds, exact: bo
         out["final"] = final.detach()
     if h0 is not None:
         out["dh0_sum"] = grads[3]
-        out["dh0_share"] = [torch.autograd.grad(loss, h0, retain_graph=True)[0] for loss in rank_losses]
+        if cu is None:
+            out["dh0_share"] = [torch.autograd.grad(loss, h0, retain_graph=True)[0] for loss in rank_losses]
+        else:
+            owners = _first_scanned_owner(case, cu, bounds)
+            out["dh0_part"] = [
+                grads[3] * torch.tensor([o == r for o in owners], dtype=grads[3].dtype)[:, None, None, None]
+                for r in range(len(bounds) - 1)
+            ]
     return out
 
 
@@ -108,29 +157,31 @@ def _run_case(case: Case, group, rank: int, world_size: int) -> list[str]:
     shards = case.shards[:world_size]
     bounds = [sum(shards[:r]) for r in range(world_size + 1)]
     T = bounds[-1]
-    q, k, v, h0 = make_inputs(case.B, T, case.H, case.K, case.V, case.dtype, seed=7, initial_state=case.initial_state)
+    cu = _doc_bounds(case, T)
+    N = case.B if cu is None else len(cu) - 1
+    q, k, v, h0 = make_inputs(
+        case.B, T, case.H, case.K, case.V, case.dtype, seed=7, initial_state=case.initial_state, num_seqs=N
+    )
     gen = torch.Generator().manual_seed(11)
     w_o = torch.randn(case.B, T, case.H, case.V, generator=gen, dtype=torch.float64)
-    w_f = torch.randn(world_size, case.B, case.H, case.K, case.V, generator=gen, dtype=torch.float64)
+    w_f = torch.randn(world_size, N, case.H, case.K, case.V, generator=gen, dtype=torch.float64)
     g = decay.g_gamma(case.H, case.layer_idx, NUM_LAYERS, schedule=case.schedule)
     scale = decay.default_scale(case.schedule, case.K)
 
-    ref = _full_results(case, q, k, v, h0, g, scale, w_o, w_f, bounds, exact=True)
-    base = _full_results(case, q, k, v, h0, g, scale, w_o, w_f, bounds, exact=False)
+    ref = _full_results(case, q, k, v, h0, g, scale, w_o, w_f, bounds, cu, exact=True)
+    base = _full_results(case, q, k, v, h0, g, scale, w_o, w_f, bounds, cu, exact=False)
 
     sl = slice(bounds[rank], bounds[rank + 1])
     mine = [x[:, sl].detach().clone().requires_grad_(True) for x in (q, k, v)]
     my_h0 = h0.clone().requires_grad_(True) if h0 is not None else None
+    options = dict(
+        initial_state=my_h0, output_final_state=case.final_state, group=group, reverse=case.reverse,
+        chunk_size=CHUNK, backend=case.backend, cu_seqlens=None if cu is None else torch.tensor(cu),
+    )  # fmt: skip
     if case.api == "lightning":
-        o, final = context_parallel_lightning_attn(
-            *mine, case.layer_idx, NUM_LAYERS, None, my_h0, case.final_state, group,
-            chunk_size=CHUNK, schedule=case.schedule, reverse=case.reverse, backend=case.backend,
-        )
+        o, final = context_parallel_lightning_attn(*mine, case.layer_idx, NUM_LAYERS, schedule=case.schedule, **options)
     else:
-        o, final = context_parallel_simple_gla(
-            *mine, g, scale, my_h0, case.final_state, group, reverse=case.reverse, chunk_size=CHUNK,
-            backend=case.backend,
-        )
+        o, final = context_parallel_simple_gla(*mine, g_gamma=g, scale=scale, **options)
     assert (final is None) == (not case.final_state), "final_state returned iff asked for"
     loss = (o.double() * w_o[:, sl]).sum()
     if final is not None:
@@ -144,7 +195,8 @@ def _run_case(case: Case, group, rank: int, world_size: int) -> list[str]:
     if final is not None:
         checks["final"] = (final, ref["final"], base["final"])
     if my_h0 is not None:
-        checks["dh0_share"] = (my_h0.grad, ref["dh0_share"][rank], base["dh0_share"][rank])
+        part = "dh0_share" if cu is None else "dh0_part"
+        checks[part] = (my_h0.grad, ref[part][rank], base[part][rank])
         dh0_sum = my_h0.grad.clone()
         dist.all_reduce(dh0_sum, group=group)
         checks["dh0_sum"] = (dh0_sum, ref["dh0_sum"], base["dh0_sum"])
@@ -154,9 +206,31 @@ def _run_case(case: Case, group, rank: int, world_size: int) -> list[str]:
     return sorted(checks)
 
 
-def _run_chain(group, rank: int, world_size: int) -> list[str]:
+@rank_job()
+def cases_job(ctx) -> dict:
+    """Every case this world runs: case id -> checked tensor names, or the failure."""
+    results = {}
+    for case in CASES:
+        if ctx.world_size not in case.world_sizes or (case.backend == "triton" and not _triton_runs_on_cpu()):
+            continue
+        if case.odd_ranks_only and ctx.rank % 2 == 0:
+            continue
+        group = ctx.groups["odd"] if case.odd_ranks_only else None
+        members = ctx.world_size // 2 if case.odd_ranks_only else ctx.world_size
+        try:
+            results[case.id] = _run_case(case, group, dist.get_rank(group), members)
+        except AssertionError as exc:
+            results[case.id] = f"FAILED: {exc}"
+        except Exception:  # report, don't hang the other ranks' result collection
+            results[case.id] = "ERROR: " + traceback.format_exc()
+    return results
+
+
+@rank_job()
+def chain_job(ctx) -> list[str]:
     """Two calls in a row, the second starting from the first's final state (not detached): the summed
     final-state gradients and the per-rank dh0 shares must compose into the single-process chain's gradients."""
+    rank, world_size = ctx.rank, ctx.world_size
     T, shard = 16 * world_size, 16
     inputs = [make_inputs(1, T, 2, 8, seed=s, initial_state=True) for s in (3, 4)]
     (qa, ka, va, h0), (qb, kb, vb, _) = inputs
@@ -177,83 +251,55 @@ def _run_chain(group, rank: int, world_size: int) -> list[str]:
         loss = chain(run, tensors, slice(None), w_f.sum(0))
         return dict(zip(tensors, torch.autograd.grad(loss, list(tensors.values()))))
 
-    ref = single(torch.float64, lambda q, k, v, s: chunk_reference(q, k, v, g, None, s, True, chunk_size=CHUNK))
-    base = single(torch.float32, lambda q, k, v, s: chunk_simple_gla(q, k, v, g, None, s, True, chunk_size=CHUNK))
+    def ref_run(q, k, v, s):
+        return chunk_reference(q, k, v, g_gamma=g, initial_state=s, output_final_state=True, chunk_size=CHUNK)
+
+    def base_run(q, k, v, s):
+        return chunk_simple_gla(q, k, v, g_gamma=g, initial_state=s, output_final_state=True, chunk_size=CHUNK)
+
+    ref, base = single(torch.float64, ref_run), single(torch.float32, base_run)
     sl = slice(rank * shard, (rank + 1) * shard)
     mine = {n: (t[:, sl] if n != "h0" else t).detach().clone().requires_grad_(True) for n, t in leaves.items()}
 
     def cp_run(q, k, v, state):
-        return context_parallel_simple_gla(q, k, v, g, None, state, True, group, chunk_size=CHUNK)
+        return context_parallel_simple_gla(
+            q, k, v, g_gamma=g, initial_state=state, output_final_state=True, chunk_size=CHUNK
+        )
 
     chain(cp_run, mine, sl, w_f[rank]).backward()
-    dist.all_reduce(mine["h0"].grad, group=group)
+    dist.all_reduce(mine["h0"].grad)
     for name, t in mine.items():
         exact, baseline = (ref[name], base[name]) if name == "h0" else (ref[name][:, sl], base[name][:, sl])
         assert_matches_baseline(t.grad, exact, baseline, name=f"rank {rank} chained d{name}")
     return sorted(mine)
 
 
-def _worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    results = {}
-    try:
-        odd_group = dist.new_group([r for r in range(world_size) if r % 2 == 1])
-        for case in CASES:
-            if world_size not in case.world_sizes or (case.backend == "triton" and not _triton_runs_on_cpu()):
-                continue
-            group = odd_group if case.odd_ranks_only else None
-            if case.odd_ranks_only and rank % 2 == 0:
-                continue
-            members = world_size // 2 if case.odd_ranks_only else world_size
-            try:
-                results[case.id] = _run_case(case, group, dist.get_rank(group), members)
-            except AssertionError as exc:
-                results[case.id] = f"FAILED: {exc}"
-            except Exception:  # report, don't hang the other ranks' result collection
-                results[case.id] = "ERROR: " + traceback.format_exc()
-        try:
-            results["chained"] = _run_chain(None, rank, world_size)
-        except Exception:
-            results["chained"] = "ERROR: " + traceback.format_exc()
-    finally:
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        # Tear down only once every rank is done: a rank destroying its gloo pairs while a peer still sends
-        # was seen to abort the process ("terminate called without an active exception") in one CI run.
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def spawned(request):
-    """Runs every case on ``world_size`` processes once; returns ``(world_size, [results per rank])``."""
-    world_size = request.param
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world_size, str(Path(tmp) / "store"), tmp), nprocs=world_size, join=True)
-        return world_size, [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
+def _outcomes(world, job) -> list:
+    world_size, results = world
+    return [results[r].get(f"{job.__module__}.{job.__name__}", "not run") for r in range(world_size)]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
-def test_matches_single_process(spawned, case):
-    world_size, results = spawned
+def test_matches_single_process(world, case):
+    world_size, _ = world
     if world_size not in case.world_sizes:
         pytest.skip(f"{case.id} runs on {case.world_sizes} processes")
     if case.backend == "triton" and not _triton_runs_on_cpu():
         pytest.skip("needs triton and TRITON_INTERPRET=1 (the CP tests run on CPU tensors)")
     ranks = [r for r in range(world_size) if r % 2 == 1] if case.odd_ranks_only else range(world_size)
     expected = {"o", "dq", "dk", "dv"} | ({"final"} if case.final_state else set())
-    expected |= {"dh0_share", "dh0_sum"} if case.initial_state else set()
+    if case.initial_state:
+        expected |= {"dh0_share" if case.docs is None else "dh0_part", "dh0_sum"}
+    per_rank = _outcomes(world, cases_job)
     for r in ranks:
-        outcome = results[r].get(case.id, "not run")
+        assert isinstance(per_rank[r], dict), f"rank {r}: {per_rank[r]}"
+        outcome = per_rank[r].get(case.id, "not run")
         assert not isinstance(outcome, str), f"rank {r}: {outcome}"
         assert set(outcome) == expected, f"rank {r} checked {outcome}"
 
 
-def test_chained_calls_match_single_process(spawned):
-    world_size, results = spawned
-    for r in range(world_size):
-        outcome = results[r].get("chained", "not run")
+def test_chained_calls_match_single_process(world):
+    for r, outcome in enumerate(_outcomes(world, chain_job)):
         assert not isinstance(outcome, str), f"rank {r}: {outcome}"
         assert outcome == ["h0", "ka", "kb", "qa", "qb", "va", "vb"], f"rank {r} checked {outcome}"
 
@@ -271,13 +317,17 @@ def world_of_one(tmp_path):
 
 
 @pytest.mark.parametrize("reverse", [pytest.param(False, id="forward"), pytest.param(True, id="reverse")])
-def test_world_of_one_is_the_single_device_op(world_of_one, reverse):
-    q, k, v, h0 = make_inputs(2, 45, 3, 8, 6, initial_state=True, requires_grad=True)
+@pytest.mark.parametrize("packed", [pytest.param(False, id="rows"), pytest.param(True, id="packed")])
+def test_world_of_one_is_the_single_device_op(world_of_one, reverse, packed):
+    B, N = (1, 3) if packed else (2, 2)
+    q, k, v, h0 = make_inputs(B, 45, 3, 8, 6, initial_state=True, requires_grad=True, num_seqs=N)
+    cu = torch.tensor([0, 20, 20, 45]) if packed else None
     g = decay.g_gamma(3, 0, 2)
-    o, final = context_parallel_simple_gla(q, k, v, g, None, h0, True, reverse=reverse, chunk_size=CHUNK)
+    options = dict(initial_state=h0, output_final_state=True, reverse=reverse, chunk_size=CHUNK, cu_seqlens=cu)
+    o, final = context_parallel_simple_gla(q, k, v, g_gamma=g, **options)
     exact = [x.double() for x in (q, k, v, h0)]
-    o_ref, final_ref = chunk_reference(*exact[:3], g, None, exact[3], True, reverse, chunk_size=CHUNK)
-    o_base, final_base = chunk_simple_gla(q, k, v, g, None, h0, True, chunk_size=CHUNK, reverse=reverse)
+    o_ref, final_ref = chunk_reference(*exact[:3], g_gamma=g, **{**options, "initial_state": exact[3]})
+    o_base, final_base = chunk_simple_gla(q, k, v, g_gamma=g, **options)
     assert_matches_baseline(o, o_ref, o_base, name="o")
     assert_matches_baseline(final, final_ref, final_base, name="final")
 
@@ -293,8 +343,15 @@ def test_rejects_bad_arguments_with_clear_errors(world_of_one):
         context_parallel_simple_gla(q, k, v, g[:1])
     with pytest.raises(TypeError, match="group must be a torch.distributed.ProcessGroup"):
         context_parallel_simple_gla(q, k, v, g, group="world")
-    with pytest.raises(TypeError, match="unexpected keyword argument.*cu_seqlens"):
-        context_parallel_lightning_attn(q, k, v, 0, 1, cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(TypeError, match="unexpected keyword argument.*cu_seqlens_cpu"):
+        context_parallel_lightning_attn(q, k, v, 0, 1, cu_seqlens_cpu=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal T=8"):
+        context_parallel_simple_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 3, 9]))
+    with pytest.raises(ValueError, match=r"initial_state must have shape .* \(N = number of sequences\)"):
+        context_parallel_simple_gla(q, k, v, g, initial_state=h0, cu_seqlens=torch.tensor([0, 3, 8]))
+    q2, k2, v2, _ = make_inputs(2, 8, 2, 4)
+    with pytest.raises(ValueError, match="with cu_seqlens the batch size must be 1"):
+        context_parallel_simple_gla(q2, k2, v2, g, cu_seqlens=torch.tensor([0, 8]))
 
 
 def test_needs_an_initialized_process_group():

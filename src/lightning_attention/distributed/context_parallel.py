@@ -1,37 +1,49 @@
-"""Context parallelism: one sequence split over the ranks of a process group, exact forward and backward.
+"""Context parallelism: sequences split along T over the ranks of a process group, exact forward and backward.
 
-Rank r (in scan order) holds tokens ``[start_r, start_r + L_r)`` of every sequence of the batch. With
-``lam = exp(g)`` per head, the whole cross-shard dependency is one ``[K, V]`` state per (sequence, head)::
+Rank r holds tokens ``[start_r, start_r + L_r)`` of the token axis: of every batch row (each row one sequence),
+or of the packed axis of ``cu_seqlens`` (documents that may start, end or span any number of shards). Where the
+scan crosses from one shard into the next it carries one ``[K, V]`` state per (sequence, head), and with
+``lam = exp(g)`` per head that state is linear in the shards it passed through (plan.py names the runs)::
 
-    A_r         = sum_j lam^(L_r - 1 - j) k_j^T v_j              the shard's local state, from zero (j 0-based)
-    S_in(0)     = h0 (or 0),   S_in(r + 1) = lam^(L_r) S_in(r) + A_r
-    o (shard r) = scan(q, k, v, state=S_in(r))                   final_state = S_in(P)
+    A_r       = sum_j lam^(n - 1 - j) k_j^T v_j       local state of the shard's tail run (n tokens, j 0-based
+                                                      in scan order), from zero
+    S_out(r)  = lam^n X + A_r                         X = S_out(previous shard) if the sequence spans shard r,
+                                                      else the sequence's initial state (or 0)
+    o (shard) = scan(q, k, v, initial state S_out(previous) for the head run, initial_state for the others)
 
-so the forward is: A_r (distributed/local_state.py: one read of k, v, or only the last ~110/|g| tokens of
-a decaying head) -> all-gather the A's (B*H*K*V floats per rank) -> the combine above (P tiny steps, done
-redundantly on every rank) -> the engine's scan with initial state S_in(r). The backward is the mirror
-image, right to left (D = gradient of the state, engines/base.py)::
+so the forward is: exchange the call signature (collectives.py) -> A_r (local_state.py: one read of the tail
+run's k, v, or of its last ~110/|g| tokens for a decaying head) -> all-gather the A's (one state per rank) ->
+the chain above (a few tiny steps, redundantly on every rank) -> the engine's scan of the shard. The backward
+is the mirror image, against the scan direction (engines/base.py names D, the state gradient)::
 
-    Bhat_r      = scale * sum_t lam^t q_t^T do_t                 (t 1-based) the shard's own state gradient
-    D_in(P - 1) = sum over ranks of d final_state,   D_in(r - 1) = lam^(L_r) D_in(r) + Bhat_r
-    dq, dk, dv  = engine backward with initial_state = S_in(r), dht = D_in(r)
+    Bhat_r    = scale * sum_t lam^t q_t^T do_t        the head run's own state gradient (t 1-based in scan order)
+    D(r)      = lam^n Z + Bhat_next                   gradient of S_out(r), n = head run of the next shard;
+                                                      Z = D(next) if the sequence spans it, else its final-state
+                                                      gradient summed over the ranks (or 0)
+    dq, dk, dv = engine backward with the forward's initial states and dht = D(r) for the tail run
 
-Communication per call: one all-gather of per-rank states forward, one of state gradients backward
-(independent of T). It is not overlapped with compute: each step needs the previous one's result, and the
-gathers are a few MiB (tens of microseconds over NVLink); overlapping them would need a second pass over
-the shard (scan from zero, then add ``lam^t q_t S_in``), which costs more than it hides.
+Each direction makes one all-gather of one state per rank, whatever T or the number of documents (packed
+documents: only the one crossing each boundary carries a state; no collective per document); the forward also
+exchanges the call signature first, and with packed documents and ``output_final_state`` all-reduces the
+documents' final states (collectives.py).
 
-``reverse=True`` scans every sequence from its last token to its first: the state flows from the last rank
-to the first, with the same algebra in mirrored positions.
+Overlap. The exchange is not overlapped with compute. Forward: the shard's scan needs S_in for its first token;
+splitting it into a scan from zero plus ``lam^t q_t S_in`` added afterwards costs a third pass over q and o for
+every undecayed head, more than the gather it would hide. Backward: the engine's dq scan does not need D and
+could run during the gather, but the engine computes dq, dk, dv in one call (one fused kernel for small heads).
+On 4x H100 at 512k tokens the state all-gather takes 100 us of a 14.5 ms step (0.7%,
+benchmarks/results/h100x4/context_parallel.md): the most overlap could save.
 
-Replicated tensors (``initial_state`` in, ``final_state`` out) follow autograd through a differentiable
-all-gather: the gradients of ``final_state`` received on all ranks are summed, and each rank's gradient for
-its copy of ``initial_state`` is its share (summed over the group it is the gradient of the sum of all ranks'
-losses, which is what data/context-parallel gradient reduction does for a replicated parameter). Chaining
-calls (``initial_state`` = an earlier call's ``final_state``) is therefore exact.
+Replicated tensors (``initial_state`` in, ``final_state`` out) follow autograd through the exchange: the
+gradients of ``final_state`` received on all ranks are summed, and each rank returns a part of the gradient of
+``initial_state`` such that the parts summed over the group are the whole gradient (what data/context-parallel
+gradient reduction does for a replicated tensor). Without ``cu_seqlens`` rank r's part is the gradient of its own
+loss; with ``cu_seqlens`` a document's whole gradient is on the rank holding its first scanned token (a
+document without tokens: on the first rank of the scan). Chaining calls (``initial_state`` = an earlier call's
+``final_state``) is therefore exact.
 
-Shapes per rank: q, k ``[B, L_r, H, K]``, v ``[B, L_r, H, V]``, states ``[B, H, K, V]`` float32 (float64 for
-float64 inputs). ``L_r`` may differ between ranks (even 0); B, H, K, V, dtype and options must not.
+Shapes per rank: q, k ``[B, L_r, H, K]``, v ``[B, L_r, H, V]``, states ``[N, H, K, V]`` float32 (float64 for
+float64 inputs), N = B, or the number of documents with ``cu_seqlens`` (then B = 1).
 """
 
 from __future__ import annotations
@@ -42,60 +54,88 @@ import torch
 import torch.distributed as dist
 
 from lightning_attention import _validation as val
+from lightning_attention import decay
+from lightning_attention.distributed import collectives
 from lightning_attention.distributed.local_state import decayed_outer_sum
+from lightning_attention.distributed.plan import Run, ShardPlan
 from lightning_attention.engines import get_engine, resolve_backend
-from lightning_attention.ops import _lightning_args
 
 __all__ = ["context_parallel_simple_gla", "context_parallel_lightning_attn"]
 
-# ---------------------------------------------------------------------------------------------------------
-# Communication.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _gather(local: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    """All-gather a flat tensor: returns ``[world_size, numel]`` (rank order of ``group``)."""
-    if world_size == 1:
-        return local[None]
-    out = local.new_empty(world_size * local.numel())
-    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather_single(out, local.contiguous(), group=group)
-    return out.view(world_size, -1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Autograd function.
-# ---------------------------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
-class _Plan:
-    """Everything fixed for one call: scan config, backend, and this rank's place in scan order."""
+class _Call:
+    """Everything fixed for one call: scan config, engine, group, and where the shards and sequences lie."""
 
     cfg: val.ScanConfig
     backend: str
     group: object
-    world_size: int
-    position: int  # index of this rank's shard in scan order (rank, or world_size - 1 - rank when reversed)
+    plan: ShardPlan
+    local_cu_seqlens: torch.Tensor | None  # this shard's documents (packed), on q's device
 
-    def scan_order(self, per_rank: torch.Tensor) -> torch.Tensor:
-        """Reorder a gathered ``[P, ...]`` tensor from rank order to scan order."""
-        return per_rank.flip(0) if self.cfg.reverse else per_rank
+    @property
+    def rows(self) -> int | None:
+        """Rows of an exchanged state: 1 (the one document crossing a boundary) when packed; None = all B rows."""
+        return 1 if self.plan.packed else None
 
 
-def _per_head(decay: torch.Tensor) -> torch.Tensor:
-    """``[H]`` -> ``[1, H, 1, 1]`` to multiply ``[B, H, K, V]`` states."""
-    return decay[None, :, None, None]
+def _decay(g: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``lam^tokens`` per head as ``[1, H, 1, 1]``, to multiply ``[R, H, K, V]`` states."""
+    return torch.exp(g * float(tokens))[None, :, None, None]
+
+
+def _run_sum(a: torch.Tensor, c: torch.Tensor, g: torch.Tensor, run: Run, reverse: bool, head: bool) -> torch.Tensor:
+    """Decay-weighted ``sum a^T c`` over a run at one end of the shard, in scan order (module docstring):
+    the head run weighs its j-th scanned token (0-based) lam^(j + 1), the tail run lam^(n - 1 - j)."""
+    n, L = run.length, a.shape[1]
+    ascending = head != reverse  # weights grow along the token axis
+    rows = slice(0, n) if ascending else slice(L - n, L)
+    base = (1 if ascending else n) if head else (0 if ascending else n - 1)
+    return decayed_outer_sum(a[:, rows], c[:, rows], g, base, ascending)
+
+
+def _rows(state: torch.Tensor | None, seq: int | None, call: _Call) -> torch.Tensor | None:
+    """The rows of a per-sequence ``[N, H, K, V]`` tensor that one exchanged state stands for."""
+    if state is None or call.rows is None:
+        return state
+    return state[seq : seq + 1]
+
+
+def _chain(states, start, ranks, runs, g):
+    """``state <- lam^(run length) * state + states[r]`` over ``ranks``; ``start`` None stands for zero."""
+    state = start
+    for r in ranks:
+        state = states[r] if state is None else _decay(g, runs(r).length) * state + states[r]
+    return state
+
+
+def _shard_states(call: _Call, per_seq, crossing, L: int, head: bool):
+    """The per-sequence states the engine takes for this shard: initial states (forward, ``head``) or final-state
+    gradients (backward). Rows of the replicated ``per_seq`` ``[N, H, K, V]`` (or None: zeros) for the shard's
+    sequences, the head or tail run's replaced by the exchanged ``crossing`` state where it crosses the boundary.
+    Returns None where the engine needs none."""
+    if not call.plan.packed:
+        return crossing if crossing is not None else per_seq
+    if L == 0 or (per_seq is None and crossing is None):
+        return None
+    seqs = call.plan.local_seqs(call.plan.rank)
+    if per_seq is not None:
+        states = per_seq[seqs.start : seqs.stop].clone()
+    else:
+        states = crossing.new_zeros(len(seqs), *crossing.shape[1:])
+    if crossing is not None:
+        states[0 if head != call.cfg.reverse else -1] = crossing[0]  # the run's place in scan order
+    return states
 
 
 class _ContextParallelScan(torch.autograd.Function):
-    """forward(q, k, v, initial_state, g, plan) -> (o, final_state or None); engines pick their own precision,
+    """forward(q, k, v, initial_state, g, call) -> (o, final_state or None); engines pick their own precision,
     so an enclosing ``torch.autocast`` region is switched off inside (it would round the fp32 states)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, initial_state, g, plan: _Plan):
+    def forward(ctx, q, k, v, initial_state, g, call: _Call):
         with torch.autocast(q.device.type, enabled=False):
-            return _ContextParallelScan._forward(ctx, q, k, v, initial_state, g, plan)
+            return _ContextParallelScan._forward(ctx, q, k, v, initial_state, g, call)
 
     @staticmethod
     def backward(ctx, do, dfinal):
@@ -103,78 +143,156 @@ class _ContextParallelScan(torch.autograd.Function):
             return _ContextParallelScan._backward(ctx, do, dfinal)
 
     @staticmethod
-    def _forward(ctx, q, k, v, initial_state, g, plan: _Plan):
+    def _forward(ctx, q, k, v, initial_state, g, call: _Call):
+        plan, cfg = call.plan, call.cfg
+        rank, P, rev = plan.rank, plan.world_size, cfg.reverse
         B, L, H, K = q.shape
         V = v.shape[-1]
         sdt = val.state_dtype(q)
-        p, P = plan.position, plan.world_size
+        gs = g.to(sdt)
+        head, tail = plan.head(rank), plan.tail(rank)
+        rows = call.rows or B
+        final_by_chain = cfg.output_final_state and not plan.packed
 
-        # A_r: the token the scan processes last is decayed 0 times, the one before it once, ...
-        rev = plan.cfg.reverse
-        local_state = decayed_outer_sum(k, v, g, 0 if rev else L - 1, ascending=rev)
-        length = torch.full((1,), L, dtype=sdt, device=q.device)
-        gathered = plan.scan_order(_gather(torch.cat([local_state.flatten(), length]), plan.group, P))
-        states = gathered[:, :-1].view(P, B, H, K, V)
-        lengths = gathered[:, -1]  # [P], shard lengths in scan order
-        decays = torch.exp(g.to(sdt)[None, :] * lengths[:, None])  # [P, H] = lam^(L_s)
+        # A_r, where a later shard needs it (and, one sequence per row, for the final state).
+        if tail.open or final_by_chain:
+            tail_state = _run_sum(k, v, g, tail, rev, head=False)
+        else:
+            tail_state = q.new_zeros(rows, H, K, V, dtype=sdt)
+        states = collectives.all_gather_rows(tail_state, call.group, P, "forward state all-gather")
+        states = states.view(P, rows, H, K, V)
 
-        def step(state, s):  # S_in(s + 1) from S_in(s); None stands for a zero state
-            return states[s] if state is None else _per_head(decays[s]) * state + states[s]
+        # The state entering the shard's head run: from where its sequence began, through every shard it spans.
+        state_in = None
+        if head.open:
+            chain = plan.chain_to(rank)
+            start = _rows(initial_state, plan.tail(chain[0]).seq, call)
+            state_in = _chain(states, None if start is None else start.to(sdt), chain, plan.tail, gs)
 
-        state_in = initial_state.to(sdt) if initial_state is not None else None
-        for s in range(p):
-            state_in = step(state_in, s)
+        local_h0 = _shard_states(call, initial_state, state_in, L, head=True)
+
+        saved = None
+        local_final = None
+        if L == 0:
+            o = q.new_zeros(B, 0, H, V)
+        else:
+            engine = get_engine(call.backend, "chunk")
+            local_cfg = replace(cfg, output_final_state=cfg.output_final_state and plan.packed)
+            scan_args = dict(g_gamma=g, cfg=local_cfg, initial_state=local_h0, cu_seqlens=call.local_cu_seqlens)
+            if hasattr(engine, "forward_saving"):
+                o, local_final, saved = engine.forward_saving(q, k, v, **scan_args)
+            else:
+                o, local_final = engine.forward(q, k, v, **scan_args)
+
         final = None
-        if plan.cfg.output_final_state:
-            final = state_in
-            for s in range(p, P):
-                final = step(final, s)
+        if final_by_chain:
+            start = None if initial_state is None else initial_state.to(sdt)
+            final = _chain(states, start, plan.scan_order(), plan.tail, gs)
+            if final is initial_state:  # no tokens at all: a new tensor, not the input
+                final = final.clone()
+        elif cfg.output_final_state:
+            final = _packed_finals(call, local_final, initial_state, q, V, tail)
 
-        engine = get_engine(plan.backend, "chunk")
-        o, _ = engine.forward(q, k, v, g, replace(plan.cfg, output_final_state=False), state_in, None)
-
-        ctx.save_for_backward(q, k, v, g, state_in, lengths, decays)
-        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, g, local_h0, saved)
+        ctx.call = call
         ctx.has_initial_state = initial_state is not None
         return o, final
 
     @staticmethod
     def _backward(ctx, do, dfinal):
-        q, k, v, g, state_in, lengths, decays = ctx.saved_tensors
-        do = do.contiguous()
-        plan = ctx.plan
-        p, P = plan.position, plan.world_size
+        q, k, v, g, local_h0, saved = ctx.saved_tensors
+        call = ctx.call
+        plan, cfg = call.plan, call.cfg
+        rank, P, rev = plan.rank, plan.world_size, cfg.reverse
         B, L, H, K = q.shape
         V = v.shape[-1]
         sdt = val.state_dtype(q)
-        has_final = plan.cfg.output_final_state
+        gs = g.to(sdt)
+        do = do.contiguous()
+        head, tail = plan.head(rank), plan.tail(rank)
+        rows = call.rows or B
+        N = plan.num_seqs if plan.packed else B
+        has_final = cfg.output_final_state
+        wants_dh0 = ctx.has_initial_state and ctx.needs_input_grad[3]
         if has_final and dfinal is None:
-            dfinal = q.new_zeros(B, H, K, V, dtype=sdt)
+            dfinal = q.new_zeros(N, H, K, V, dtype=sdt)
 
-        # Bhat_r: the token the scan processes first sees S_in decayed once, the next twice, ...
-        rev = plan.cfg.reverse
-        own_grad = plan.cfg.scale * decayed_outer_sum(q, do, g, L if rev else 1, ascending=not rev)
-        packed = torch.cat([own_grad.flatten(), dfinal.to(sdt).flatten()]) if has_final else own_grad.flatten()
-        gathered = plan.scan_order(_gather(packed, plan.group, P))
-        state_grads = gathered[:, : own_grad.numel()].view(P, B, H, K, V)
+        # Bhat_r, where an earlier shard needs it (and, one sequence per row, for this rank's part of dh0).
+        if head.open or (wants_dh0 and not plan.packed):
+            head_grad = cfg.scale * _run_sum(q, do, g, head, rev, head=True)
+        else:
+            head_grad = q.new_zeros(rows, H, K, V, dtype=sdt)
+        parts = [head_grad.flatten()] + ([dfinal.to(sdt).flatten()] if has_final else [])
+        gathered = collectives.all_gather_rows(torch.cat(parts), call.group, P, "backward state-gradient all-gather")
+        head_grads = gathered[:, : head_grad.numel()].view(P, rows, H, K, V)
+        dfinal_sum = gathered[:, head_grad.numel() :].sum(0).view(N, H, K, V) if has_final else None
 
-        # D_in(P - 1) = summed final-state gradients; D_in(s - 1) = lam^(L_s) D_in(s) + Bhat_s.
-        dstate = gathered[:, own_grad.numel() :].sum(0).view(B, H, K, V) if has_final else None
-        for s in range(P - 1, p, -1):
-            dstate = state_grads[s] if dstate is None else _per_head(decays[s]) * dstate + state_grads[s]
+        # The gradient reaching the shard's tail run: from where its sequence ends, back through every shard
+        # it spans.
+        dstate = None
+        if tail.open:
+            chain = plan.chain_from(rank)
+            start = _rows(dfinal_sum, plan.head(chain[0]).seq, call)
+            dstate = _chain(head_grads, start, chain, plan.head, gs)
 
-        engine = get_engine(plan.backend, "chunk")
-        dq, dk, dv, _ = engine.backward(q, k, v, g, plan.cfg, state_in, None, do, dstate)
+        dht = _shard_states(call, dfinal_sum, dstate, L, head=False)
+
+        if L == 0:
+            dq, dk, dv, local_dh0 = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+        else:
+            engine = get_engine(call.backend, "chunk")
+            reuse = {} if saved is None else {"saved": saved}
+            dq, dk, dv, local_dh0 = engine.backward(
+                q, k, v, g_gamma=g, cfg=cfg, initial_state=local_h0, cu_seqlens=call.local_cu_seqlens, do=do,
+                dht=dht, **reuse,
+            )[:4]  # fmt: skip
 
         dh0 = None
-        if ctx.has_initial_state and ctx.needs_input_grad[3]:
-            # This rank's share: its outputs see h0 through lam^(tokens before the shard) S_in, and its
-            # copy of the final state through lam^T h0.
-            before = lengths[:p].sum()
-            dh0 = _per_head(torch.exp(g.to(sdt) * before)) * own_grad
+        if wants_dh0 and not plan.packed:
+            # This rank's loss sees h0 through lam^(tokens scanned before the shard) S_in, and through its copy of
+            # the final state, lam^T h0.
+            dh0 = _decay(gs, plan.tokens_before(rank)) * head_grad
             if has_final:
-                dh0 = dh0 + _per_head(torch.exp(g.to(sdt) * lengths.sum())) * dfinal.to(sdt)
+                dh0 = dh0 + _decay(gs, plan.num_tokens) * dfinal.to(sdt)
+        elif wants_dh0:
+            dh0 = _packed_dh0(call, local_dh0, dfinal_sum, q, V, head)
         return dq, dk, dv, dh0, None, None
+
+
+def _packed_finals(call: _Call, local_final, initial_state, q, V, tail: Run) -> torch.Tensor:
+    """Every document's final state on every rank: each rank adds those of the documents whose last scanned
+    token it holds (one all-reduce); a document without tokens keeps its initial state."""
+    plan = call.plan
+    sdt = val.state_dtype(q)
+    N, H, K = plan.num_seqs, q.shape[2], q.shape[3]
+    final = q.new_zeros(N, H, K, V, dtype=sdt)
+    seqs = plan.local_seqs(plan.rank)
+    b = plan.seq_bounds
+    for i, n in enumerate(seqs):
+        if b[n + 1] > b[n] and not (tail.open and n == tail.seq):
+            final[n] = local_final[i]
+    collectives.all_reduce_sum(final, call.group, plan.world_size, "all-reduce of the documents' final states")
+    empty = [n for n in range(N) if b[n + 1] == b[n]]
+    if empty and initial_state is not None:
+        final[empty] = initial_state[empty].to(sdt)
+    return final
+
+
+def _packed_dh0(call: _Call, local_dh0, dfinal_sum, q, V, head: Run) -> torch.Tensor:
+    """Each document's whole initial-state gradient on the rank holding its first scanned token (which the
+    engine's dh0 already is: its dht carried every later shard's gradient); a document without tokens: its
+    summed final-state gradient, on the first rank of the scan."""
+    plan = call.plan
+    N, H, K = plan.num_seqs, q.shape[2], q.shape[3]
+    dh0 = q.new_zeros(N, H, K, V, dtype=val.state_dtype(q))
+    b = plan.seq_bounds
+    for i, n in enumerate(plan.local_seqs(plan.rank)):
+        if b[n + 1] > b[n] and not (head.open and n == head.seq):
+            dh0[n] = local_dh0[i]
+    if dfinal_sum is not None and plan.scan_order()[0] == plan.rank:
+        empty = [n for n in range(N) if b[n + 1] == b[n]]
+        dh0[empty] = dfinal_sum[empty]
+    return dh0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,8 +300,9 @@ class _ContextParallelScan(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_group(group, device: torch.device):
-    """Returns ``(group, rank in group, world size)``."""
+def _check_group(group, device: torch.device | None):
+    """Returns ``(rank in group, world size)``. These errors are raised before any exchange (a rank that cannot
+    communicate cannot tell the others)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "context parallel attention needs torch.distributed: call torch.distributed.init_process_group "
@@ -194,9 +313,65 @@ def _check_group(group, device: torch.device):
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("this process is not a member of `group`: call the op only on the group's ranks")
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+    if dist.get_backend(group) == "nccl" and device is not None and device.type != "cuda":
         raise ValueError(f"group uses the NCCL backend, which needs CUDA tensors; q is on {device}")
-    return group, rank, dist.get_world_size(group)
+    return rank, dist.get_world_size(group)
+
+
+def _exchange_device(q, group) -> torch.device:
+    """Where the signature exchange runs: q's device, or (q unusable) the one the group's backend needs."""
+    if isinstance(q, torch.Tensor):
+        return q.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _context_parallel(
+    q, k, v, decay_of, initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size, backend
+):  # fmt: skip
+    """Validate (every rank takes part in the signature exchange, even with invalid arguments), plan, run.
+    ``decay_of()`` -> ``(g_gamma, scale or None)``, called inside the validation."""
+    rank, world_size = _check_group(group, q.device if isinstance(q, torch.Tensor) else None)
+    error = signature = g = None
+    try:
+        g_gamma, scale = decay_of()
+        g, scale, chunk_size = val.check_scan_inputs(q, k, v, g_gamma, scale, None, None, chunk_size)
+        num_seqs, cu_host, cu_fingerprint = q.shape[0], None, 0
+        if cu_seqlens is not None:
+            num_seqs = val.check_cu_seqlens_layout(cu_seqlens, q)
+            cu_host = cu_seqlens.detach().cpu()
+            cu_fingerprint = collectives.fingerprint(cu_host.tolist())
+        val.check_initial_state(initial_state, q, v, num_seqs)
+        backend = resolve_backend(backend, q.device)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, initial_state)
+        )
+        signature = collectives.Signature(
+            tokens=q.shape[1], batch=q.shape[0], heads=q.shape[2], k_dim=q.shape[3], v_dim=v.shape[3],
+            dtype=q.dtype, device_type=q.device.type, initial_state=initial_state is not None,
+            output_final_state=bool(output_final_state), reverse=bool(reverse), chunk_size=chunk_size, scale=scale,
+            num_seqs=num_seqs if cu_seqlens is not None else -1, cu_seqlens=cu_fingerprint, needs_grad=needs_grad,
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        error = exc
+    device = _exchange_device(q, group)
+    # The caller's g_gamma, not its validated copy: its fingerprint is kept per tensor (a layer passes the same one).
+    lengths = collectives.agree(signature, g_gamma if error is None else None, device, group, world_size, rank, error)
+
+    bounds = None
+    if cu_seqlens is not None:  # equal on every rank (the exchange compared fingerprints): any error is too
+        try:
+            bounds = val.cu_seqlens_bounds(cu_host, sum(lengths))
+        except ValueError as exc:
+            raise ValueError(f"{exc} [context parallel: T is the whole axis, the shard lengths {lengths} summed]") from None
+    plan = ShardPlan(tuple(lengths), bounds, bool(reverse), rank)
+    local_cu = None
+    if plan.packed and q.shape[1] > 0:
+        local_cu = torch.tensor(plan.local_bounds(rank), dtype=torch.int32).to(q.device)
+    cfg = val.ScanConfig(scale, bool(reverse), chunk_size, bool(output_final_state))
+    call = _Call(cfg, backend, group, plan, local_cu)
+    return _ContextParallelScan.apply(q, k, v, initial_state, g, call)
 
 
 def context_parallel_simple_gla(
@@ -209,44 +384,47 @@ def context_parallel_simple_gla(
     output_final_state: bool = False,
     group: dist.ProcessGroup | None = None,
     *,
+    cu_seqlens: torch.Tensor | None = None,
     reverse: bool = False,
     chunk_size: int = 64,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`lightning_attention.chunk_simple_gla` on a sequence sharded along T over a process group.
+    """:func:`lightning_attention.chunk_simple_gla` on a token axis sharded over a process group.
 
-    Call it on every rank of ``group`` (default: the world) with that rank's consecutive slice of the
-    sequence: rank r holds tokens ``[start_r, start_r + L_r)``, ranks in ascending order along T. The result
-    on each rank is that rank's slice of the single-device op's output (within rounding), forward and backward.
+    Call it on every rank of ``group`` (default: the world) with that rank's consecutive slice of the token
+    axis: rank r holds tokens ``[start_r, start_r + L_r)``, ranks in ascending order along T. The result on each
+    rank is that rank's slice of the single-device op's output (within rounding), forward and backward.
 
     Args:
-        q, k: ``[B, L_r, H, K]``; v: ``[B, L_r, H, V]``: this rank's shard. ``L_r`` may differ between ranks;
-            B, H, K, V, dtype and every other argument must be the same on all ranks (not checked: a
-            mismatch raises inside the collective or hangs, as with any collective).
+        q, k: ``[B, L_r, H, K]``; v: ``[B, L_r, H, V]``: this rank's shard. ``L_r`` may differ between ranks
+            (even 0); everything else must be the same on all ranks: it is checked, and a mismatch raises the
+            same ValueError on every rank.
         g_gamma: ``[H]`` log decay per head, ``<= 0``.
         scale: default ``K ** -0.5``.
-        initial_state: ``[B, H, K, V]`` float32 (float64 for float64 inputs), the state before the whole
-            sequence, identical on every rank (each rank reads its own copy). Gradient: this rank's share;
-            the sum over the group is the full gradient (module docstring).
-        output_final_state: return the state after the whole sequence, the same on every rank; its
+        initial_state: ``[N, H, K, V]`` float32 (float64 for float64 inputs), the state before each sequence,
+            identical on every rank. Gradient: a part on each rank, summing over the group to the whole
+            gradient (module docstring).
+        output_final_state: return the state after each sequence ``[N, H, K, V]``, the same on every rank; its
             gradients from all ranks are summed.
-        group: the process group the sequence is split over (NCCL with CUDA tensors, or gloo).
-        reverse: scan each sequence from its last token (on the last rank) to its first.
+        group: the process group the tokens are split over (NCCL with CUDA tensors, or gloo).
+        cu_seqlens: int ``[N + 1]`` offsets of documents packed along the *whole* token axis (B = 1), the same
+            tensor on every rank (the one the single-device op would take for the concatenated shards): 0-based,
+            non-decreasing, last == ``sum of L_r``. A document may start, end or span any number of shards.
+            On q's device; its values are read on the host once per call.
+        reverse: scan each sequence from its last token to its first (the state flows from the last rank down).
         chunk_size, backend: as for :func:`lightning_attention.chunk_simple_gla`; the local work runs on
             ``engines.get_engine(backend, "chunk")``.
 
     Returns:
-        ``(o [B, L_r, H, V] in q's dtype, final_state [B, H, K, V] or None)``.
+        ``(o [B, L_r, H, V] in q's dtype, final_state [N, H, K, V] or None)``.
 
-    Varlen (``cu_seqlens``) is not supported: every batch row is one sequence spanning all shards.
+    Collectives per call: a signature exchange and one state all-gather forward, one all-gather backward, and
+    with ``cu_seqlens`` and ``output_final_state`` one all-reduce of the final states (collectives.py).
     """
-    g, scale, chunk_size = val.check_scan_inputs(q, k, v, g_gamma, scale, initial_state, None, chunk_size)
-    backend = resolve_backend(backend, q.device)
-    group, rank, world_size = _check_group(group, q.device)
-    cfg = val.ScanConfig(scale, bool(reverse), chunk_size, bool(output_final_state))
-    position = world_size - 1 - rank if reverse else rank
-    plan = _Plan(cfg, backend, group, world_size, position)
-    return _ContextParallelScan.apply(q, k, v, initial_state, g, plan)
+    return _context_parallel(
+        q, k, v, lambda: (g_gamma, scale), initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size,
+        backend,
+    )  # fmt: skip
 
 
 def context_parallel_lightning_attn(
@@ -259,16 +437,25 @@ def context_parallel_lightning_attn(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     group: dist.ProcessGroup | None = None,
-    **kwargs,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    schedule: str = "tnl",
+    reverse: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`lightning_attention.chunk_lightning_attn` on a sequence sharded along T over a process group.
+    """:func:`lightning_attention.chunk_lightning_attn` on a token axis sharded over a process group.
 
-    The decay comes from ``(layer_idx, num_layers)`` as in :func:`lightning_attention.chunk_lightning_attn`;
-    keyword options ``chunk_size``, ``schedule``, ``reverse``, ``backend``. Everything else as
-    :func:`context_parallel_simple_gla`.
+    The decay comes from ``(layer_idx, num_layers, schedule)`` through :func:`lightning_attention.decay.g_gamma`
+    and ``scale`` defaults to the schedule's, as in :func:`lightning_attention.chunk_lightning_attn`. Everything
+    else as :func:`context_parallel_simple_gla`.
     """
-    g, scale, extra = _lightning_args(
-        q, layer_idx, num_layers, scale, kwargs, "context_parallel_lightning_attn",
-        ("chunk_size", "schedule", "reverse", "backend"),
+
+    def decay_of():
+        val.check_qkv(q, k, v)
+        g = decay.g_gamma(q.shape[2], layer_idx, num_layers, schedule=schedule, device=q.device)
+        return g, decay.default_scale(schedule, q.shape[-1]) if scale is None else scale
+
+    return _context_parallel(
+        q, k, v, decay_of, initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size, backend
     )
-    return context_parallel_simple_gla(q, k, v, g, scale, initial_state, output_final_state, group, **extra)

@@ -57,6 +57,19 @@ def _pack_plan(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keep.nonzero().squeeze(1), cu_seqlens
 
 
+class _Shared:
+    """Holds an object that copies of the module share rather than copy: a process group cannot be deep-copied
+    (``copy.deepcopy(model)`` would fail)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo) -> _Shared:
+        return self
+
+
 class LightningAttention(nn.Module):
     """Lightning Attention token mixer (MiniMax-Text-01 / TransNormerLLM layer).
 
@@ -72,6 +85,11 @@ class LightningAttention(nn.Module):
         chunk_size: tokens per chunk of the chunked op.
         backend: "auto" (Triton kernels on CUDA, torch elsewhere), "torch" or "triton".
         norm_eps: epsilon of the RMSNorm over all heads.
+        context_parallel_group: a ``torch.distributed`` process group to split the token axis over (context
+            parallelism): each rank passes its consecutive slice ``[B, T_r, hidden]``, and every scan runs
+            :func:`lightning_attention.distributed.context_parallel_simple_gla` (``cu_seqlens``, the whole packed
+            axis's, and ``initial_state`` supported; ``attention_mask`` is not: pack with ``cu_seqlens``).
+            None (default): the single-device ops. An attribute, so it can be set after construction.
         device, dtype: where and in which dtype to create the parameters.
     """
 
@@ -89,6 +107,7 @@ class LightningAttention(nn.Module):
         chunk_size: int = 64,
         backend: str = "auto",
         norm_eps: float = 1e-6,
+        context_parallel_group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -107,6 +126,7 @@ class LightningAttention(nn.Module):
         self.schedule, self.activation = schedule, activation
         self.scale = decay.default_scale(schedule, head_dim) if scale is None else float(scale)
         self.chunk_size, self.backend = chunk_size, backend
+        self._context_parallel_group = _Shared(context_parallel_group)
         # Kept outside the module's buffers so that model.to(torch.bfloat16) cannot round the decay; copies
         # per device are made on first (eager) use.
         self._g_gamma_host = decay.g_gamma(num_heads, layer_idx, num_layers, schedule=schedule)
@@ -118,6 +138,15 @@ class LightningAttention(nn.Module):
         self.output_gate = nn.Linear(hidden_size, inner, bias=False, **factory)
         self.norm = RMSNorm(inner, eps=norm_eps, **factory)
         self.out_proj = nn.Linear(inner, hidden_size, bias=False, **factory)
+
+    @property
+    def context_parallel_group(self):
+        """The process group the token axis is split over, or None (see the class docstring)."""
+        return self._context_parallel_group.value
+
+    @context_parallel_group.setter
+    def context_parallel_group(self, group) -> None:
+        self._context_parallel_group = _Shared(group)
 
     def g_gamma(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """This layer's per-head log-decay, float32 ``[H]`` on ``device`` (cached per device)."""
@@ -187,6 +216,19 @@ class LightningAttention(nn.Module):
     def _scan(self, q, k, v, initial_state, attention_mask, cu_seqlens, output_final_state):
         """q, k, v ``[B, T, H, D]`` -> ``(o [B, T, H, D], final_state)`` through the public ops."""
         g = self.g_gamma(q.device)
+        if self.context_parallel_group is not None:
+            from lightning_attention.distributed import context_parallel_simple_gla
+
+            if attention_mask is not None:
+                raise ValueError(
+                    "attention_mask is not supported with context_parallel_group: pack the sequences along T and "
+                    "pass cu_seqlens (of the whole packed axis) instead"
+                )
+            return context_parallel_simple_gla(
+                q, k, v, g_gamma=g, scale=self.scale, initial_state=initial_state,
+                output_final_state=output_final_state, group=self.context_parallel_group, cu_seqlens=cu_seqlens,
+                chunk_size=self.chunk_size, backend=self.backend,
+            )  # fmt: skip
         if initial_state is None:
             options = {"chunk_size": self.chunk_size, "backend": self.backend}
             op = chunk_simple_gla
