@@ -63,41 +63,21 @@ class MiniMaxLightningAttentionAdapter(MiniMaxLightningAttention, LightningAtten
     not run (this one builds :class:`LightningAttention`'s modules under the same names) and :meth:`forward` is
     overridden. Every other method comes from :class:`LightningAttention` (the two share no other name).
 
-    Args:
-        hidden_size, num_heads, head_dim, layer_idx, num_layers: as :class:`LightningAttention` (transformers'
-            ``hidden_size``, ``num_attention_heads``, ``head_dim``, ``layer_idx``, ``num_hidden_layers``).
-        block_size: transformers' ``config.block_size`` (the length of its decay buffers).
-        activation, chunk_size, backend, norm_eps, device, dtype: as :class:`LightningAttention`.
+    Args: those of :class:`LightningAttention` (with ``schedule="minimax"``; transformers' names for the first five
+    are ``hidden_size``, ``num_attention_heads``, ``head_dim``, ``layer_idx``, ``num_hidden_layers``), and
+    ``block_size``, transformers' ``config.block_size`` (the length of its decay buffers).
     """
 
     layer_type = "linear_attention"
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        head_dim: int,
-        layer_idx: int,
-        num_layers: int,
-        *,
-        block_size: int,
-        activation: str = "silu",
-        chunk_size: int = 64,
-        backend: str = "auto",
-        norm_eps: float = 1e-6,
-        device=None,
-        dtype=None,
-    ) -> None:
-        LightningAttention.__init__(
-            self, hidden_size, num_heads, head_dim, layer_idx, num_layers, schedule="minimax", activation=activation,
-            chunk_size=chunk_size, backend=backend, norm_eps=norm_eps, device=device, dtype=dtype,
-        )
-        # The attributes transformers' methods read.
-        self.num_attention_heads, self.num_hidden_layers, self.block_size = num_heads, num_layers, block_size
-        for name, value in zip(self._DECAY_BUFFERS, self._stock_decay_buffers(device)):
-            self.register_buffer(name, value)
-
+    #: transformers' checkpoint buffers, kept (same objects, same values) though the computation never reads them.
     _DECAY_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+
+    def __init__(self, *args, block_size: int, **kwargs) -> None:
+        LightningAttention.__init__(self, *args, schedule="minimax", **kwargs)
+        # The attributes transformers' methods read.
+        self.num_attention_heads, self.num_hidden_layers, self.block_size = self.num_heads, self.num_layers, block_size
+        for name, value in zip(self._DECAY_BUFFERS, self._stock_decay_buffers(kwargs.get("device"))):
+            self.register_buffer(name, value)
 
     def _stock_decay_buffers(self, device=None) -> tuple[torch.Tensor, ...]:
         """transformers' checkpoint buffers by transformers' own methods (so the numbers are its, bit for bit):
