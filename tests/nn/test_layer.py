@@ -91,7 +91,8 @@ def test_decay_is_computed_on_the_host_and_marked_checked():
     assert not _g_gamma_needs_check(g)
     assert layer.g_gamma("cpu") is g, "cached per device"
     layer.layer_idx = 2
-    assert torch.equal(layer.g_gamma("cpu"), decay.g_gamma(HEADS, 2, 4, schedule="minimax")), "the cache follows the recipe"
+    expected = decay.g_gamma(HEADS, 2, 4, schedule="minimax")
+    assert torch.equal(layer.g_gamma("cpu"), expected), "the cache follows the recipe"
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])

@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from lightning_attention import decay
 from lightning_attention._validation import check_initial_state, mark_g_gamma_checked, shape_str, state_dtype
+from lightning_attention.engines import autocast_off
 from lightning_attention.nn.cache import LightningCache
 from lightning_attention.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
@@ -246,16 +247,19 @@ class LightningAttention(nn.Module):
         o = torch.gather(o_sorted, 1, torch.argsort(order, dim=1)[..., None, None].expand_as(o_sorted))
         if initial_state is None:
             return o, final_state
-        # h0's part, in the state dtype (float32, float64 for float64 inputs): lam^n = exp(g * n).
+        # h0's part in the state dtype (float32, float64 for float64 inputs; autocast off, as in the ops):
+        # lam^n = exp(g * n).
         wide = state_dtype(q)
-        seen = real.cumsum(1)  # [B, T]: real tokens up to and including t
-        lam_n = torch.exp(g.to(wide) * seen[..., None].to(wide))  # [B, T, H]
-        from_h0 = torch.einsum("bthk,bhkv->bthv", q.to(wide), initial_state.to(wide)) * (self.scale * lam_n[..., None])
-        from_h0 = torch.where(real[..., None, None], from_h0, torch.zeros((), dtype=wide, device=q.device))
-        o = (o.to(wide) + from_h0).to(o.dtype)
-        if final_state is not None:
-            lam_total = torch.exp(g.to(wide) * real.sum(1, keepdim=True).to(wide))  # [B, H]
-            final_state = final_state + lam_total[..., None, None] * initial_state
+        with autocast_off(q.device):
+            seen = real.cumsum(1)  # [B, T]: real tokens up to and including t
+            lam_n = torch.exp(g.to(wide) * seen[..., None].to(wide))  # [B, T, H]
+            q_h0 = torch.einsum("bthk,bhkv->bthv", q.to(wide), initial_state.to(wide))  # [B, T, H, V]
+            from_h0 = q_h0 * (self.scale * lam_n[..., None])
+            from_h0 = torch.where(real[..., None, None], from_h0, torch.zeros((), dtype=wide, device=q.device))
+            o = (o.to(wide) + from_h0).to(o.dtype)
+            if final_state is not None:
+                lam_total = torch.exp(g.to(wide) * real.sum(1, keepdim=True).to(wide))  # [B, H]
+                final_state = final_state + lam_total[..., None, None] * initial_state
         return o, final_state
 
     def _check_inputs(self, hidden_states, attention_mask, cu_seqlens) -> None:
