@@ -50,3 +50,18 @@ def triton_device():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before triton is imported")
     return "cpu"
+
+
+
+@pytest.fixture
+def real_torch_empty(monkeypatch):
+    """Undo nan_poisoned_empty for a test that compiles third-party code calling torch.empty_like in the traced
+    region. torch.compile looks torch's functions up by name when it builds its table of them (again after every
+    init_process_group): built while the poisoning is in place, the table lacks the real function, and dynamo
+    refuses the wrapper's call to it. So the table is rebuilt here, and after the test, from the real functions."""
+    monkeypatch.setattr(torch, "empty", _real_empty)
+    monkeypatch.setattr(torch, "empty_like", _real_empty_like)
+    monkeypatch.setattr(torch.Tensor, "new_empty", _real_new_empty)
+    torch._dynamo.trace_rules.clear_lru_cache()
+    yield
+    torch._dynamo.trace_rules.clear_lru_cache()

@@ -79,6 +79,42 @@ def test_decay_is_exact_after_dtype_cast():
     assert layer.g_gamma().dtype == torch.float32
 
 
+def test_decay_is_computed_on_the_host_and_marked_checked():
+    """The decay the layer hands to the ops is the recipe's (computed on the host, whatever the default device) and
+    marked as checked, so no op reads it back (a device sync on CUDA)."""
+    from lightning_attention._validation import _g_gamma_needs_check
+
+    layer = make_layer(layer_idx=3)
+    with torch.device("meta"):
+        g = layer.g_gamma("cpu")
+    assert g.device.type == "cpu" and torch.equal(g, decay.g_gamma(HEADS, 3, 4, schedule="minimax"))
+    assert not _g_gamma_needs_check(g)
+    assert layer.g_gamma("cpu") is g, "cached per device"
+    layer.layer_idx = 2
+    expected = decay.g_gamma(HEADS, 2, 4, schedule="minimax")
+    assert torch.equal(layer.g_gamma("cpu"), expected), "the cache follows the recipe"
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_built_on_meta_device_then_materialised(dtype):
+    """Built under torch.device("meta") (from_pretrained's and FSDP2's construction), then to_empty() and
+    reset_parameters(): the same weights as a layer built directly from the same seed, and the same outputs
+    (the decay is computed from the recipe on use: nothing of it is left on the meta device)."""
+    options = dict(chunk_size=CHUNK, backend="torch", dtype=dtype)
+    with torch.device("meta"):
+        meta = LightningAttention(HIDDEN, HEADS, HEAD_DIM, 1, 4, **options)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(0)
+    meta.reset_parameters()
+    torch.manual_seed(0)
+    direct = LightningAttention(HIDDEN, HEADS, HEAD_DIM, 1, 4, **options)
+    for (name, p), (_, q) in zip(meta.named_parameters(), direct.named_parameters()):
+        assert torch.equal(p, q), name
+    x = hidden(2, 21, dtype)
+    assert torch.equal(meta(x), direct(x))
+    assert torch.equal(meta.g_gamma(), decay.g_gamma(HEADS, 1, 4, schedule="minimax"))
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float64, id="fp64"), pytest.param(torch.float32, id="fp32")])
 @pytest.mark.parametrize("prompt", [pytest.param(1, id="prompt1"), pytest.param(19, id="prompt19")])
 def test_cached_decode_equals_full_forward(dtype, prompt):
@@ -136,6 +172,20 @@ def test_padding_never_reaches_the_state(where, with_cache):
         pads = torch.ones(T, dtype=torch.bool)
         pads[pos] = False
         assert torch.count_nonzero(out[b, pads]) == 0, "padded positions must output zero"
+
+
+@pytest.mark.parametrize("with_state", [pytest.param(False, id="zero-state"), pytest.param(True, id="initial-state")])
+def test_all_padding_row_leaves_the_state_unchanged(with_state):
+    layer = make_layer()
+    x = hidden(2, 9)
+    mask = torch.ones(2, 9)
+    mask[1] = 0
+    h0 = random_state(2) if with_state else None
+    out, final = layer.forward_with_state(x, h0, attention_mask=mask, output_final_state=True)
+    ref, ref_final = reference_layer(layer, x[:1], initial_state=None if h0 is None else h0[:1])
+    assert_rel_close(out[0], ref[0], EXACT, "real row")
+    assert torch.count_nonzero(out[1]) == 0
+    assert torch.equal(final[1], torch.zeros_like(final[1]) if h0 is None else h0[1])
 
 
 def test_padding_through_cache_object_and_bool_mask():

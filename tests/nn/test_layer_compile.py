@@ -88,26 +88,51 @@ def test_layer_compiled_prefill_then_decode(target, fresh_dynamo):
     assert counter.frame_count == 2
 
 
+def _mask(device, T=37):
+    """Left padding (row 0), right padding and a hole (row 1): every pattern in one batch."""
+    mask = torch.ones(2, T, dtype=torch.long, device=device)
+    mask[0, :5] = 0
+    mask[1, 12:15] = 0
+    mask[1, 30:] = 0
+    return mask
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_layer_attention_mask_compiles_with_graph_breaks(target):
-    """Padding removal is data-dependent (which tokens are real), so a padded batch cannot be one graph: with the
-    default fullgraph=False it compiles with graph breaks and gives the eager results. (Packed batches via
-    cu_seqlens are graph-break free; see test_layer_compile_fullgraph_matches_eager.)"""
+@pytest.mark.parametrize("with_state", [pytest.param(False, id="zero-state"), pytest.param(True, id="initial-state")])
+def test_layer_attention_mask_compiles_fullgraph(with_state, target, fresh_dynamo):
+    """A padded batch is one graph (the padding is handled in tensor operations, nothing is read on the host):
+    forward and backward (input, parameters, initial state) bit-identical to eager, for left, right and inner
+    padding, from zero or from a state; one graph reused for a second mask."""
     device, backend = target
     skip_without_engine(backend)
-    torch._dynamo.reset()
     layer = _layer(device, backend)
     x = _input(device)
-    mask = torch.ones(2, 37, dtype=torch.long, device=device)
-    mask[0, :5] = 0  # left padding
-    mask[1, 30:] = 0  # right padding
+    h0 = torch.randn(2, HEADS, 8, 8, generator=torch.Generator().manual_seed(3)).to(device) if with_state else None
+    mask = _mask(device)
 
-    def forward(x):
-        return layer(x, attention_mask=mask)
+    def forward(x, mask):
+        out, final = layer.forward_with_state(x, h0, attention_mask=mask, output_final_state=True)
+        return out + final.sum() * 1e-3  # the final state takes part in the gradients too
 
-    compiled = torch.compile(forward, backend="aot_eager")
-    assert_identical(param_grads(layer, compiled, x), param_grads(layer, forward, x))
-    torch._dynamo.reset()
+    compiled, counter = compile_counted(forward)
+    for m in (mask, mask.flip(1)):
+        expected = param_grads(layer, lambda x: forward(x, m), x)
+        assert_identical(param_grads(layer, lambda x: compiled(x, m), x), expected)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_layer_exports_with_attention_mask(target):
+    """torch.export of the layer with a padding mask (strict=False, the default): the exported program gives the
+    eager results for a mask it was not traced with."""
+    device, backend = target
+    skip_without_engine(backend)
+    layer = _layer(device, backend)
+    x = _input(device).detach()
+    mask = _mask(device)
+    program = torch.export.export(layer, (x,), {"attention_mask": torch.ones_like(mask)})
+    with torch.no_grad():
+        assert_identical([program.module()(x, attention_mask=mask)], [layer(x, attention_mask=mask)])
 
 
 @pytest.mark.parametrize("target", TARGETS)

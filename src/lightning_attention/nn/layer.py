@@ -14,12 +14,16 @@ Parameter names and shapes (``qkv_proj``, ``output_gate``, ``norm``, ``out_proj`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lightning_attention import decay
-from lightning_attention._validation import shape_str
+from lightning_attention._validation import check_initial_state, mark_g_gamma_checked, shape_str, state_dtype
+from lightning_attention.engines import autocast_off
 from lightning_attention.nn.cache import LightningCache
 from lightning_attention.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
@@ -39,6 +43,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.eps = eps
 
+    def reset_parameters(self) -> None:
+        """Weight back to ones (after ``to_empty()`` of a model built on the meta device)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -46,15 +55,6 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-def _pack_plan(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a ``[B, T]`` padding mask (nonzero = real token): flat indices of the real tokens in ``B * T`` order,
-    and int32 ``cu_seqlens [B + 1]`` of the packed rows."""
-    keep = attention_mask.reshape(-1) != 0
-    lengths = (attention_mask != 0).sum(1)
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return keep.nonzero().squeeze(1), cu_seqlens
 
 
 class _Shared:
@@ -127,10 +127,10 @@ class LightningAttention(nn.Module):
         self.scale = decay.default_scale(schedule, head_dim) if scale is None else float(scale)
         self.chunk_size, self.backend = chunk_size, backend
         self._context_parallel_group = _Shared(context_parallel_group)
-        # Kept outside the module's buffers so that model.to(torch.bfloat16) cannot round the decay; copies
-        # per device are made on first (eager) use.
-        self._g_gamma_host = decay.g_gamma(num_heads, layer_idx, num_layers, schedule=schedule)
-        self._g_gamma_on: dict[torch.device, torch.Tensor] = {}
+        # The decay is not a tensor of the module (no buffer, nothing in state_dict): it is computed from the
+        # numbers above on first use per device. So model.to(torch.bfloat16) cannot round it, and a layer built
+        # on the meta device (from_pretrained, FSDP2's meta init + to_empty()) has nothing left to fill.
+        self._g_gamma_on: dict[tuple, torch.Tensor] = {}
 
         inner = num_heads * head_dim
         factory = {"device": device, "dtype": dtype}
@@ -148,16 +148,32 @@ class LightningAttention(nn.Module):
     def context_parallel_group(self, group) -> None:
         self._context_parallel_group = _Shared(group)
 
+    def reset_parameters(self) -> None:
+        """Initialise the parameters as the constructor does (the projections as ``nn.Linear``, in the same order,
+        so the same seed gives the same weights; the norm weight to ones). For a layer built on the meta device:
+        ``layer.to_empty(device=...)`` then ``layer.reset_parameters()``."""
+        for module in (self.qkv_proj, self.output_gate, self.norm, self.out_proj):
+            module.reset_parameters()
+
     def g_gamma(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """This layer's per-head log-decay, float32 ``[H]`` on ``device`` (cached per device)."""
         device = torch.device(device)
+        recipe = (self.num_heads, self.layer_idx, self.num_layers)
         if torch.compiler.is_compiling():
             # Traced into the graph as a constant, never through the cache: dynamo would guard on the dict's
             # keys, and the next eager call filling it would force a recompile (seen on CUDA: 2 graphs, not 1).
-            return decay.g_gamma(self.num_heads, self.layer_idx, self.num_layers, schedule=self.schedule, device=device)
-        if device not in self._g_gamma_on:
-            self._g_gamma_on[device] = self._g_gamma_host.to(device)
-        return self._g_gamma_on[device]
+            return decay.g_gamma(*recipe, schedule=self.schedule, device=device)
+        key = (device, *recipe, self.schedule)
+        cached = self._g_gamma_on.get(key)
+        if cached is None:
+            # Computed on the host whatever the default device (a torch.device("meta") context included), so
+            # every device gets the recipe's exact float32 numbers; marked as checked, so no op reads them back.
+            with torch.device("cpu"):
+                host = decay.g_gamma(*recipe, schedule=self.schedule)
+            cached = mark_g_gamma_checked(host.to(device))
+            if not isinstance(cached, FakeTensor):  # a fake tensor (FakeTensorMode) must not outlive its mode
+                self._g_gamma_on[key] = cached
+        return cached
 
     def forward(
         self,
@@ -171,8 +187,9 @@ class LightningAttention(nn.Module):
         Args:
             hidden_states: ``[B, T, hidden]``.
             attention_mask: ``[B, T]`` padding mask (nonzero = real token) or None. Padded tokens, wherever they
-                are (left, right or inside), are removed before the scan: they neither decay nor feed the state,
-                and their output is zero.
+                are (left, right or inside), never reach the state: they neither decay nor feed it, and their
+                output is zero. Handled in tensor operations only (see :meth:`_scan_padded`): no host sync, one
+                graph under torch.compile / torch.export.
             cache: a :class:`LightningCache`. The scan continues from this layer's cached state (the recurrent
                 decode path) or from zero, and the new state ``[N, H, D, D]`` is stored back.
             cu_seqlens: int ``[N + 1]`` offsets of sequences packed along T (B == 1); not with attention_mask.
@@ -229,29 +246,63 @@ class LightningAttention(nn.Module):
                 output_final_state=output_final_state, group=self.context_parallel_group, cu_seqlens=cu_seqlens,
                 chunk_size=self.chunk_size, backend=self.backend,
             )  # fmt: skip
-        if initial_state is None:
-            options = {"chunk_size": self.chunk_size, "backend": self.backend}
-            op = chunk_simple_gla
-        else:
-            options = {"backend": self.backend}
-            op = fused_recurrent_simple_gla
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            # Zeroing padded tokens is not enough: a zero token still decays the state (it would shrink a cached
-            # state, or the prompt's state under right padding). Packing each row's real tokens as one varlen
-            # sequence keeps padding out of the scan wherever it is.
-            B, T, H, D = q.shape
-            index, cu_seqlens = _pack_plan(attention_mask)
-            packed = [x.reshape(B * T, H, -1).index_select(0, index).unsqueeze(0) for x in (q, k, v)]
-            o_packed, final_state = op(
-                *packed, g, scale=self.scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens, **options,
-            )
-            o = o_packed.new_zeros(B * T, H, v.shape[-1]).index_copy(0, index, o_packed[0])
-            return o.view(B, T, H, -1), final_state
-        return op(
-            q, k, v, g, scale=self.scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, **options,
+        if attention_mask is not None:
+            return self._scan_padded(q, k, v, g, initial_state, attention_mask, output_final_state)
+        return self._op(initial_state)(
+            q, k, v, g_gamma=g, scale=self.scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
+
+    def _op(self, initial_state):
+        """The scan that starts from ``initial_state``: the chunked op from zero (training, prefill), the recurrent
+        op from a cached state (decoding)."""
+        if initial_state is None:
+            return functools.partial(chunk_simple_gla, chunk_size=self.chunk_size, backend=self.backend)
+        return functools.partial(fused_recurrent_simple_gla, backend=self.backend)
+
+    def _scan_padded(self, q, k, v, g, initial_state, attention_mask, output_final_state):
+        """The scan of a padded batch (``attention_mask [B, T]``, nonzero = real token), exact for padding anywhere
+        (left, right, holes, all pads), with or without an initial state, in tensor operations only: no value of
+        the mask is read on the host, so it is one graph under torch.compile and torch.export, and never syncs.
+
+        Zeroing the padded tokens alone is not exact: a zero token still decays the state. But from a zero state,
+        zero tokens *before* every real token leave the state at zero whatever their decay. So each row is
+        reordered by a stable sort that puts its padding first and keeps its real tokens in order, the padded
+        q, k, v are zeroed, and the scan runs from zero: its outputs and final state are those of the real tokens
+        alone. An initial state ``h0 [N, H, K, V]`` cannot go through the scan (the padding would decay it); its
+        part is added in closed form: the n-th real token of a row reads ``lam^n h0``, and the row's final state
+        gains ``lam^L h0`` (L real tokens). Padded positions output zero.
+        """
+        if initial_state is not None:
+            check_initial_state(initial_state, q, v, q.shape[0])
+        real = attention_mask != 0
+        order = torch.argsort(real.to(torch.int32), dim=1, stable=True)  # [B, T]: padding first, then real tokens
+        real_sorted = torch.gather(real, 1, order)[..., None, None]
+
+        def sort(x):
+            x = torch.gather(x, 1, order[..., None, None].expand_as(x))
+            return torch.where(real_sorted, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+        o_sorted, final_state = self._op(None)(
+            sort(q), sort(k), sort(v), g_gamma=g, scale=self.scale, output_final_state=output_final_state
+        )
+        o = torch.gather(o_sorted, 1, torch.argsort(order, dim=1)[..., None, None].expand_as(o_sorted))
+        if initial_state is None:
+            return o, final_state
+        # h0's part in the state dtype (float32, float64 for float64 inputs; autocast off, as in the ops):
+        # lam^n = exp(g * n).
+        wide = state_dtype(q)
+        with autocast_off(q.device):
+            seen = real.cumsum(1)  # [B, T]: real tokens up to and including t
+            lam_n = torch.exp(g.to(wide) * seen[..., None].to(wide))  # [B, T, H]
+            q_h0 = torch.einsum("bthk,bhkv->bthv", q.to(wide), initial_state.to(wide))  # [B, T, H, V]
+            from_h0 = q_h0 * (self.scale * lam_n[..., None])
+            from_h0 = torch.where(real[..., None, None], from_h0, torch.zeros((), dtype=wide, device=q.device))
+            o = (o.to(wide) + from_h0).to(o.dtype)
+            if final_state is not None:
+                lam_total = torch.exp(g.to(wide) * real.sum(1, keepdim=True).to(wide))  # [B, H]
+                final_state = final_state + lam_total[..., None, None] * initial_state
+        return o, final_state
 
     def _check_inputs(self, hidden_states, attention_mask, cu_seqlens) -> None:
         if not isinstance(hidden_states, torch.Tensor):
