@@ -200,7 +200,8 @@ def _decode_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     leader = (i_h == 0) & (i_v == 0)  # one program per row reports its errors
 
-    # Which rows run: padding (-1) silently skipped, every other bad index skipped and reported.
+    # Which rows run: padding (-1) silently skipped, every other bad index skipped and reported. A skipped row
+    # computes like the others (from a zero state) but stores no state and a zero o.
     slot = tl.load(slot_ids + i_n).to(tl.int64)
     in_range = (slot >= 0) & (slot < num_slots)
     if leader & (slot != -1) & ~in_range:
@@ -214,45 +215,46 @@ def _decode_kernel(
         live = live & good_length
     else:
         n_tokens = L
-    if CHECK_REPEATS:
-        repeated = in_range & _repeats_earlier_row(slot_ids, slot, i_n, BN)
-        if leader & repeated:
-            _report(errors, doorbell, call, _REPEATED, i_n, slot.to(tl.int32))
-        live = live & ~repeated
 
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_l = tl.arange(0, LP)
     b_o = tl.zeros([LP, BV], dtype=tl.float32)  # row t: o of token t, summed over the K blocks
     first_token = i_n.to(tl.int64) * L
-    if live:
-        g_head = tl.load(g_gamma + i_h).to(tl.float32)
-        # K is walked in BK-row blocks (unrolled, so the blocks' loads can all be in flight at once); each block
-        # advances through all L tokens in registers, then is stored once.
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m_k = o_k < K
-            m_h = m_k[:, None] & m_v[None, :]
-            p_h = state_cache + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-            b_h = tl.load(p_h, mask=m_h, other=0).to(tl.float32)
-            for t in tl.static_range(L):
-                token = (first_token + t) * H + i_h
-                runs = t < n_tokens  # tokens past the row's length leave the state as it is (decay 1, k v = 0)
-                b_k = tl.load(k + token * K + o_k, mask=m_k & runs, other=0).to(tl.float32)
-                b_v = tl.load(v + token * V + o_v, mask=m_v & runs, other=0).to(tl.float32)
-                log_decay = g_head
-                if HAS_G:
-                    log_decay += tl.load(g + token).to(tl.float32)
-                decay = tl.where(runs, tl.exp(log_decay), 1.0)
-                b_h = decay * b_h + b_k[:, None] * b_v[None, :]
-                if WRITE_O:
-                    b_q = tl.load(q + token * K + o_k, mask=m_k & runs, other=0).to(tl.float32)
-                    b_o += tl.where(o_l[:, None] == t, tl.sum(b_h * b_q[:, None], axis=0)[None, :], 0.0)
-            if UPDATE_CACHE:
-                tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+    g_head = tl.load(g_gamma + i_h).to(tl.float32)
+    # K is walked in BK-row blocks (unrolled, so the blocks' loads can all be in flight at once); each block
+    # advances through all L tokens in registers, then is stored once.
+    for i_k in tl.static_range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        m_h = m_k[:, None] & m_v[None, :]
+        p_h = state_cache + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_h, mask=m_h & in_range, other=0).to(tl.float32)
+        if CHECK_REPEATS:
+            if i_k == 0:  # here, so that the scan of the earlier ids overlaps the first block's load
+                repeated = in_range & _repeats_earlier_row(slot_ids, slot, i_n, BN)
+                if leader & repeated:
+                    _report(errors, doorbell, call, _REPEATED, i_n, slot.to(tl.int32))
+                live = live & ~repeated
+        for t in tl.static_range(L):
+            token = (first_token + t) * H + i_h
+            runs = t < n_tokens  # tokens past the row's length leave the state as it is (decay 1, k v = 0)
+            b_k = tl.load(k + token * K + o_k, mask=m_k & runs, other=0).to(tl.float32)
+            b_v = tl.load(v + token * V + o_v, mask=m_v & runs, other=0).to(tl.float32)
+            log_decay = g_head
+            if HAS_G:
+                log_decay += tl.load(g + token).to(tl.float32)
+            decay = tl.where(runs, tl.exp(log_decay), 1.0)
+            b_h = decay * b_h + b_k[:, None] * b_v[None, :]
+            if WRITE_O:
+                b_q = tl.load(q + token * K + o_k, mask=m_k & runs, other=0).to(tl.float32)
+                b_o += tl.where(o_l[:, None] == t, tl.sum(b_h * b_q[:, None], axis=0)[None, :], 0.0)
+        if UPDATE_CACHE:
+            tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h & live)
     if WRITE_O:
         p_o = o + ((first_token + o_l[:, None]) * H + i_h) * V + o_v[None, :]
-        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=(o_l[:, None] < L) & m_v[None, :])
+        b_o = tl.where(live, b_o * scale, 0.0)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=(o_l[:, None] < L) & m_v[None, :])
 
 
 @triton.jit
