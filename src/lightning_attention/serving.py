@@ -227,19 +227,20 @@ def _engine(backend: str):
 
 
 def _tokens(op, q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths, update_cache, write_o):
-    """Decode of q, k, v ``[N, L, H, *]`` (index values checked where readable, ids on the device)."""
+    """Decode of q, k, v ``[N, L, H, *]`` or ``[N, H, *]`` (one token), index values checked where readable and
+    ids on the device. The Triton path runs no torch op that autograd or autocast would touch (only allocations),
+    so it skips their contexts: their ~10 us of host time matter to a small decode step."""
+    options = dict(g=g, lengths=lengths, update_cache=update_cache, write_o=write_o)
+    if backend == "triton":
+        L = q.shape[1] if q.dim() == 4 else 1
+        errors = _error_sink(state_cache.device, (op, q.shape[0], L, state_cache.shape[0]))
+        return _engine(backend).decode_tokens(q, k, v, state_cache, slot_ids, g_gamma, scale, errors=errors, **options)
     with autocast_off(q.device), torch.no_grad():
-        options = dict(g=g, lengths=lengths, update_cache=update_cache, write_o=write_o)
-        if backend == "triton":
-            options["errors"] = _error_sink(state_cache.device, (op, q.shape[0], q.shape[1], state_cache.shape[0]))
         return _engine(backend).decode_tokens(q, k, v, state_cache, slot_ids, g_gamma, scale, **options)
 
 
 def _decode(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g):
-    gates = None if g is None else g[:, None]
-    o = _tokens("decode", q[:, None], k[:, None], v[:, None], state_cache, slot_ids, g_gamma, scale, backend, gates,
-                None, True, True)  # fmt: skip
-    return o[:, 0]
+    return _tokens("decode", q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, None, True, True)
 
 
 def _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend):
@@ -266,8 +267,12 @@ def _decode_indices(slot_ids, lengths, num_tokens, state_cache, backend):
         _raise_if(_slot_id_errors(slot_ids.tolist(), state_cache.shape[0], allow_padding=True))
     if lengths is not None and _readable(lengths, backend):
         _raise_if(_length_errors(lengths.tolist(), num_tokens))
-    slot_ids = slot_ids.to(device, non_blocking=True)
-    return slot_ids, None if lengths is None else lengths.to(device, non_blocking=True)
+    return _on(slot_ids, device), None if lengths is None else _on(lengths, device)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, copied without blocking from the CPU (no dispatcher call when it is there already)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def _prefill_indices(cu_seqlens, slot_ids, state_cache, num_tokens, backend, check_cu_seqlens: bool):
@@ -279,7 +284,7 @@ def _prefill_indices(cu_seqlens, slot_ids, state_cache, num_tokens, backend, che
         val.cu_seqlens_bounds(cu_seqlens, num_tokens)
     if _readable(slot_ids, backend):
         _raise_if(_slot_id_errors(slot_ids.tolist(), state_cache.shape[0], allow_padding=False))
-    return slot_ids.to(device, non_blocking=True)
+    return _on(slot_ids, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

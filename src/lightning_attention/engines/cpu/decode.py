@@ -13,7 +13,8 @@ updated there, and rounded once per call when stored.
 Index values (slots in range and distinct, lengths in [0, L], cu_seqlens) are checked by the caller on the host
 (serving.py): this engine reads them there anyway.
 
-Shapes: decode q, k ``[N, L, H, K]``, v ``[N, L, H, V]``, g ``[N, L, H]``, lengths ``[N]`` -> o ``[N, L, H, V]``;
+Shapes: decode q, k ``[N, L, H, K]``, v ``[N, L, H, V]``, g ``[N, L, H]``, lengths ``[N]`` -> o ``[N, L, H, V]``
+(one token: ``[N, H, *]``, g ``[N, H]``);
 prefill q, k ``[1, T, H, K]``, v ``[1, T, H, V]``, cu_seqlens ``[N + 1]`` -> o ``[1, T, H, V]``;
 state_cache ``[num_slots, H, K, V]``.
 """
@@ -32,7 +33,14 @@ def decode_tokens(
     q, k, v, state_cache, slot_ids, g_gamma, scale, *, g=None, lengths=None, update_cache=True, write_o=True
 ):
     """L tokens per row from each row's slot; updates ``state_cache`` in place when ``update_cache``. Returns o
-    (zero rows for padding and for tokens past a row's length; None without ``write_o``)."""
+    (zero rows for padding and for tokens past a row's length; None without ``write_o``). One token per row may
+    also come as q, k ``[N, H, K]``, v ``[N, H, V]``, g ``[N, H]`` (o ``[N, H, V]``)."""
+    if q.dim() == 3:
+        o = decode_tokens(
+            q[:, None], k[:, None], v[:, None], state_cache, slot_ids, g_gamma, scale, g=None if g is None else g[:, None],
+            lengths=lengths, update_cache=update_cache, write_o=write_o,
+        )  # fmt: skip
+        return None if o is None else o[:, 0]
     N, L, H, K = q.shape
     device = state_cache.device
     o = q.new_zeros(N, L, H, v.shape[-1]) if write_o else None

@@ -110,8 +110,10 @@ def _tiles_for(card: str) -> str:
     return chosen
 
 
+@functools.cache
 def decode_config(cache_dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """The decode tiles for a cache of ``cache_dtype`` on ``device`` (DECODE_TILES; DEFAULT_CARD's on the CPU)."""
+    """The decode tiles for a cache of ``cache_dtype`` on ``device`` (DECODE_TILES; DEFAULT_CARD's on the CPU).
+    Cached: a change to DECODE_TILES takes effect after ``decode_config.cache_clear()``."""
     if device.type != "cuda":
         return DECODE_TILES[DEFAULT_CARD][cache_dtype]
     return DECODE_TILES[_tiles_for(torch.cuda.get_device_name(device))][cache_dtype]
@@ -317,10 +319,11 @@ def _launch(
 ):  # fmt: skip
     """The decode kernel with explicit tiles (``fill_grid=False``: config.block_v as given; the benchmark's sweep
     calls this). Arguments as :func:`decode_tokens`. Returns o (None without ``write_o``)."""
-    N, L, H, K = q.shape
+    N, H, K = q.shape[0], q.shape[-2], q.shape[-1]
+    L = q.shape[1] if q.dim() == 4 else 1
     V = v.shape[-1]
     q, k, v = (x.contiguous() for x in (q, k, v))
-    o = torch.empty(N, L, H, V, dtype=q.dtype, device=q.device) if write_o else None
+    o = torch.empty(*q.shape[:-1], V, dtype=q.dtype, device=q.device) if write_o else None
     if N * H == 0:
         return o
     block_v = _fill_block_v(config, N * H, V, q.device) if fill_grid else min(config.block_v, next_power_of_2(V))
@@ -344,14 +347,16 @@ def decode_tokens(
     index values are checked here, on the device.
 
     Args:
-        q, k: ``[N, L, H, K]``; v: ``[N, L, H, V]``; state_cache ``[num_slots, H, K, V]`` float32/bfloat16, contiguous.
-        slot_ids: int ``[N]`` on the device (-1 = padding).  g_gamma: float32 ``[H]``.  g: ``[N, L, H]`` or None.
+        q, k: ``[N, L, H, K]``, or ``[N, H, K]`` for one token (the same memory layout); v: ``[N, L, H, V]``
+            (``[N, H, V]``); state_cache ``[num_slots, H, K, V]`` float32/bfloat16, contiguous.
+        slot_ids: int ``[N]`` on the device (-1 = padding).  g_gamma: float32 ``[H]``.
+        g: ``[N, L, H]`` (``[N, H]``) or None.
         lengths: int ``[N]`` tokens to run per row (0..L), or None for all L.
         update_cache: store each row's state after its last token.  write_o: compute o.
         errors: where bad indices are reported.
 
     Returns:
-        o ``[N, L, H, V]`` in q's dtype (None without ``write_o``).
+        o ``[N, L, H, V]`` (``[N, H, V]``) in q's dtype (None without ``write_o``).
     """
     config = decode_config(state_cache.dtype, state_cache.device)
     return _launch(
