@@ -239,10 +239,6 @@ def _tokens(op, q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, leng
         return _engine(backend).decode_tokens(q, k, v, state_cache, slot_ids, g_gamma, scale, **options)
 
 
-def _decode(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g):
-    return _tokens("decode", q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, None, True, True)
-
-
 def _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend):
     with autocast_off(q.device), torch.no_grad():
         engine = _engine(backend)
@@ -291,75 +287,41 @@ def _prefill_indices(cu_seqlens, slot_ids, state_cache, num_tokens, backend, che
 # Custom ops: the cache is declared mutated where it is written, outputs are fresh tensors.
 
 
-@torch.library.custom_op("lightning_attention::decode", mutates_args=("state_cache",))
-def decode_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    g_gamma: torch.Tensor,
-    scale: float,
-    backend: str,
-    g: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    slot_ids, _ = _decode_indices(slot_ids, None, 1, state_cache, backend)
-    return _decode(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g)
+def _define_decode_op(name: str, update_cache: bool):
+    """The custom op ``lightning_attention::<name>`` of a decode call, one token per row (``q [N, H, K]``) or L
+    (``q [N, L, H, K]``; ``lengths``), the cache declared mutated when ``update_cache``, and its body (the eager
+    path: index values checked where readable, then the engine)."""
 
-
-@decode_op.register_fake
-def _(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g=None):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-
-
-def _decode_multi_body(op, update_cache):
     def body(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g=None, lengths=None):
-        slot_ids, lengths = _decode_indices(slot_ids, lengths, q.shape[1], state_cache, backend)
-        return _tokens(op, q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths, update_cache, True)
+        num_tokens = q.shape[1] if q.dim() == 4 else 1
+        slot_ids, lengths = _decode_indices(slot_ids, lengths, num_tokens, state_cache, backend)
+        return _tokens(name, q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths, update_cache, True)
 
-    return body
+    @torch.library.custom_op(f"lightning_attention::{name}", mutates_args=("state_cache",) if update_cache else ())
+    def op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state_cache: torch.Tensor,
+        slot_ids: torch.Tensor,
+        g_gamma: torch.Tensor,
+        scale: float,
+        backend: str,
+        g: Optional[torch.Tensor] = None,
+        lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return body(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths)
 
+    @op.register_fake
+    def _(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g=None, lengths=None):
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
 
-_decode_multi = _decode_multi_body("decode_multi", update_cache=True)
-_verify = _decode_multi_body("verify", update_cache=False)
-
-
-@torch.library.custom_op("lightning_attention::decode_multi", mutates_args=("state_cache",))
-def decode_multi_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    g_gamma: torch.Tensor,
-    scale: float,
-    backend: str,
-    g: Optional[torch.Tensor] = None,
-    lengths: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    return _decode_multi(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths)
-
-
-@torch.library.custom_op("lightning_attention::verify", mutates_args=())
-def verify_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    g_gamma: torch.Tensor,
-    scale: float,
-    backend: str,
-    g: Optional[torch.Tensor] = None,
-    lengths: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    return _verify(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths)
+    return op, body
 
 
-@decode_multi_op.register_fake
-@verify_op.register_fake
-def _(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g=None, lengths=None):
-    return q.new_empty(*q.shape[:3], v.shape[-1])
+decode_op, _decode = _define_decode_op("decode", update_cache=True)
+decode_multi_op, _decode_multi = _define_decode_op("decode_multi", update_cache=True)
+verify_op, _verify = _define_decode_op("verify", update_cache=False)
 
 
 def _commit(k, v, state_cache, slot_ids, accepted_lengths, g_gamma, backend, g=None):
@@ -564,10 +526,8 @@ def lightning_attn_decode(
     backend = resolve_backend(backend, q.device)
     # Compiled graphs record the custom op (which declares the cache mutation); eager calls skip the dispatcher,
     # whose ~250 us of host time per call (measured on H100 for the scan ops) exceeds a small decode step.
-    if torch.compiler.is_compiling():
-        return decode_op(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g)
-    slot_ids, _ = _decode_indices(slot_ids, None, 1, state_cache, backend)
-    return _decode(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g)
+    run = decode_op if torch.compiler.is_compiling() else _decode
+    return run(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g)
 
 
 def _check_multi(q, k, v, state_cache, slot_ids, g_gamma, scale, g, lengths, lengths_name, backend):
@@ -618,10 +578,10 @@ def lightning_attn_decode_multi(
     """
     g_gamma, scale, backend = _check_multi(q, k, v, state_cache, slot_ids, g_gamma, scale, g, lengths, "lengths", backend)  # noqa: E501
     if torch.compiler.is_compiling():
-        op = decode_multi_op if update_cache else verify_op
-        return op(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths)
-    body = _decode_multi if update_cache else _verify
-    return body(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths)
+        run = decode_multi_op if update_cache else verify_op
+    else:
+        run = _decode_multi if update_cache else _verify
+    return run(q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, lengths)
 
 
 def lightning_attn_commit(
