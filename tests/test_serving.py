@@ -400,9 +400,11 @@ def test_eager_calls_equal_the_custom_ops(backend_device):
         assert cache_index is None or torch.equal(cache_op, cache_eager), op
 
 
-def test_calls_trace_under_torch_compile():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_calls_trace_under_torch_compile(compiler):
     """One fullgraph function of a decode step, a read-only multi-token pass and its commit (fake implementations,
-    no value checks while compiling): the same outputs and cache as eager, bit for bit (aot_eager)."""
+    no value checks while compiling): the same outputs and cache as eager, bit for bit (the graph has no arithmetic
+    of its own, only the opaque ops and the write-back of the mutated cache)."""
 
     def step(q, k, v, cache, slots, lengths):
         o1 = serving.lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], cache, slots, G_GAMMA, backend="torch")
@@ -415,7 +417,7 @@ def test_calls_trace_under_torch_compile():
     eager_cache = torch.randn(NUM_SLOTS, H, K, V)
     compiled_cache = eager_cache.clone()
     expected = step(a["q"], a["k"], a["v"], eager_cache, a["slot_ids"], lengths)
-    got = torch.compile(step, backend="aot_eager", fullgraph=True)(a["q"], a["k"], a["v"], compiled_cache, a["slot_ids"], lengths)
+    got = torch.compile(step, backend=compiler, fullgraph=True)(a["q"], a["k"], a["v"], compiled_cache, a["slot_ids"], lengths)
     for x, y in zip((*got, compiled_cache), (*expected, eager_cache)):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
@@ -475,24 +477,28 @@ def _gpu_problem(N=4, L=3, seed=30):
 @pytest.mark.gpu
 def test_default_calls_never_synchronise():
     """Every serving call with GPU-resident indices, under torch's sync debug mode set to error: any
-    synchronising CUDA call inside them raises. Both prefill routes (short: token loop; long: chunked)."""
+    synchronising CUDA call inside them raises. Both prefill routes (short: token loop; long: chunked). The calls
+    run once before (kernels compiled, tensors built: building a GPU tensor from a list synchronises)."""
     q, k, v, cache, g = _gpu_problem()
     slots = torch.tensor([1, -1, 6, 3], device="cuda")
     lengths = torch.tensor([3, 0, 2, 1], device="cuda")
+    prefill_slots = torch.tensor([1, 6, 3, 0], device="cuda")
     p_q, p_k, p_v, _ = make_inputs(1, 300, H, K, V, device="cuda", seed=31)
-    for cu in ([0, 5, 5, 12, 20], [0, 100, 100, 250, 300]):
-        serving.lightning_attn_prefill(p_q[:, : cu[-1]], p_k[:, : cu[-1]], p_v[:, : cu[-1]], torch.tensor(cu, device="cuda"),
-                                       cache, torch.tensor([1, 6, 3, 0], device="cuda"), g)  # fmt: skip
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for cu in ([0, 5, 5, 12, 20], [0, 100, 100, 250, 300]):
-            serving.lightning_attn_prefill(p_q[:, : cu[-1]], p_k[:, : cu[-1]], p_v[:, : cu[-1]], torch.tensor(cu, device="cuda"),
-                                           cache, torch.tensor([1, 6, 3, 0], device="cuda"), g)  # fmt: skip
+    offsets = [torch.tensor(cu, device="cuda") for cu in ([0, 5, 5, 12, 20], [0, 100, 100, 250, 300])]
+
+    def calls():
+        for cu, T in zip(offsets, (20, 300)):
+            serving.lightning_attn_prefill(p_q[:, :T], p_k[:, :T], p_v[:, :T], cu, cache, prefill_slots, g)
         serving.lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], cache, slots, g)
         serving.lightning_attn_decode_multi(q, k, v, cache, slots, g, lengths=lengths)
         serving.lightning_attn_decode_multi(q, k, v, cache, slots, g, update_cache=False)
         serving.lightning_attn_commit(k, v, cache, slots, g, lengths)
+
+    calls()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     serving.check_errors()

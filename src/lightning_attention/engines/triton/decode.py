@@ -50,6 +50,7 @@ __all__ = [
     "ERROR_WORD",
     "ErrorSink",
     "new_error_word",
+    "doorbell_reachable",
     "decode_tokens",
     "prefill_into_slots",
 ]
@@ -161,6 +162,22 @@ class ErrorSink:
 
 def new_error_word(device: torch.device) -> torch.Tensor:
     return torch.zeros(len(ERROR_WORD), dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _clear_kernel(doorbell):
+    tl.store(doorbell, 0)
+
+
+def doorbell_reachable(doorbell: torch.Tensor) -> bool:
+    """Whether kernels can store into ``doorbell``, a pinned host tensor (device-accessible under unified
+    addressing, i.e. on every 64-bit CUDA platform; Triton refuses a pointer the driver does not map), tried with
+    one tiny launch."""
+    try:
+        _clear_kernel[(1,)](doorbell)
+    except ValueError:
+        return False
+    return True
 
 
 @triton.jit
