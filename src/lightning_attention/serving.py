@@ -170,8 +170,15 @@ def _raise_pending(device: torch.device) -> None:
 
 def check_errors(device: Union[str, torch.device, None] = None) -> None:
     """Raise a ValueError for every bad index the kernels skipped since the last check (on ``device``, or on every
-    device used), and reset. One device sync per device. Call it outside compiled regions (it reads a tensor)."""
-    devices = list(_ERRORS) if device is None else [torch.device(device)]
+    device used), and reset. One sync per device (with its current stream: the serving calls' kernels must have
+    been queued there). Call it outside compiled regions (it reads a tensor)."""
+    if device is None:
+        devices = list(_ERRORS)
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        devices = [dev]
     for dev in devices:
         errors = _ERRORS.get(dev)
         if errors is None:

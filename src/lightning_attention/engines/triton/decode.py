@@ -10,7 +10,8 @@ the cache; per head h, for its first ``lengths[n]`` tokens t (all L without ``le
     state_cache[s, h] = S                                          (UPDATE_CACHE only: once, after the last token)
 
 Shapes: q, k ``[N, L, H, K]``, v ``[N, L, H, V]``, g ``[N, L, H]``, state_cache ``[num_slots, H, K, V]`` contiguous,
-slot_ids and lengths int ``[N]``, o ``[N, L, H, V]`` in q's dtype. The serving API runs three variants of the one
+slot_ids and lengths int ``[N]``, o ``[N, L, H, V]`` in q's dtype (one token per row: ``[N, H, *]``, the same memory
+layout, and o ``[N, H, V]``). The serving API runs three variants of the one
 kernel: a decode step or several (write o, update the cache), a read-only pass (o only: the verification of
 speculative drafts) and a commit (update the cache by each row's accepted prefix, no o).
 
@@ -76,8 +77,8 @@ class DecodeConfig:
 
 #: Decode tiles by device name (torch.cuda.get_device_name) and cache dtype. H100: benchmarks/bench_decode.py
 #: --sweep (benchmarks/results/decode_sweep_h100.md): fp32 (128, 64, 8) ran at 1.055x / 1.021x its floor at
-#: N = 64 / 256, bf16 (128, 128, 4) at 1.10x / 1.03x. Another card's entry is the sweep's "best per N" at
-#: N = 64 and 256 (it prints the dict line to add here).
+#: N = 64 / 256, bf16 (128, 128, 4) at 1.10x / 1.03x. Another card's entry is what the sweep suggests (the least
+#: summed ratio to the floor at N = 64 and 256; it prints the dict line to add here).
 DECODE_TILES: dict[str, dict[torch.dtype, DecodeConfig]] = {
     "NVIDIA H100 80GB HBM3": {
         torch.float32: DecodeConfig(block_v=128, block_k=64, num_warps=8),
