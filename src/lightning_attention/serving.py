@@ -112,11 +112,11 @@ class _DeviceErrors:
 
 
 _ERRORS: dict[torch.device, _DeviceErrors] = {}
-#: What each call id was (op, N, L or T, num_slots): the recent calls, and every call captured in a CUDA graph
-#: (replays report the id given at capture).
+#: What each call id was (op, N, L or T, num_slots): the last _KEPT_CALLS calls, and the last _KEPT_CAPTURED calls
+#: captured in CUDA graphs (replays report the id given at capture, however long ago that was).
 _CALLS: OrderedDict[int, tuple] = OrderedDict()
-_CAPTURED_CALLS: dict[int, tuple] = {}
-_KEPT_CALLS = 4096
+_CAPTURED_CALLS: OrderedDict[int, tuple] = OrderedDict()
+_KEPT_CALLS, _KEPT_CAPTURED = 4096, 65536
 _call_ids = itertools.count(1)
 
 
@@ -152,12 +152,10 @@ def _error_sink(device: torch.device, call: tuple):
 
     errors = _errors_on(device)
     call_id = next(_call_ids) % (2**31 - 1) + 1
-    if _capturing(device):
-        _CAPTURED_CALLS[call_id] = call
-    else:
-        _CALLS[call_id] = call
-        if len(_CALLS) > _KEPT_CALLS:
-            _CALLS.popitem(last=False)
+    calls, kept = (_CAPTURED_CALLS, _KEPT_CAPTURED) if _capturing(device) else (_CALLS, _KEPT_CALLS)
+    calls[call_id] = call
+    if len(calls) > kept:
+        calls.popitem(last=False)
     return ErrorSink(errors.word, errors.doorbell, call_id)
 
 
@@ -250,14 +248,12 @@ def _tokens(op, q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, leng
 
 
 def _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend):
+    args = (q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
     with autocast_off(q.device), torch.no_grad():
-        engine = _engine(backend)
         if backend == "torch":
-            return engine.prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
+            return _engine(backend).prefill_into_slots(*args)
         errors = _error_sink(state_cache.device, ("prefill", slot_ids.shape[0], q.shape[1], state_cache.shape[0]))
-        return engine.prefill_into_slots(
-            q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state, errors
-        )
+        return _engine(backend).prefill_into_slots(*args, errors)
 
 
 def _readable(t: torch.Tensor, backend: str) -> bool:
@@ -394,7 +390,8 @@ def _check_decode_qkv(q, k, v, multi: bool) -> None:
         if t.dim() != dims:
             raise ValueError(f"{name} must have {dims} dims {layout}, got {val.shape_str(t)}")
     if (q is not None and k.shape != q.shape) or v.shape[:-1] != k.shape[:-1]:
-        wanted = ("q, k" if q is not None else "k") + (" [N, L, H, K], v [N, L, H, V]" if multi else " [N, H, K], v [N, H, V]")
+        layouts = " [N, L, H, K], v [N, L, H, V]" if multi else " [N, H, K], v [N, H, V]"
+        wanted = ("q, k" if q is not None else "k") + layouts
         raise ValueError(f"{wanted}: " + ", ".join(f"{name} {val.shape_str(t)}" for name, t in named))
     if multi and not 1 <= k.shape[1] <= MAX_DECODE_TOKENS:
         raise ValueError(

@@ -41,8 +41,8 @@ def _tokens(n, L, seed):
 def _guarded(cache, device):
     """A copy of ``cache`` on ``device`` between two guard slots of random values, and a check that they are unchanged
     (nothing written outside the cache)."""
-    storage = torch.cat([torch.randn(1, *cache.shape[1:]).to(cache.dtype), cache, torch.randn(1, *cache.shape[1:]).to(cache.dtype)])
-    storage = storage.to(device)
+    guard = torch.randn(2, *cache.shape[1:]).to(cache.dtype)
+    storage = torch.cat([guard[:1], cache, guard[1:]]).to(device)
     guards = storage[[0, -1]].clone()
 
     def check():
@@ -224,7 +224,8 @@ def test_decode_tiles_by_card(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "rows, expected", [pytest.param(1, 16, id="one-row"), pytest.param(8, 32, id="8-rows"), pytest.param(64, 128, id="fills")]
+    "rows, expected",
+    [pytest.param(1, 16, id="one-row"), pytest.param(8, 32, id="8-rows"), pytest.param(64, 128, id="fills")],
 )
 def test_small_batches_split_v_to_fill_the_gpu(rows, expected):
     """The grid of a small batch gets narrower V-blocks until it has programs_per_sm programs per SM (8 nominal SMs

@@ -36,9 +36,10 @@ def decode_tokens(
     (zero rows for padding and for tokens past a row's length; None without ``write_o``). One token per row may
     also come as q, k ``[N, H, K]``, v ``[N, H, V]``, g ``[N, H]`` (o ``[N, H, V]``)."""
     if q.dim() == 3:
+        gates = None if g is None else g[:, None]
         o = decode_tokens(
-            q[:, None], k[:, None], v[:, None], state_cache, slot_ids, g_gamma, scale, g=None if g is None else g[:, None],
-            lengths=lengths, update_cache=update_cache, write_o=write_o,
+            q[:, None], k[:, None], v[:, None], state_cache, slot_ids, g_gamma, scale, g=gates, lengths=lengths,
+            update_cache=update_cache, write_o=write_o,
         )  # fmt: skip
         return None if o is None else o[:, 0]
     N, L, H, K = q.shape
