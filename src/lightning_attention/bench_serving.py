@@ -149,8 +149,10 @@ def environment() -> dict:
 
 def card_folder(card: str) -> str:
     """Results folder of a card: its model in lower case ("h200" for "NVIDIA H200 (132 SMs)"), else the name."""
-    match = re.search(r"\b[A-Z]+\d{2,}\b", card)
-    return match.group(0).lower() if match else re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
+    from lightning_attention.engines.triton.decode import card_model
+
+    model = card_model(card)
+    return model.lower() if model else re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
 
 
 def copy_bandwidth() -> float:

@@ -46,6 +46,7 @@ from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan
 __all__ = [
     "DecodeConfig",
     "DECODE_TILES",
+    "card_model",
     "decode_config",
     "ErrorKind",
     "ERROR_WORD",
@@ -90,7 +91,7 @@ DECODE_TILES: dict[str, dict[torch.dtype, DecodeConfig]] = {
 DEFAULT_CARD = "NVIDIA H100 80GB HBM3"
 
 
-def _model(card: str) -> str | None:
+def card_model(card: str) -> str | None:
     """The model in a device name: "H100" in "NVIDIA H100 80GB HBM3" and "NVIDIA H100 PCIe"."""
     match = re.search(r"\b[A-Z]+\d{2,}\b", card)
     return match.group(0) if match else None
@@ -102,7 +103,8 @@ def _tiles_for(card: str) -> str:
     warning, once per card)."""
     if card in DECODE_TILES:
         return card
-    same_model = [known for known in DECODE_TILES if _model(known) is not None and _model(known) == _model(card)]
+    model = card_model(card)
+    same_model = [known for known in DECODE_TILES if model is not None and card_model(known) == model]
     chosen = same_model[0] if same_model else DEFAULT_CARD
     warnings.warn(
         f"lightning_attention: no decode tiles measured on {card!r}; using those of {chosen!r} "
