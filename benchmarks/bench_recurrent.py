@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-import bench_decode as common
+from lightning_attention import bench_serving as common
 from lightning_attention import decay, serving
 from lightning_attention._validation import ScanConfig
 from lightning_attention.engines.triton import recurrent
@@ -119,7 +119,7 @@ def bench_prefill(rows, table):
         slots = torch.randperm(2 * N, device=dev)[:N]
         use = torch.ones(N, dtype=torch.bool, device=dev)
         h0 = torch.randn(N, H, K, V, device=dev)
-        prefill = _ms(lambda: serving.lightning_attn_prefill(q, k, v, cu, cache, slots, g, None, use, check_slots=False))
+        prefill = _ms(lambda: serving.lightning_attn_prefill(q, k, v, cu, cache, slots, g, None, use))
         chunked = _ms(lambda: chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu))
         rows.append(dict(prefill_N=N, L=L, H=H, prefill_ms=prefill, chunk_ms=chunked))
         table.add(f"| {N} x {L} | {H} | {prefill:.3f} | {chunked:.3f} | {prefill / chunked:.2f} |")

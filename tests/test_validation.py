@@ -217,9 +217,10 @@ def test_g_gamma_values_are_read_once_per_version(monkeypatch):
     ],
 )
 def test_cuda_cu_seqlens_is_checked_before_the_kernels(bounds, match):
-    """On CUDA the chunked op and the prefill of prompts longer than 16 tokens on average read cu_seqlens on the
-    host to plan their launches: it is checked there."""
-    from lightning_attention.serving import lightning_attn_prefill, new_state_cache
+    """On CUDA the chunked and recurrent ops (above 16 tokens per sequence on average) read cu_seqlens on the host
+    to plan their launches: it is checked there. The serving prefill never reads it on the host: its kernels check
+    it, run no sequence into the cache, and report it (serving.check_errors)."""
+    from lightning_attention.serving import check_errors, lightning_attn_prefill, new_state_cache
 
     cu = torch.tensor(bounds, device="cuda")
     q, k, v = (torch.randn(1, 64, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -229,6 +230,7 @@ def test_cuda_cu_seqlens_is_checked_before_the_kernels(bounds, match):
     with pytest.raises(ValueError, match=match):
         fused_recurrent_simple_gla(q, k, v, g, cu_seqlens=cu)
     cache = new_state_cache(4, H, 64, device="cuda")
-    with pytest.raises(ValueError, match=match):
-        lightning_attn_prefill(q, k, v, cu, cache, torch.arange(len(bounds) - 1), g)
+    lightning_attn_prefill(q, k, v, cu, cache, torch.arange(len(bounds) - 1, device="cuda"), g)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        check_errors()
     assert not bool(cache.any())

@@ -1,8 +1,10 @@
 """python -m lightning_attention bench: time the ops on the available device.
 
 On CUDA: the chunked op against the bandwidth floor, fla, OpenNLPLab's kernel and SDPA
-(:mod:`lightning_attention.bench`; benchmarks/bench_chunk.py is the same entry point). On CPU: the chunked
-torch engine against the token-loop definition (:mod:`lightning_attention.bench_cpu`).
+(:mod:`lightning_attention.bench`; benchmarks/bench_chunk.py is the same entry point); with ``--serving``, the
+serving calls (decode, multi-token decode, prefill; ``--sweep``: the decode tiles) against their floor
+(:mod:`lightning_attention.bench_serving`; benchmarks/bench_decode.py). On CPU: the chunked torch engine against
+the token-loop definition (:mod:`lightning_attention.bench_cpu`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,23 @@ def add_arguments(parser):
         help="subset of: ours fla lightning_attn sdpa_flash (default: all that import)",
     )
     parser.add_argument("--out", default="benchmarks/results", help="folder for chunk.md and chunk.png ('' for none)")
+    parser.add_argument(
+        "--serving", action="store_true", help="the serving benchmark instead (CUDA): <out>/<card>/serving.md"
+    )
+    parser.add_argument("--sweep", action="store_true", help="with --serving: also sweep the decode tiles")
 
 
 def run(args) -> int:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.serving:
+        if device != "cuda" or not torch.cuda.is_available():
+            print("bench --serving: needs a CUDA device (benchmarks/bench_decode.py --smoke checks it on the CPU)")
+            return 1
+        from lightning_attention import bench_serving
+
+        return bench_serving.main((["--sweep"] if args.sweep else []) + ["--out", args.out])
     if device == "cpu":
         from lightning_attention import bench_cpu
 

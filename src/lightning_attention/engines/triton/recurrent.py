@@ -97,6 +97,7 @@ def _recurrent_kernel(
         eos = bos + T
     L = eos - bos
     slot = tl.load(slot_ids + i_n).to(tl.int64) if SLOTTED else i_n.to(tl.int64)
+    live = slot >= 0  # slot -1: a sequence the serving prefill rejected (engines/triton/decode.py); no state touched
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -107,7 +108,7 @@ def _recurrent_kernel(
 
     b_h = tl.zeros([BK, BV], dtype=ACC)
     if HAS_H0:
-        b_h = tl.load(h0 + o_h, mask=m_h, other=0).to(ACC)
+        b_h = tl.load(h0 + o_h, mask=m_h & live, other=0).to(ACC)
         if PER_SEQ_H0:
             # Select, never multiply: an unused cache slot may hold anything, NaN included.
             b_h = tl.where(tl.load(use_h0 + i_n) != 0, b_h, 0.0)
@@ -143,7 +144,7 @@ def _recurrent_kernel(
         p_k += step * K
         p_v += step * V
         p_o += step * V
-    tl.store(ht + o_h, b_h.to(ht.dtype.element_ty), mask=m_h)
+    tl.store(ht + o_h, b_h.to(ht.dtype.element_ty), mask=m_h & live)
 
 
 def _launch(q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seqlens, slot_ids=None, use_h0=None):
@@ -205,8 +206,9 @@ def recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_
     ``use_initial_state[n]`` is False) and writes its final state back into that slot, in place. One launch.
 
     q, k ``[1, T, H, K]``, v ``[1, T, H, V]``, cu_seqlens int ``[N + 1]``, state_cache ``[num_slots, H, K, V]``
-    float32/bfloat16 contiguous, slot_ids int ``[N]`` distinct and in range (checked by the caller),
-    use_initial_state bool ``[N]``. Returns o ``[1, T, H, V]`` in q's dtype.
+    float32/bfloat16 contiguous, slot_ids int ``[N]`` distinct and in range, or -1 for a sequence whose state is
+    neither read nor written (checked by the caller), use_initial_state bool/int ``[N]``. Returns o ``[1, T, H, V]``
+    in q's dtype.
     """
     g = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
     return _launch(

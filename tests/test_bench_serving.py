@@ -1,0 +1,31 @@
+"""The serving benchmark's script (lightning_attention.bench_serving through benchmarks/bench_decode.py) at tiny
+shapes on the CPU (--smoke: the Triton interpreter, host timers), so that a GPU run does not find its bugs: every
+section and the sweep run and the results file has a row for every case."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+
+
+def test_smoke_run_writes_every_section(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--sweep", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = tmp_path.iterdir()  # one folder, named after the card
+    text = (folder / "serving.md").read_text()
+    assert "triton" in text.splitlines()[2] and "command: `python benchmarks/bench_decode.py --smoke" in text
+    lines = text.splitlines()
+    decode = [r for r in lines if re.match(r"\| \d+ \| (fp32|bf16) \| [\d.]+ \|", r) and r.count("|") == 11]
+    multi = [r for r in lines if re.match(r"\| \d+ \| (fp32|bf16) \| \d \|", r) and r.count("|") == 13]
+    prefill = [r for r in lines if re.match(r"\| \d+ x \d+ \|", r)]
+    sweep = [r for r in lines if re.match(r"\| (fp32|bf16) \| \d+ \|", r)]
+    assert (len(decode), len(multi), len(prefill), len(sweep)) == (4, 4, 2, 4), text
+    assert "Suggested DECODE_TILES entry" in text and "nan" not in text
+    assert (folder / "serving.json").exists()
