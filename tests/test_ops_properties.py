@@ -42,7 +42,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lightning_attention import decay
@@ -169,12 +169,14 @@ def _forward_backward(op, inputs, do, dht, **kwargs):
     if dht is not None:
         loss = loss + (final.double() * dht.double()).sum()
     leaves = [t for t in (q, k, v, h0) if t is not None]
-    if not loss.requires_grad and op is recurrent_reference:
-        # The reference builds no graph where nothing depends on the inputs (no token, and no final state asked
-        # for): every gradient is zero. The ops always return a graph (tests/test_ops.py: empty sequences).
+    # The reference's graph leaves out inputs that nothing depends on (no token: q, k, v; and everything when no
+    # final state is asked for either): their gradients are zero. The ops' graphs always hold every input
+    # (tests/test_ops.py: empty sequences), which the strict call below checks.
+    reference = op is recurrent_reference
+    if reference and not loss.requires_grad:
         grads = [torch.zeros_like(t) for t in leaves]
     else:
-        grads = torch.autograd.grad(loss, leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=reference, materialize_grads=reference)
     return (o, final, *grads[:3], grads[3] if h0 is not None else None)
 
 
@@ -258,7 +260,21 @@ def _check(case: ScanCase, backend: str, device: str, baseline_of, floor: float)
 FLOORS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 
 
+#: Always run, whatever the profile draws: no token at all with a state to pass through, and packed sequences of
+#: 0 and 1 tokens only, reversed, in bf16.
+EDGE_CASES = [
+    ScanCase(batch=2, seq_len=0, heads=2, head_k=17, head_v=16, dtype=torch.float32, lengths=None, g_gamma=(0.0, -3.0),
+             decay="random", scale=None, initial_state=True, final_state=True, dht=True, reverse=False, chunk_size=16,
+             seed=1),
+    ScanCase(batch=1, seq_len=2, heads=2, head_k=16, head_v=33, dtype=torch.bfloat16, lengths=(0, 1, 0, 1),
+             g_gamma=(-0.0, -1000.0), decay="random", scale=None, initial_state=True, final_state=True, dht=True,
+             reverse=True, chunk_size=64, seed=2),
+]  # fmt: skip
+
+
 @settings(max_examples=TORCH_EXAMPLES)
+@example(case=EDGE_CASES[0])
+@example(case=EDGE_CASES[1])
 @given(case=scan_cases(max_len=300, max_batch=3, max_heads=4, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)))
 def test_torch_engine_matches_reference(case):
     _check(case, "torch", "cpu", _reference_in_float32, FLOORS[case.dtype])
@@ -272,6 +288,8 @@ TRITON_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if torch.cud
 
 
 @settings(max_examples=TRITON_EXAMPLES)
+@example(case=EDGE_CASES[0])
+@example(case=dataclasses.replace(EDGE_CASES[1], dtype=torch.float16))
 @given(case=scan_cases(max_len=100, max_batch=2, max_heads=2, dtypes=TRITON_DTYPES))
 def test_triton_engine_matches_reference(triton_device, case):
     _check(case, "triton", triton_device, _torch_in_input_dtype, 1e-5)
