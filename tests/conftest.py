@@ -39,7 +39,7 @@ def nan_poisoned_empty(monkeypatch):
 # per-example state, so hypothesis' warning about them does not apply.
 _SHARED = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=240, derandomize=True, database=None, **_SHARED)
-settings.register_profile("long", max_examples=4000, print_blob=True, **_SHARED)
+settings.register_profile("long", max_examples=1500, print_blob=True, **_SHARED)
 settings.load_profile("ci")  # --hypothesis-profile=NAME (hypothesis' pytest plugin) loads another one after this
 
 
