@@ -31,9 +31,10 @@ def nan_poisoned_empty(monkeypatch):
 
 
 # Hypothesis profiles of the property tests (tests/test_ops_properties.py). "ci" is loaded by default: a fixed
-# budget and fixed examples (derandomize), so a run of the suite is repeatable and bounded (~60 s on 2 cores).
-# "long" (`pytest --hypothesis-profile=long`, a nightly-style run of ~25 min on 2 cores) draws fresh examples on
-# every run, keeps failures in .hypothesis/ to replay them first next time, and prints a reproduction blob.
+# budget and fixed examples (derandomize), so a run of the suite is repeatable and bounded (~50 s on 2 cores).
+# "long" (`pytest --hypothesis-profile=long`, a nightly-style run: 5 and 16 min for the torch and the Triton test
+# on 2 cores shared with other jobs) draws fresh examples on every run, keeps failures in .hypothesis/ to replay them
+# first next time, and prints a reproduction blob.
 # max_examples is the budget of the cheapest test; each test takes its share (test_ops_properties.py).
 # The tests use function-scoped fixtures (NaN-poisoned torch.empty, the Triton device): they hold no
 # per-example state, so hypothesis' warning about them does not apply.

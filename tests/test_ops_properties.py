@@ -59,8 +59,8 @@ NAMES = ("o", "final_state", "dq", "dk", "dv", "dh0")
 STATE_NAMES = ("final_state", "dh0")  # float32 (float64) in every input dtype: never rounded to it
 
 #: Examples per test, as a share of the profile's max_examples (tests/conftest.py): the torch test's example costs
-#: ~0.3 s on 2 cores (two float64/float32 reference passes with autograd, then both ops), one under the Triton
-#: interpreter ~1.5 s (the smaller shapes below).
+#: 0.1-0.2 s (float64 and float32 reference passes with autograd, then both ops), one under the Triton interpreter
+#: 0.5-4 s (with the smaller shapes below).
 TORCH_EXAMPLES = settings().max_examples
 TRITON_EXAMPLES = max(1, settings().max_examples // 6)
 
