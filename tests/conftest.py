@@ -2,6 +2,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
 
 # Triton kernels run on CPU through the interpreter; the variable must be set before triton is imported.
 if not torch.cuda.is_available():
@@ -28,8 +30,28 @@ def nan_poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: _poisoned(_real_new_empty(self, *a, **kw)))
 
 
+# Hypothesis profiles of the property tests (tests/test_ops_properties.py). "ci" is loaded by default: a fixed
+# budget and fixed examples (derandomize), so a run of the suite is repeatable and bounded (~50 s on 2 cores).
+# "long" (`pytest --hypothesis-profile=long`, a nightly-style run: 5 and 16 min for the torch and the Triton test
+# on 2 cores shared with other jobs) draws fresh examples on every run, keeps failures in .hypothesis/ to replay them
+# first next time, and prints a reproduction blob.
+# max_examples is the budget of the cheapest test; each test takes its share (test_ops_properties.py).
+# The tests use function-scoped fixtures (NaN-poisoned torch.empty, the Triton device): they hold no
+# per-example state, so hypothesis' warning about them does not apply.
+_SHARED = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=240, derandomize=True, database=None, **_SHARED)
+settings.register_profile("long", max_examples=1500, print_blob=True, **_SHARED)
+settings.load_profile("ci")  # --hypothesis-profile=NAME (hypothesis' pytest plugin) loads another one after this
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=None,
+        help="wall-clock seconds of each serving soak case (tests/test_serving_soak.py; default: its CI budget)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
