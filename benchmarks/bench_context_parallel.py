@@ -59,7 +59,7 @@ def pick_backend(wanted: str) -> tuple[str, str]:
             return "torch", "Triton not importable"
         get_engine("triton", "chunk")
         q, k, v, _ = make_inputs(1, 256, 2, 64, dtype=torch.bfloat16, device=DEVICE)
-        chunk_simple_gla(q, k, v, torch.full((2,), -0.1, device=DEVICE), backend="triton")
+        chunk_simple_gla(q, k, v, g_gamma=torch.full((2,), -0.1, device=DEVICE), backend="triton")
         sync()
         return "triton", ""
     except Exception as exc:  # any failure of the Triton path: measure the torch engine instead, and say so
@@ -99,7 +99,9 @@ def check(T: int, backend: str, rank: int, world: int) -> dict:
     def full(dtype, engine):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
         leaves.append(h0.detach().to(torch.float64 if dtype == torch.float64 else h0.dtype).requires_grad_(True))
-        o, final = chunk_simple_gla(*leaves[:3], g, None, leaves[3], True, backend=engine)
+        o, final = chunk_simple_gla(
+            *leaves[:3], g_gamma=g, initial_state=leaves[3], output_final_state=True, backend=engine
+        )
         grads = torch.autograd.grad((o, final), leaves, (do.to(dtype), dfinal.sum(0).to(final.dtype)))
         return o.detach(), final.detach(), grads
 
@@ -190,7 +192,7 @@ def bench(T: int, decay_name: str, backend: str, rank: int, world: int, iters: i
         return slowest(seconds)
 
     # 1) the single-GPU op on this rank's shard alone: the ideal (no communication, no cross-shard work).
-    out["local_s"] = timed(lambda *x: chunk_simple_gla(*x, g, backend=backend)[0], q is not None, False)
+    out["local_s"] = timed(lambda *x: chunk_simple_gla(*x, g_gamma=g, backend=backend)[0], q is not None, False)
     # 2) context parallel over the group; skipped (OOM) if any rank could not run its shard alone, so that
     #    no rank is left waiting in a collective.
     cp_fn = lambda *x: context_parallel_simple_gla(*x, g, backend=backend)[0]  # noqa: E731

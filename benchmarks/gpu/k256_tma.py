@@ -22,7 +22,7 @@ from lightning_attention.testing import rel_err
 
 def run(q, k, v, g, do):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    o, _ = chunk_simple_gla(q, k, v, g, backend="triton")
+    o, _ = chunk_simple_gla(q, k, v, g_gamma=g, backend="triton")
     o.backward(do)
     return [o.detach(), q.grad, k.grad, v.grad]
 
@@ -43,9 +43,9 @@ def main() -> None:
     torch.cuda.synchronize()
     err = max(rel_err(a, b) for a, b in zip(got, base))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    fwd = triton.testing.do_bench_cudagraph(lambda: chunk_simple_gla(q, k, v, g, backend="triton"))
+    fwd = triton.testing.do_bench_cudagraph(lambda: chunk_simple_gla(q, k, v, g_gamma=g, backend="triton"))
     fwd_bwd = triton.testing.do_bench_cudagraph(
-        lambda: torch.autograd.grad(chunk_simple_gla(qg, kg, vg, g, backend="triton")[0], (qg, kg, vg), do)
+        lambda: torch.autograd.grad(chunk_simple_gla(qg, kg, vg, g_gamma=g, backend="triton")[0], (qg, kg, vg), do)
     )
     print(f"{torch.cuda.get_device_name()} {B}x{T}x{H}x{D} {cfg} tma={tma}: fwd {fwd:.3f} ms  fwd+bwd "
           f"{fwd_bwd:.3f} ms  max rel err vs pointer path {err:.2e}", flush=True)

@@ -80,7 +80,8 @@ def _full_results(case: Case, q, k, v, h0, g, scale, w_o, w_f, bounds, exact: bo
         o, final = chunk_reference(*leaves, g, scale, h0, case.final_state, case.reverse, chunk_size=CHUNK)
     else:
         o, final = chunk_simple_gla(
-            *leaves, g, scale, h0, case.final_state, chunk_size=CHUNK, reverse=case.reverse, backend=case.backend
+            *leaves, g_gamma=g, scale=scale, initial_state=h0, output_final_state=case.final_state, chunk_size=CHUNK,
+            reverse=case.reverse, backend=case.backend,
         )
     rank_losses = []
     for r, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -178,7 +179,8 @@ def _run_chain(group, rank: int, world_size: int) -> list[str]:
         return dict(zip(tensors, torch.autograd.grad(loss, list(tensors.values()))))
 
     ref = single(torch.float64, lambda q, k, v, s: chunk_reference(q, k, v, g, None, s, True, chunk_size=CHUNK))
-    base = single(torch.float32, lambda q, k, v, s: chunk_simple_gla(q, k, v, g, None, s, True, chunk_size=CHUNK))
+    base = single(torch.float32, lambda q, k, v, s: chunk_simple_gla(
+        q, k, v, g_gamma=g, initial_state=s, output_final_state=True, chunk_size=CHUNK))
     sl = slice(rank * shard, (rank + 1) * shard)
     mine = {n: (t[:, sl] if n != "h0" else t).detach().clone().requires_grad_(True) for n, t in leaves.items()}
 
@@ -277,7 +279,9 @@ def test_world_of_one_is_the_single_device_op(world_of_one, reverse):
     o, final = context_parallel_simple_gla(q, k, v, g, None, h0, True, reverse=reverse, chunk_size=CHUNK)
     exact = [x.double() for x in (q, k, v, h0)]
     o_ref, final_ref = chunk_reference(*exact[:3], g, None, exact[3], True, reverse, chunk_size=CHUNK)
-    o_base, final_base = chunk_simple_gla(q, k, v, g, None, h0, True, chunk_size=CHUNK, reverse=reverse)
+    o_base, final_base = chunk_simple_gla(
+        q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, chunk_size=CHUNK, reverse=reverse
+    )
     assert_matches_baseline(o, o_ref, o_base, name="o")
     assert_matches_baseline(final, final_ref, final_base, name="final")
 

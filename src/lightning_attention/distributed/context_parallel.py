@@ -164,7 +164,7 @@ class _ContextParallelScan(torch.autograd.Function):
             dstate = state_grads[s] if dstate is None else _per_head(decays[s]) * dstate + state_grads[s]
 
         engine = get_engine(plan.backend, "chunk")
-        dq, dk, dv, _ = engine.backward(q, k, v, g, plan.cfg, state_in, None, do, dstate)
+        dq, dk, dv = engine.backward(q, k, v, g, plan.cfg, state_in, None, do, dstate)[:3]
 
         dh0 = None
         if ctx.has_initial_state and ctx.needs_input_grad[3]:

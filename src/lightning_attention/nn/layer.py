@@ -201,13 +201,13 @@ class LightningAttention(nn.Module):
             index, cu_seqlens = _pack_plan(attention_mask)
             packed = [x.reshape(B * T, H, -1).index_select(0, index).unsqueeze(0) for x in (q, k, v)]
             o_packed, final_state = op(
-                *packed, g, scale=self.scale, initial_state=initial_state,
+                *packed, g_gamma=g, scale=self.scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, **options,
             )
             o = o_packed.new_zeros(B * T, H, v.shape[-1]).index_copy(0, index, o_packed[0])
             return o.view(B, T, H, -1), final_state
         return op(
-            q, k, v, g, scale=self.scale, initial_state=initial_state,
+            q, k, v, g_gamma=g, scale=self.scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, **options,
         )
 
