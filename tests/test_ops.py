@@ -169,6 +169,7 @@ GRADCHECK_CASES = [
     # Per-token gates (dg by finite differences too), with and without g_gamma. fast_mode (a random projection of
     # the Jacobian) keeps them cheap; dg is checked entry by entry in float64 against the closed form in
     # tests/engines/cpu (1e-12).
+    pytest.param(dict(T=37, g=True, fast_mode=True), id="g-o-only-fast"),
     pytest.param(dict(T=37, h0=True, final=True, g=True, fast_mode=True), id="g-h0-final-fast"),
     pytest.param(dict(T=37, h0=True, final=True, g=True, g_gamma=False, reverse=True,
                       cu_seqlens=(0, 0, 1, 20, 37), fast_mode=True), id="g-alone-varlen-reverse-fast"),
