@@ -183,7 +183,7 @@ def test_backward_reuses_the_forward_local_states(triton_device, monkeypatch, K,
             o, final = chunk_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True,
                                         cu_seqlens=cu_seqlens, reverse=reverse, backend="triton")  # fmt: skip
         else:
-            o, final = chunk_scan_op(q, k, v, g, h0, cu_seqlens, K**-0.5, reverse, 64, True, "triton")
+            o, final = chunk_scan_op(q, k, v, None, g, h0, cu_seqlens, None, K**-0.5, reverse, 64, True, "triton")
         grads = torch.autograd.grad((o, final), (q, k, v, h0), (do, torch.ones_like(final)))
         results[path] = (o, final, *grads, list(passes))
     assert tuple(results["eager"][-1]) == eager_passes
