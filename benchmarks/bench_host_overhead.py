@@ -76,7 +76,7 @@ def autograd_thread(B: int, T: int, H: int, D: int, n: int = 200) -> None:
 
     ops._EagerScan.backward = staticmethod(timed_backward)
     try:
-        fwd = lambda: chunk_simple_gla(qg, kg, vg, g, backend="triton")[0]  # noqa: E731
+        fwd = lambda: chunk_simple_gla(qg, kg, vg, g_gamma=g, backend="triton")[0]  # noqa: E731
         fwd_bwd = lambda: torch.autograd.grad(fwd(), (qg, kg, vg), do)  # noqa: E731
         print(f"{torch.cuda.get_device_name()} {B}x{T}x{H}x{D} bf16: host us per call ({n} calls)")
         print(f"  op fwd (requires_grad)      {_enqueue_us(fwd, n):8.1f}")
@@ -115,7 +115,7 @@ def tma_ab(B: int, T: int, H: int, D: int, rounds: int = 5) -> None:
         "dk/dv launch": lambda: chunk._scan(rows[1], rows[0], rows[3], outs[1], g, bounds, **common,
                                             transposed=(rows[2], outs[2])),
         "op fwd+bwd": lambda: torch.autograd.grad(
-            chunk_simple_gla(qg, kg, vg, g, backend="triton")[0], (qg, kg, vg), do
+            chunk_simple_gla(qg, kg, vg, g_gamma=g, backend="triton")[0], (qg, kg, vg), do
         ),
     }  # fmt: skip
     shipped = chunk_scan.TMA_HEAD_DIMS
@@ -144,10 +144,10 @@ def profile_shape(B: int, T: int, H: int, D: int) -> None:
     q, k, v, do, g, cfg, (qg, kg, vg) = _inputs(B, T, H, D)
     cases = {
         "engine fwd": lambda: ENGINE.forward(q, k, v, g, cfg, None, None),
-        "op fwd (no grad)": lambda: chunk_simple_gla(q, k, v, g, backend="triton"),
-        "op fwd (requires_grad)": lambda: chunk_simple_gla(qg, kg, vg, g, backend="triton"),
+        "op fwd (no grad)": lambda: chunk_simple_gla(q, k, v, g_gamma=g, backend="triton"),
+        "op fwd (requires_grad)": lambda: chunk_simple_gla(qg, kg, vg, g_gamma=g, backend="triton"),
         "engine bwd": lambda: ENGINE.backward(q, k, v, g, cfg, None, None, do, None),
-        "op fwd+bwd": lambda: torch.autograd.grad(chunk_simple_gla(qg, kg, vg, g, backend="triton")[0], (qg, kg, vg), do),
+        "op fwd+bwd": lambda: torch.autograd.grad(chunk_simple_gla(qg, kg, vg, g_gamma=g, backend="triton")[0], (qg, kg, vg), do),
     }
     print(f"{torch.cuda.get_device_name()} {B}x{T}x{H}x{D} bf16")
     for name, fn in cases.items():

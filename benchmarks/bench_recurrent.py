@@ -71,7 +71,7 @@ def bench_t_sweep(rows, table):
             q, k, v, h0 = _inputs(B, T, H)
             loop = _ms(lambda: recurrent._RECURRENT.forward(q, k, v, g, cfg, h0, None))
             chunked = _ms(lambda: chunk_engine.forward(q, k, v, g, cfg, h0, None))
-            op = _ms(lambda: fused_recurrent_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True))
+            op = _ms(lambda: fused_recurrent_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True))
             ratio_train = None
             if T >= TRAIN_FROM_T:
                 qg, kg, vg, hg = _inputs(B, T, H, requires_grad=True)
@@ -120,7 +120,7 @@ def bench_prefill(rows, table):
         use = torch.ones(N, dtype=torch.bool, device=dev)
         h0 = torch.randn(N, H, K, V, device=dev)
         prefill = _ms(lambda: serving.lightning_attn_prefill(q, k, v, cu, cache, slots, g, None, use))
-        chunked = _ms(lambda: chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu))
+        chunked = _ms(lambda: chunk_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, cu_seqlens=cu))
         rows.append(dict(prefill_N=N, L=L, H=H, prefill_ms=prefill, chunk_ms=chunked))
         table.add(f"| {N} x {L} | {H} | {prefill:.3f} | {chunked:.3f} | {prefill / chunked:.2f} |")
 

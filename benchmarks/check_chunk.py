@@ -33,7 +33,7 @@ def _mixed_lengths(num: int, longest: int, seed: int = 0) -> list[int]:
 def _forward_backward(q, k, v, h0, g, cu, reverse, backend):
     q, k, v, h0 = (t.detach().requires_grad_() for t in (q, k, v, h0))
     o, final = chunk_simple_gla(
-        q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, reverse=reverse, backend=backend
+        q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, cu_seqlens=cu, reverse=reverse, backend=backend
     )
     gen = torch.Generator(device=q.device).manual_seed(1)
     do = torch.randn(o.shape, device=q.device, generator=gen).to(o.dtype)

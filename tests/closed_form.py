@@ -151,20 +151,82 @@ def assert_scan_matches_closed_form(scan, T, with_state, state_offset, reverse, 
     assert_rel_close(final, final_ref, FP64_TOL, "final")
 
 
-def assert_engine_backward_matches_closed_form(engine, T, reverse, cu_seqlens, chunk_size=64):
-    """ScanEngine.backward (three scans) in float64 against autograd through the closed form, dht included."""
+def assert_engine_backward_matches_closed_form(engine, T, reverse, cu_seqlens, chunk_size=64, gates=None):
+    """engine.backward in float64 against autograd through the closed form, dht included: dq, dk, dv, dh0, and dg
+    with per-token ``gates`` (a :data:`GATE_KINDS` name). At g = -20 dg is ~1e-9 of the token's own pair: a formula
+    that cancels that pair fails here by orders of magnitude."""
     from lightning_attention._validation import ScanConfig
     from lightning_attention.testing import assert_rel_close
 
     q, k, v, state, cu = scan_inputs(T, True, cu_seqlens)
-    leaves = [t.requires_grad_() for t in (q, k, v, state)]
-    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state, 1, reverse, cu)
+    g = None if gates is None else scan_gates(gates, *q.shape[:2])
+    leaves = [t.requires_grad_() for t in (q, k, v, state, g) if t is not None]
+    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state, 1, reverse, cu, g=g)
     gen = torch.Generator().manual_seed(3)
     do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
     dht = torch.randn(final_ref.shape, generator=gen, dtype=torch.float64)
     expected = torch.autograd.grad((o_ref * do).sum() + (final_ref * dht).sum(), leaves)
     cfg = ScanConfig(SCALE, reverse, chunk_size, True)
     with torch.no_grad():
-        grads = engine.backward(q, k, v, G_GAMMA, cfg, state, cu, do, dht)
-    for name, grad, want in zip(("dq", "dk", "dv", "dh0"), grads, expected):
+        grads = engine.backward(q, k, v, G_GAMMA, cfg, state, cu, do, dht, **({} if g is None else {"g": g}))
+    assert len(grads) == 5 and (grads[4] is None) == (g is None)
+    for name, grad, want in zip(("dq", "dk", "dv", "dh0", "dg"), grads, expected):
+        assert grad.shape == want.shape and grad.dtype == torch.float64, name
         assert_rel_close(grad, want, FP64_TOL, name)
+
+
+# --- per-token gates g [B, T, H]: the same engine-level checks ---
+
+#: gate kinds of the gated engine checks (tests/test_reference.py's): log-sigmoid gates, -20 per token, 0.
+GATE_KINDS = ("random", "strong", "zero")
+
+
+def scan_gates(kind, B, T, seed=11):
+    """[B, T, H] float64 log gates for the engine checks (H = len(G_GAMMA))."""
+    H = G_GAMMA.shape[0]
+    if kind == "strong":
+        return torch.full((B, T, H), -20.0, dtype=torch.float64)
+    if kind == "zero":
+        return torch.zeros(B, T, H, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.logsigmoid(2 * torch.randn(B, T, H, generator=gen, dtype=torch.float64))
+
+
+def gated_token_loop(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, g):
+    """The scan contract of engines/base.py written out token by token, for any gates and both offsets (float64):
+    offset 1: S_p = exp(a_p) S_{p-1} + k_p^T v_p; offset 0: S_p = S'_{p-1} + k_p^T v_p, S'_p = exp(a_p) S_p."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    a = g.double() + g_gamma.double()
+    spans = [(b, 0, T) for b in range(B)] if cu_seqlens is None else [
+        (0, s, e) for s, e in zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:])]
+    o = torch.zeros(B, T, H, V, dtype=torch.float64)
+    finals = []
+    for n, (b, start, end) in enumerate(spans):
+        S = torch.zeros(H, K, V, dtype=torch.float64) if state is None else state[n].double()
+        order = range(end - 1, start - 1, -1) if reverse else range(start, end)
+        for t in order:
+            decay = torch.exp(a[b, t])[:, None, None]
+            if state_offset == 1:
+                S = decay * S + k[b, t].double()[:, :, None] * v[b, t].double()[:, None, :]
+                o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t].double(), S)
+            else:
+                S = S + k[b, t].double()[:, :, None] * v[b, t].double()[:, None, :]
+                o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t].double(), S)
+                S = decay * S
+        finals.append(S)
+    return o, torch.stack(finals)
+
+
+def assert_gated_scan_matches_definition(scan, T, with_state, state_offset, reverse, cu_seqlens, gates, chunk_size=64):
+    """A scan function with per-token gates, in float64, against :func:`gated_token_loop`."""
+    from lightning_attention.testing import assert_rel_close
+
+    q, k, v, state, cu = scan_inputs(T, with_state, cu_seqlens)
+    g = scan_gates(gates, *q.shape[:2])
+    o, final = scan(q, k, v, G_GAMMA, SCALE, state, state_offset, reverse, cu, chunk_size, g=g)
+    o_ref, final_ref = gated_token_loop(q, k, v, G_GAMMA, SCALE, state, state_offset, reverse, cu, g)
+    assert o.dtype == q.dtype and final.dtype == torch.float64
+    assert bool(torch.isfinite(o).all()) and bool(torch.isfinite(final).all())
+    assert_rel_close(o, o_ref, FP64_TOL, "o")
+    assert_rel_close(final, final_ref, FP64_TOL, "final")

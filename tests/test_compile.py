@@ -108,8 +108,8 @@ def skip_without_engine(backend: str) -> None:
 # shapes, for each op over several sample inputs.
 
 
-# Sample inputs of the scan ops: h0, varlen (with an empty sequence), reverse, bf16 inputs, and T above
-# RECURRENT_MAX_T (the recurrent op's chunked route).
+# Sample inputs of the scan ops: h0, varlen (with an empty sequence), reverse, bf16 inputs, T above
+# RECURRENT_MAX_T (the recurrent op's chunked route), per-token gates g (with dg) and a host copy of cu_seqlens.
 SCAN_CASES = {
     "plain": dict(),
     "h0-final-reverse": dict(initial_state=True, final=True, reverse=True),
@@ -117,7 +117,16 @@ SCAN_CASES = {
     "varlen-reverse-final": dict(final=True, varlen=True, reverse=True),
     "bf16-h0-final": dict(initial_state=True, final=True, dtype=torch.bfloat16),
     "long-h0": dict(initial_state=True, T=80),
+    "g-h0-final": dict(initial_state=True, final=True, gates=True),
+    "g-varlen-reverse-final-cpu-offsets": dict(initial_state=True, final=True, varlen=True, reverse=True, gates=True,
+                                               host_offsets=True),
 }
+
+
+def _gates(q):
+    """[B, T, H] float32 log gates for q's shape (requires grad)."""
+    gen = torch.Generator().manual_seed(11)
+    return F.logsigmoid(torch.randn(*q.shape[:3], generator=gen)).to(q.device).requires_grad_()
 
 
 def _scan_args(case, device, backend):
@@ -126,20 +135,22 @@ def _scan_args(case, device, backend):
         device, T=case.get("T", 37), dtype=case.get("dtype", torch.float32),
         initial_state=case.get("initial_state", False), varlen=case.get("varlen", False),
     )
-    g = G_GAMMA.to(device)
-    return (q, k, v, g, h0, cu, 0.7, case.get("reverse", False), CHUNK, case.get("final", False), backend)
+    g = _gates(q) if case.get("gates") else None
+    cu_cpu = cu.cpu() if case.get("host_offsets") else None
+    return (q, k, v, g, G_GAMMA.to(device), h0, cu, cu_cpu, 0.7, case.get("reverse", False), CHUNK,
+            case.get("final", False), backend)  # fmt: skip
 
 
 def _backward_args(fwd_args):
     """Positional args of the ``_backward`` op matching a forward sample: random do, and dht when the forward
     returned a final state."""
-    q, k, v, g, h0, cu, scale, reverse, chunk_size, final, backend = fwd_args
+    q, k, v, g, g_gamma, h0, cu, cu_cpu, scale, reverse, chunk_size, final, backend = fwd_args
     gen = torch.Generator().manual_seed(2)
     num_seqs = q.shape[0] if cu is None else cu.numel() - 1
     do = torch.randn(*q.shape[:3], v.shape[-1], generator=gen).to(q)
     dht = torch.randn(num_seqs, H, K, V, generator=gen).to(q.device) if final else None
-    detached = [None if t is None else t.detach() for t in (q, k, v, h0)]
-    return (*detached[:3], g, detached[3], cu, do, dht, scale, reverse, chunk_size, backend)
+    detached = [None if t is None else t.detach() for t in (q, k, v, g, h0)]
+    return (*detached[:4], g_gamma, detached[4], cu, cu_cpu, do, dht, scale, reverse, chunk_size, backend)
 
 
 SCAN_OPS = [
@@ -173,20 +184,23 @@ def test_eager_path_equals_custom_op(op, case, target):
     calls); compiled graphs record the custom op. Both paths: identical outputs and gradients."""
     device, backend = target
     skip_without_engine(backend)
-    q, k, v, g, h0, cu, scale, reverse, chunk_size, final, backend = _scan_args(case, device, backend)
-    do, dht = _backward_args((q, k, v, g, h0, cu, scale, reverse, chunk_size, final, backend))[6:8]
+    args = _scan_args(case, device, backend)
+    q, k, v, g, g_gamma, h0, cu, cu_cpu, scale, reverse, chunk_size, final, backend = args
+    do, dht = _backward_args(args)[8:10]
     results = []
     for path in ("eager", "custom_op"):
-        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (q, k, v, h0)]
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (q, k, v, h0, g)]
         if path == "eager":
-            kwargs = dict(scale=scale, initial_state=leaves[3], output_final_state=final, reverse=reverse,
-                          cu_seqlens=cu, backend=backend)
+            kwargs = dict(g=leaves[4], g_gamma=g_gamma, scale=scale, initial_state=leaves[3],
+                          output_final_state=final, reverse=reverse, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu,
+                          backend=backend)  # fmt: skip
             if op is chunk_scan_op:
                 kwargs["chunk_size"] = chunk_size
-            o, state = PUBLIC_OPS[op._name.split("::")[-1]](*leaves[:3], g, **kwargs)
+            o, state = PUBLIC_OPS[op._name.split("::")[-1]](*leaves[:3], **kwargs)
         else:
             op_chunk = chunk_size if op is chunk_scan_op else 64  # (the public recurrent op passes 64)
-            o, state = op(*leaves[:3], g, leaves[3], cu, scale, reverse, op_chunk, final, backend)
+            o, state = op(*leaves[:3], leaves[4], g_gamma, leaves[3], cu, cu_cpu, scale, reverse, op_chunk, final,
+                          backend)  # fmt: skip
         outputs, grads_out = [o], [do]
         if final:
             outputs.append(state)
@@ -288,11 +302,19 @@ def _call(fn_name, backend):
     """A function of (q, k, v, h0, cu_seqlens) calling the public op ``fn_name`` with every state option on."""
     if fn_name == "chunk":
         return lambda q, k, v, h0, cu: chunk_simple_gla(
-            q, k, v, G_GAMMA.to(q.device), 0.7, h0, True, cu, CHUNK, reverse=cu is not None, backend=backend
+            q, k, v, g_gamma=G_GAMMA.to(q.device), scale=0.7, initial_state=h0, output_final_state=True,
+            cu_seqlens=cu, chunk_size=CHUNK, reverse=cu is not None, backend=backend,
         )
     if fn_name == "recurrent":
         return lambda q, k, v, h0, cu: fused_recurrent_simple_gla(
-            q, k, v, G_GAMMA.to(q.device), None, h0, True, False, cu, backend=backend
+            q, k, v, g_gamma=G_GAMMA.to(q.device), initial_state=h0, output_final_state=True, cu_seqlens=cu,
+            backend=backend,
+        )
+    # Per-token gates (a gate projection inside the graph) with state_v_first: dg flows back into q.
+    if fn_name == "gated":
+        return lambda q, k, v, h0, cu: chunk_simple_gla(
+            q, k, v, F.logsigmoid(q.sum(-1)), G_GAMMA.to(q.device), initial_state=h0.transpose(-1, -2),
+            output_final_state=True, state_v_first=True, cu_seqlens=cu, chunk_size=CHUNK, backend=backend,
         )
     # The decay schedule itself (decay.g_gamma) is traced into the graph here.
     if fn_name == "lightning":
@@ -311,6 +333,7 @@ def _call(fn_name, backend):
         pytest.param("chunk", False, id="chunk_simple_gla"),
         pytest.param("chunk", True, id="chunk_simple_gla-varlen-reverse"),
         pytest.param("recurrent", False, id="fused_recurrent_simple_gla"),
+        pytest.param("gated", True, id="chunk_simple_gla-g-state_v_first-varlen"),
         pytest.param("lightning", True, id="chunk_lightning_attn-varlen"),
         pytest.param("recurrent_lightning", False, id="fused_recurrent_lightning_attn"),
     ],
@@ -332,7 +355,8 @@ def _gated_block(q, k, v, h0, gate, backend):
     """Elementwise work around the op (MiniMax-style SiLU features, a sigmoid gate) so inductor has code of its
     own to generate and fuse around the opaque custom op."""
     o, final = chunk_simple_gla(
-        F.silu(q), F.silu(k), v, G_GAMMA.to(q.device), None, h0, True, chunk_size=CHUNK, backend=backend
+        F.silu(q), F.silu(k), v, g_gamma=G_GAMMA.to(q.device), initial_state=h0, output_final_state=True,
+        chunk_size=CHUNK, backend=backend,
     )
     return o * torch.sigmoid(gate), final
 
@@ -394,7 +418,7 @@ def test_compile_reports_bad_input_with_the_validation_message(fresh_dynamo):
     bad_g = torch.zeros(H + 1)
 
     def fn(q, k, v, g):
-        return chunk_simple_gla(q, k, v, g, backend="torch")
+        return chunk_simple_gla(q, k, v, g_gamma=g, backend="torch")
 
     with pytest.raises(ValueError, match=r"g_gamma must have shape \[H=3\]"):
         torch.compile(fn, backend="aot_eager")(q, k, v, bad_g)
@@ -409,9 +433,9 @@ def test_value_checks_are_eager_only():
     device sync on CUDA and a graph break under compile): eager CPU rejects them, tracing never reads them."""
     q, k, v, _, cu = _inputs("cpu", varlen=True, initial_state=False)
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
-        chunk_simple_gla(q, k, v, G_GAMMA, cu_seqlens=torch.tensor([0, 20, 5, 37]), backend="torch")
+        chunk_simple_gla(q, k, v, g_gamma=G_GAMMA, cu_seqlens=torch.tensor([0, 20, 5, 37]), backend="torch")
     with pytest.raises(ValueError, match="g_gamma must be finite and <= 0"):
-        chunk_simple_gla(q, k, v, -G_GAMMA, backend="torch")
+        chunk_simple_gla(q, k, v, g_gamma=-G_GAMMA, backend="torch")
     # Reading a value while tracing would be a graph break, i.e. an error under fullgraph=True.
     torch._dynamo.reset()
     compiled, _ = compile_counted(_call("chunk", "torch"))
@@ -482,7 +506,8 @@ class _Block(torch.nn.Module):
         q, k, v = self.qkv(x).view(B, T, H, -1).split([K, K, V], dim=-1)
         h0 = self.h0.expand(B, -1, -1, -1)
         o, _ = chunk_simple_gla(
-            F.silu(q), F.silu(k), v, G_GAMMA.to(x.device), None, h0, chunk_size=CHUNK, backend=self.backend
+            F.silu(q), F.silu(k), v, g_gamma=G_GAMMA.to(x.device), initial_state=h0, chunk_size=CHUNK,
+            backend=self.backend,
         )
         return x + self.out(o.reshape(B, T, H * V))
 

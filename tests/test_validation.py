@@ -44,13 +44,27 @@ BAD_INPUTS = [
     pytest.param(dict(k=torch.ones(B, T, H, K, dtype=torch.complex64)), TypeError, "k must be float16", id="k-complex"),
     pytest.param(dict(v=torch.randn(B, T, H, V, device="meta")), ValueError, "one device", id="v-device"),
     # g_gamma
-    pytest.param(dict(g_gamma=[0.0, -1.0]), TypeError, "g_gamma must be a torch.Tensor", id="g-list"),
-    pytest.param(dict(g_gamma=torch.tensor([0.0, -1.0, -2.0])), ValueError, r"g_gamma must have shape \[H=2\]", id="g-len"),
-    pytest.param(dict(g_gamma=torch.zeros(1, 2)), ValueError, r"g_gamma must have shape \[H=2\]", id="g-rank2"),
-    pytest.param(dict(g_gamma=torch.tensor([0.0, 0.5])), ValueError, "g_gamma must be finite and <= 0", id="g-positive"),
-    pytest.param(dict(g_gamma=torch.tensor([0.0, float("nan")])), ValueError, "g_gamma must be finite", id="g-nan"),
-    pytest.param(dict(g_gamma=torch.tensor([0.0, -float("inf")])), ValueError, "g_gamma must be finite", id="g-inf"),
-    pytest.param(dict(g_gamma=torch.tensor([0, -1])), TypeError, "g_gamma must be a floating", id="g-int"),
+    pytest.param(dict(g_gamma=[0.0, -1.0]), TypeError, "g_gamma must be a torch.Tensor", id="g_gamma-list"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, -1.0, -2.0])), ValueError, r"g_gamma must have shape \[H=2\]",
+                 id="g_gamma-len"),
+    pytest.param(dict(g_gamma=torch.zeros(1, 2)), ValueError, r"g_gamma must have shape \[H=2\]", id="g_gamma-rank2"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, 0.5])), ValueError, "g_gamma must be finite and <= 0",
+                 id="g_gamma-positive"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, float("nan")])), ValueError, "g_gamma must be finite", id="g_gamma-nan"),
+    pytest.param(dict(g_gamma=torch.tensor([0.0, -float("inf")])), ValueError, "g_gamma must be finite",
+                 id="g_gamma-inf"),
+    pytest.param(dict(g_gamma=torch.tensor([0, -1])), TypeError, "g_gamma must be a floating", id="g_gamma-int"),
+    # g: per-token gates [B, T, H]; a [H] tensor where g goes is an old positional g_gamma, never reinterpreted
+    pytest.param(dict(g=torch.tensor([0.0, -1.0])), ValueError, r"g must be per-token log gates .*pass g_gamma=",
+                 id="g-is-g_gamma"),
+    pytest.param(dict(g=[[0.0]]), TypeError, "g must be a torch.Tensor", id="g-list"),
+    pytest.param(dict(g=torch.zeros(B, T, H + 1)), ValueError, r"g must have shape \[B, T, H\] = \[1, 8, 2\]",
+                 id="g-heads"),
+    pytest.param(dict(g=torch.zeros(B, T + 1, H)), ValueError, r"g must have shape \[B, T, H\]", id="g-length"),
+    pytest.param(dict(g=torch.zeros(B, T, H, 1)), ValueError, r"g must have shape \[B, T, H\]", id="g-rank4"),
+    pytest.param(dict(g=torch.zeros(T, H)), ValueError, r"g must have shape \[B, T, H\]", id="g-rank2"),
+    pytest.param(dict(g=torch.zeros(B, T, H, dtype=torch.int64)), TypeError, "g must be a floating", id="g-int"),
+    pytest.param(dict(g=torch.zeros(B, T, H, device="meta")), ValueError, "g must be on q's device", id="g-device"),
     # cu_seqlens
     pytest.param(dict(cu_seqlens=[0, T]), TypeError, "cu_seqlens must be a torch.Tensor", id="cu-list"),
     pytest.param(
@@ -68,15 +82,31 @@ BAD_INPUTS = [
     pytest.param(dict(cu_seqlens=torch.tensor([0, T], device="meta")), ValueError, "cu_seqlens must be on q's device", id="cu-device"),
     # initial_state
     pytest.param(dict(initial_state=torch.zeros(B, H, V, K)), ValueError, r"initial_state must have shape \[N, H, K, V\]", id="h0-KV-swapped"),
+    pytest.param(dict(initial_state=torch.zeros(B, H, K, V), state_v_first=True), ValueError,
+                 r"initial_state must have shape \[N, H, V, K\] \(state_v_first=True\)", id="h0-state_v_first"),
     pytest.param(dict(initial_state=torch.zeros(H, K, V)), ValueError, "initial_state must have shape", id="h0-rank3"),
     pytest.param(
         dict(initial_state=torch.zeros(1, H, K, V), cu_seqlens=torch.tensor([0, 3, T])),
         ValueError, "N = number of sequences", id="h0-varlen-N",
     ),
-    pytest.param(dict(initial_state=torch.zeros(B, H, K, V).bfloat16()), TypeError, "initial_state must be torch.float32", id="h0-bf16"),
-    pytest.param(dict(initial_state=torch.zeros(B, H, K, V).double()), TypeError, "initial_state must be torch.float32", id="h0-fp64"),
+    pytest.param(dict(initial_state=torch.zeros(B, H, K, V, dtype=torch.int32)), TypeError,
+                 "initial_state must be a floating", id="h0-int"),
     pytest.param(dict(initial_state=torch.zeros(B, H, K, V, device="meta")), ValueError, "initial_state must be on q's device", id="h0-device"),
     pytest.param(dict(initial_state=[[0.0]]), TypeError, "initial_state must be a torch.Tensor", id="h0-list"),
+    # cu_seqlens_cpu: a host copy of cu_seqlens
+    pytest.param(dict(cu_seqlens_cpu=torch.tensor([0, T])), ValueError, "pass cu_seqlens too", id="cpu-offsets-alone"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, T]), cu_seqlens_cpu=[0, T]), TypeError,
+                 "cu_seqlens_cpu must be a torch.Tensor", id="cpu-offsets-list"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, T]), cu_seqlens_cpu=torch.tensor([0.0, T])), TypeError,
+                 "cu_seqlens_cpu must be int32 or int64", id="cpu-offsets-float"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 3, T]), cu_seqlens_cpu=torch.tensor([0, T])), ValueError,
+                 "cu_seqlens_cpu must have cu_seqlens' shape", id="cpu-offsets-shape"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, T]), cu_seqlens_cpu=torch.tensor([0, T], device="meta")),
+                 ValueError, "cu_seqlens_cpu must be a CPU tensor", id="cpu-offsets-device"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 3, T]), cu_seqlens_cpu=torch.tensor([0, 4, T])), ValueError,
+                 "cu_seqlens_cpu must hold cu_seqlens' values", id="cpu-offsets-differ"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 5, 3, T]), cu_seqlens_cpu=torch.tensor([0, 5, 3, T])), ValueError,
+                 "cu_seqlens must be non-decreasing", id="cpu-offsets-bad-values"),
     # scale, backend
     pytest.param(dict(scale="0.5"), TypeError, "scale must be a float", id="scale-str"),
     pytest.param(dict(scale=True), TypeError, "scale must be a float", id="scale-bool"),
@@ -91,10 +121,21 @@ def test_bad_input_is_rejected(op, overrides, error, match):
         op(**_args(**overrides))
 
 
-def test_float64_inputs_need_float64_state():
-    args = _args(q=torch.randn(B, T, H, K).double(), k=torch.randn(B, T, H, K).double(), v=torch.randn(B, T, H, V).double())
-    with pytest.raises(TypeError, match="initial_state must be torch.float64"):
-        chunk_simple_gla(**args, initial_state=torch.zeros(B, H, K, V))
+@pytest.mark.parametrize("op", OPS)
+def test_initial_state_in_any_floating_dtype_is_computed_in_the_state_dtype(op):
+    """fla accepts fp16/bf16 initial states; every floating dtype is accepted and widened (or, for float64 states
+    with float32 inputs, rounded) to the state dtype: float32, float64 for float64 inputs."""
+    h0 = torch.randn(B, H, K, V)
+    for inputs_dtype, h0_dtype, state_dtype in (
+        (torch.float32, torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.float16, torch.float32),
+        (torch.float64, torch.float32, torch.float64),
+    ):
+        args = _args(**{name: t.to(inputs_dtype) for name, t in _args().items() if name in "qkv"})
+        _, final = op(**args, initial_state=h0.to(h0_dtype), output_final_state=True)
+        _, final_wide = op(**args, initial_state=h0.to(h0_dtype).to(state_dtype), output_final_state=True)
+        assert final.dtype == state_dtype
+        torch.testing.assert_close(final, final_wide, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -120,9 +161,20 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
         chunk_simple_gla(**_args(), backend="triton")
 
 
-def test_unknown_keyword_is_rejected():
-    with pytest.raises(TypeError, match="head_first"):
-        chunk_simple_gla(**_args(), head_first=False)
+@pytest.mark.parametrize(
+    "op, keyword",
+    [
+        pytest.param(chunk_simple_gla, "head_first", id="chunk-head_first"),
+        pytest.param(chunk_simple_gla, "transpose_state_layout", id="chunk-transpose_state_layout"),
+        pytest.param(chunk_simple_gla, "gk", id="chunk-gk"),
+        pytest.param(fused_recurrent_simple_gla, "chunk_size", id="recurrent-chunk_size"),
+        pytest.param(fused_recurrent_simple_gla, "head_first", id="recurrent-head_first"),
+    ],
+)
+def test_unknown_keyword_is_rejected(op, keyword):
+    """fla's ops take ``**kwargs`` and ignore what they do not know; ours name it in a TypeError instead."""
+    with pytest.raises(TypeError, match=keyword):
+        op(**_args(), **{keyword: False})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,9 +278,9 @@ def test_cuda_cu_seqlens_is_checked_before_the_kernels(bounds, match):
     q, k, v = (torch.randn(1, 64, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     g = torch.tensor([0.0, -1.0], device="cuda")
     with pytest.raises(ValueError, match=match):
-        chunk_simple_gla(q, k, v, g, cu_seqlens=cu)
+        chunk_simple_gla(q, k, v, g_gamma=g, cu_seqlens=cu)
     with pytest.raises(ValueError, match=match):
-        fused_recurrent_simple_gla(q, k, v, g, cu_seqlens=cu)
+        fused_recurrent_simple_gla(q, k, v, g_gamma=g, cu_seqlens=cu)
     cache = new_state_cache(4, H, 64, device="cuda")
     lightning_attn_prefill(q, k, v, cu, cache, torch.arange(len(bounds) - 1, device="cuda"), g)
     with pytest.raises(ValueError, match="cu_seqlens"):

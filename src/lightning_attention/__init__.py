@@ -8,7 +8,8 @@ Ops (layout q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, state ``[N, H, K, V]`` fl
 
 - :func:`chunk_lightning_attn`, :func:`fused_recurrent_lightning_attn`: fla's signatures, decay from
   ``(layer_idx, num_layers)`` through :func:`lightning_attention.decay.g_gamma`.
-- :func:`chunk_simple_gla`, :func:`fused_recurrent_simple_gla`: any per-head ``g_gamma [H]``.
+- :func:`chunk_simple_gla`, :func:`fused_recurrent_simple_gla`: fla's Simple GLA, per-token gates ``g [B, T, H]``
+  and/or any per-head ``g_gamma [H]``.
 - :mod:`lightning_attention.reference`: the exact (float64-capable) references.
 
 Beyond the ops: :mod:`lightning_attention.nn` (the MiniMax / TransNormerLLM token-mixing layer and its decode

@@ -1,8 +1,9 @@
 """Input validation shared by every public op: errors name the argument and show the shapes.
 
 Everything here runs before any kernel. Values are checked without a device sync per call: ``cu_seqlens`` here
-when it is a CPU tensor, else where an engine reads it on the host anyway (:func:`cu_seqlens_bounds`; kernels that
-read it on the device clamp their rows to the tensors); ``g_gamma`` once per tensor and version.
+when it is a CPU tensor (or its host copy ``cu_seqlens_cpu`` is given), else where an engine reads it on the host
+anyway (:func:`cu_seqlens_bounds`; kernels that read it on the device clamp their rows to the tensors);
+``g_gamma`` once per tensor and version. Per-token gates ``g`` are checked for shape, dtype and device only.
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ def _g_gamma_needs_check(g_gamma: torch.Tensor) -> bool:
     return not (g_gamma.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def check_g_gamma(g_gamma: torch.Tensor, num_heads: int, device: torch.device) -> torch.Tensor:
-    """Returns g_gamma as float32 [H] on ``device``. Its values are checked once per tensor and version."""
+def check_g_gamma(g_gamma: torch.Tensor | None, num_heads: int, device: torch.device) -> torch.Tensor:
+    """Returns g_gamma as float32 [H] on ``device`` (zeros, i.e. no constant decay, for None). Its values are
+    checked once per tensor and version."""
+    if g_gamma is None:
+        return torch.zeros(num_heads, dtype=torch.float32, device=device)
     if not isinstance(g_gamma, torch.Tensor):
         raise TypeError(f"g_gamma must be a torch.Tensor of shape [H={num_heads}], got {type(g_gamma).__name__}")
     if g_gamma.dtype not in _FLOAT_DTYPES:
@@ -156,25 +160,79 @@ def state_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def check_initial_state(initial_state: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor, num_seqs: int) -> None:
+def check_initial_state(
+    initial_state: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor, num_seqs: int, state_v_first: bool = False
+) -> None:
+    """``[N, H, K, V]``, or ``[N, H, V, K]`` with ``state_v_first`` (fla's layouts), any floating dtype: the ops
+    compute in :func:`state_dtype` (fp16/bf16 states are widened as fla does)."""
     if initial_state is None:
         return
     if not isinstance(initial_state, torch.Tensor):
         raise TypeError(f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
     B, T, H, K = q.shape
-    expected = (num_seqs, H, K, v.shape[-1])
+    V = v.shape[-1]
+    expected, layout = ((num_seqs, H, V, K), "[N, H, V, K] (state_v_first=True)") if state_v_first else (
+        (num_seqs, H, K, V), "[N, H, K, V]")
     if tuple(initial_state.shape) != expected:
         raise ValueError(
-            f"initial_state must have shape [N, H, K, V] = {list(expected)} (N = number of sequences), "
+            f"initial_state must have shape {layout} = {list(expected)} (N = number of sequences), "
             f"got {shape_str(initial_state)}"
         )
-    if initial_state.dtype != state_dtype(q):
-        raise TypeError(
-            f"initial_state must be {state_dtype(q)} (states are kept in float32, float64 for float64 inputs), "
-            f"got {shape_str(initial_state)}"
-        )
+    if initial_state.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"initial_state must be a floating tensor, got {shape_str(initial_state)}")
     if initial_state.device != q.device:
         raise ValueError(f"initial_state must be on q's device {q.device}, got {shape_str(initial_state)}")
+
+
+def check_g(g: torch.Tensor | None, q: torch.Tensor) -> None:
+    """Per-token log gates ``[B, T, H]`` (``[1, T, H]`` for packed sequences), any floating dtype, on q's device.
+
+    Values are not checked: every finite value is computed exactly as the definition says (positive gates grow the
+    state, and may overflow exactly as the recurrence itself would). A 1-D tensor is a per-head ``g_gamma`` passed
+    in ``g``'s place (fla's order is ``q, k, v, g, g_gamma``): that is an error, never reinterpreted."""
+    if g is None:
+        return
+    B, T, H, _ = q.shape
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor [B, T, H] or None, got {type(g).__name__}")
+    if g.dim() == 1:
+        raise ValueError(
+            f"g must be per-token log gates [B, T, H] = {[B, T, H]}, got {shape_str(g)}: a constant per-head "
+            "log-decay [H] is g_gamma, the 5th parameter in fla's order (q, k, v, g, g_gamma, ...): pass g_gamma=..."
+        )
+    if g.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"g must be a floating tensor, got {shape_str(g)}")
+    if tuple(g.shape) != (B, T, H):
+        raise ValueError(f"g must have shape [B, T, H] = {[B, T, H]} (q's first three dims), got {shape_str(g)}")
+    if g.device != q.device:
+        raise ValueError(f"g must be on q's device {q.device}, got {shape_str(g)}")
+
+
+def check_cu_seqlens_cpu(cu_seqlens_cpu: torch.Tensor | None, cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
+    """A host copy of ``cu_seqlens`` (fla's ``cu_seqlens_cpu``): the engines plan from it instead of reading the
+    device tensor. Its shape is checked against ``cu_seqlens`` and its values as :func:`cu_seqlens_bounds` checks
+    them; that it holds the same values as the device tensor is checked only when ``cu_seqlens`` is readable
+    without a sync (a CPU tensor), since comparing them would be the very read it spares."""
+    if cu_seqlens_cpu is None:
+        return
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_cpu is a host copy of cu_seqlens: pass cu_seqlens too")
+    if not isinstance(cu_seqlens_cpu, torch.Tensor):
+        raise TypeError(f"cu_seqlens_cpu must be a torch.Tensor, got {type(cu_seqlens_cpu).__name__}")
+    if cu_seqlens_cpu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens_cpu must be int32 or int64, got {shape_str(cu_seqlens_cpu)}")
+    if cu_seqlens_cpu.shape != cu_seqlens.shape:
+        raise ValueError(
+            f"cu_seqlens_cpu must have cu_seqlens' shape: cu_seqlens {shape_str(cu_seqlens)}, "
+            f"cu_seqlens_cpu {shape_str(cu_seqlens_cpu)}"
+        )
+    if cu_seqlens_cpu.device.type != "cpu":
+        raise ValueError(f"cu_seqlens_cpu must be a CPU tensor, got {shape_str(cu_seqlens_cpu)}")
+    if values_readable(cu_seqlens_cpu):
+        bounds = cu_seqlens_bounds(cu_seqlens_cpu, q.shape[1])
+        if values_readable(cu_seqlens) and bounds != tuple(int(b) for b in cu_seqlens.tolist()):
+            raise ValueError(f"cu_seqlens_cpu must hold cu_seqlens' values, got {list(bounds[:8])} and "
+                             f"{cu_seqlens.tolist()[:8]}")
 
 
 def check_scale(scale, head_dim: int) -> float:
@@ -198,13 +256,17 @@ def check_no_extra_kwargs(op: str, kwargs: dict) -> None:
         raise TypeError(f"{op}() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
 
 
-def check_scan_inputs(q, k, v, g_gamma, scale, initial_state, cu_seqlens, chunk_size):
+def check_scan_inputs(
+    q, k, v, g_gamma, scale, initial_state, cu_seqlens, chunk_size, *, g=None, state_v_first=False, cu_seqlens_cpu=None
+):
     """Every check of a scan op's arguments, in order. Returns ``(g_gamma float32 [H], scale, chunk_size)``."""
     check_qkv(q, k, v)
     num_seqs = check_cu_seqlens(cu_seqlens, q)
-    check_initial_state(initial_state, q, v, num_seqs)
-    g = check_g_gamma(g_gamma, q.shape[2], q.device)
-    return g, check_scale(scale, q.shape[-1]), check_chunk_size(chunk_size)
+    check_cu_seqlens_cpu(cu_seqlens_cpu, cu_seqlens, q)
+    check_initial_state(initial_state, q, v, num_seqs, state_v_first)
+    check_g(g, q)
+    g_gamma = check_g_gamma(g_gamma, q.shape[2], q.device)
+    return g_gamma, check_scale(scale, q.shape[-1]), check_chunk_size(chunk_size)
 
 
 def check_state_cache(state_cache, q: torch.Tensor, v: torch.Tensor) -> int:

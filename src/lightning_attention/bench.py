@@ -74,7 +74,7 @@ def _providers() -> dict[str, Callable | str]:
     and a host-to-device copy inside the loop would synchronise every call)."""
     from lightning_attention.ops import chunk_simple_gla
 
-    out: dict[str, Callable | str] = {"ours": lambda q, k, v, g: chunk_simple_gla(q, k, v, g, backend="triton")[0]}
+    out: dict[str, Callable | str] = {"ours": lambda q, k, v, g: chunk_simple_gla(q, k, v, g_gamma=g, backend="triton")[0]}
     try:
         from fla.ops.lightning_attn import chunk_lightning_attn as fla_chunk
 

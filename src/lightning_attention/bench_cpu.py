@@ -37,7 +37,7 @@ LAYER_IDX, NUM_LAYERS = 2, 8  # "tnl" decay of layer 2 of 8
 def _fwd_bwd(fn, q, k, v, h0, g):
     """One forward + backward; returns (o, dq) for the cross-check."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v, h0)]
-    o, final = fn(*leaves[:3], g, initial_state=leaves[3], output_final_state=True)
+    o, final = fn(*leaves[:3], g_gamma=g, initial_state=leaves[3], output_final_state=True)
     torch.autograd.backward((o, final), (torch.ones_like(o), torch.ones_like(final)))
     return o.detach(), leaves[0].grad
 

@@ -101,7 +101,7 @@ def _run(op, inputs, case: Case, backend, do, dht, g_gamma):
     kwargs = dict(initial_state=h0, output_final_state=h0 is not None, reverse=case.reverse, cu_seqlens=cu)
     if op in (chunk_simple_gla, fused_recurrent_simple_gla):
         kwargs["backend"] = backend
-    o, final = op(q, k, v, g_gamma.to(q.device), **kwargs)
+    o, final = op(q, k, v, g_gamma=g_gamma.to(q.device), **kwargs)
     outputs = [o] + ([final] if final is not None else [])
     loss = (o.double() * do.to(o.device).double()).sum()
     if final is not None:

@@ -1,25 +1,34 @@
-"""The scan primitive every engine implements, and the forward/backward algebra built on it.
+"""The scan primitive every engine implements, the engine interface ops.py calls, and the algebra between them.
 
-A *scan* computes, per sequence and head, with ``lam = exp(g)`` and 1-based positions t = 1..T::
+Per sequence and head, the log decay of scan position p (1-based, p = 1..L in scan order) is
+``a_p = g_gamma[h] + g[token p, h]`` (``g`` per-token gates ``[B, T, H]``, or absent: then ``a_p = g_gamma[h]``).
+A *scan* computes::
 
-    S_t   = lam^(t - 1 + state_offset) S0 + sum_{j <= t} lam^(t - j) k_j^T v_j
-    o_t   = scale * q_t S_t
-    final = lam^T S0 + lam^(1 - state_offset) * sum_{j <= T} lam^(T - j) k_j^T v_j
+    state_offset = 1 (forward):  S_p = exp(a_p) S_{p-1} + k_p^T v_p,   o_p = scale q_p S_p,   final = S_L   (S_0 = S0)
+    state_offset = 0 (backward): S_p = S'_{p-1} + k_p^T v_p,          o_p = scale q_p S_p,   S'_p = exp(a_p) S_p,
+                                 final = S'_L                                                          (S'_0 = S0)
 
-``state_offset = 1`` is the forward convention (S0 = h0 is decayed once before the first token, and
-``final = S_T``). ``state_offset = 0`` is the backward's: dS_T (``dht``) enters undecayed, and ``final`` is
-the state gradient decayed once more, which is exactly ``dh0`` (and ``dht`` itself for an empty sequence).
-``reverse=True`` runs t = T..1 (per sequence with ``cu_seqlens``).
+``state_offset = 1`` is the public forward (S0 = h0 is decayed by the first token's gate, ``final = S_T``).
+``state_offset = 0`` is the backward's: dS_T (``dht``) enters undecayed, and ``final`` is the state gradient
+decayed once more, which is exactly ``dh0`` (and ``dht`` itself for an empty sequence). ``reverse=True`` runs the
+scan from the last token to the first (per sequence with ``cu_seqlens``); each token keeps its own gate.
 
-Backward of ``o, final = scan(q, k, v, h0, offset=1)`` with upstream ``do``, ``dht`` (design notes)::
+Backward of ``o, final = scan(q, k, v, h0, offset=1)`` with upstream ``do``, ``dht`` (docs/DESIGN.md), in scan
+order, with D_t the gradient of S_t::
 
-    D_t = lam D_{t+1} + scale q_t^T do_t,  D_T = dht + scale q_T^T do_T
+    D_t = exp(a_{t+1}) D_{t+1} + scale q_t^T do_t,  D_T = dht + scale q_T^T do_T
     dq  = scan(do, v, k, h0^T, offset=1, scale)                  (dq_t = scale do_t S_t^T)
-    dv, dh0 = scan(k, scale*q, do, dht,   offset=0, 1, reversed) (dv_t = k_t D_t, dh0 = lam D_1)
+    dv, dh0 = scan(k, scale*q, do, dht,   offset=0, 1, reversed) (dv_t = k_t D_t, dh0 = exp(a_1) D_1)
     dk  = scan(v, do, scale*q, dht^T, offset=0, 1, reversed)     (dk_t = D_t v_t)
+    dg_t = < D_t, S_t - k_t^T v_t >                              (per-token gates only)
 
-Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g_gamma float32 ``[H]``, S0 ``[N, H, K, V]`` or None,
-cu_seqlens int ``[N + 1]`` or None (then N = B). ``o`` has q's dtype, ``final`` the state dtype.
+The three scans give dq, dk, dv and dh0 for any gates; ``dg`` needs the states themselves, so only the chunked
+engines compute it (their fused backwards; docs/DESIGN.md "Accuracy of dg").
+
+Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g_gamma float32 ``[H]`` (always a tensor: zeros when the user
+gives only ``g``), g ``[B, T, H]`` contiguous in the state dtype or None, S0 ``[N, H, K, V]`` (any strides) or
+None, cu_seqlens int ``[N + 1]`` or None (then N = B). ``o`` has q's dtype, ``final`` the state dtype: float32,
+float64 for float64 inputs (the torch engines).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import torch
 
 from lightning_attention._validation import ScanConfig
 
-__all__ = ["Scan", "Engine", "ScanEngine", "LengthRoutedEngine", "tokens_per_sequence"]
+__all__ = ["Scan", "Engine", "ScanEngine", "LengthRoutedEngine", "tokens_per_sequence", "engine_keywords"]
 
 
 class Scan(Protocol):
@@ -46,20 +55,37 @@ class Scan(Protocol):
         reverse: bool,
         cu_seqlens: torch.Tensor | None,
         chunk_size: int,
+        g: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Engine(Protocol):
-    """What ops.py calls: forward returns (o, final_state); backward returns (dq, dk, dv, dh0 or None).
+    """What ops.py calls::
+
+        forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None) -> (o, final_state)
+        backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None)
+            -> (dq, dk, dv, dh0 or None, dg or None)
+
+    ``dq, dk, dv`` have q's, k's, v's dtypes; ``dh0`` the state dtype (None exactly when ``initial_state`` is
+    None); ``dg`` is ``[B, T, H]`` in the state dtype, None exactly when ``g`` is None. ``do`` has o's shape,
+    ``dht`` the final state's (or None).
+
+    ``cu_seqlens_cpu``: None, or a CPU int tensor holding ``cu_seqlens``' values (ops.py checked its shape and, where
+    readable without a sync, its values). An engine that reads the sequence bounds on the host (a launch plan, a
+    per-sequence loop) reads them from it instead of from ``cu_seqlens``, so a CUDA ``cu_seqlens`` costs no device
+    sync; kernels that read offsets on the device keep reading ``cu_seqlens``. ops.py passes ``g`` and
+    ``cu_seqlens_cpu`` only when they are given, so an engine built before them still serves the calls without them.
 
     An engine may also define ``forward_saving(...)`` (forward's arguments) returning ``(o, final_state, saved)``
     and accept ``backward(..., saved=saved)``: ``saved`` (a tensor or None) is a result of the forward that the
     backward would otherwise compute again. ops.py's eager path keeps it between the two; the backward must give
     the same result without it (the torch.compile custom ops save nothing)."""
 
-    def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens): ...
+    def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None): ...
 
-    def backward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht): ...
+    def backward(
+        self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None
+    ): ...
 
 
 def transpose_state(state: torch.Tensor | None) -> torch.Tensor | None:
@@ -67,22 +93,37 @@ def transpose_state(state: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class ScanEngine:
-    """An engine made of one scan function: the forward is one scan, the backward three."""
+    """An engine made of one scan function: the forward is one scan, the backward three (no ``dg``: see the module
+    docstring; :class:`LengthRoutedEngine` sends gated backwards to a chunked engine).
 
-    def __init__(self, scan: Callable[..., tuple[torch.Tensor, torch.Tensor]]):
+    ``host_bounds``: the scan reads ``cu_seqlens`` only on the host (the torch scans loop over sequences in Python),
+    so a host copy ``cu_seqlens_cpu`` can stand in for it. A scan that reads offsets on the device (a Triton kernel)
+    keeps ``cu_seqlens``."""
+
+    def __init__(self, scan: Callable[..., tuple[torch.Tensor, torch.Tensor]], host_bounds: bool = False):
         self.scan = scan
+        self.host_bounds = host_bounds
 
-    def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens):
-        return self.scan(q, k, v, g_gamma, cfg.scale, initial_state, 1, cfg.reverse, cu_seqlens, cfg.chunk_size)
+    def _offsets(self, cu_seqlens, cu_seqlens_cpu):
+        return cu_seqlens_cpu if self.host_bounds and cu_seqlens_cpu is not None else cu_seqlens
 
-    def backward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht):
-        scan, C = self.scan, cfg.chunk_size
-        dq, _ = scan(do, v, k, g_gamma, cfg.scale, transpose_state(initial_state), 1, cfg.reverse, cu_seqlens, C)
+    def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None):
+        cu = self._offsets(cu_seqlens, cu_seqlens_cpu)
+        gates = {} if g is None else {"g": g}
+        return self.scan(q, k, v, g_gamma, cfg.scale, initial_state, 1, cfg.reverse, cu, cfg.chunk_size, **gates)
+
+    def backward(
+        self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None
+    ):
+        if g is not None:
+            raise NotImplementedError("the three-scan backward has no dg: run a chunked engine's backward")
+        scan, C, cu = self.scan, cfg.chunk_size, self._offsets(cu_seqlens, cu_seqlens_cpu)
+        dq, _ = scan(do, v, k, g_gamma, cfg.scale, transpose_state(initial_state), 1, cfg.reverse, cu, C)
         # Scale q once (in the state dtype) so the state-gradient scans carry scale inside D, as D_t does.
         q_scaled = q.to(torch.promote_types(q.dtype, torch.float32)) * cfg.scale
-        dv, dh0 = scan(k, q_scaled, do, g_gamma, 1.0, dht, 0, not cfg.reverse, cu_seqlens, C)
-        dk, _ = scan(v, do, q_scaled, g_gamma, 1.0, transpose_state(dht), 0, not cfg.reverse, cu_seqlens, C)
-        return dq, dk, dv, (dh0 if initial_state is not None else None)
+        dv, dh0 = scan(k, q_scaled, do, g_gamma, 1.0, dht, 0, not cfg.reverse, cu, C)
+        dk, _ = scan(v, do, q_scaled, g_gamma, 1.0, transpose_state(dht), 0, not cfg.reverse, cu, C)
+        return dq, dk, dv, (dh0 if initial_state is not None else None), None
 
 
 def tokens_per_sequence(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> float:
@@ -92,10 +133,23 @@ def tokens_per_sequence(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> flo
     return q.shape[1] / max(cu_seqlens.numel() - 1, 1)
 
 
+def engine_keywords(g, cu_seqlens_cpu) -> dict:
+    """The optional engine keywords that are set: callers pass ``g`` and ``cu_seqlens_cpu`` only when given
+    (:class:`Engine`)."""
+    extra = {} if g is None else {"g": g}
+    if cu_seqlens_cpu is not None:
+        extra["cu_seqlens_cpu"] = cu_seqlens_cpu
+    return extra
+
+
 class LengthRoutedEngine:
     """The recurrent op's rule: a token-loop engine for short sequences, the chunked engine above a threshold
     (same math, same results within rounding), so a long prompt through the recurrent op costs what the chunked
-    op costs. The threshold is read at call time (``max_tokens()``), in mean tokens per sequence."""
+    op costs. The threshold is read at call time (``max_tokens()``), in mean tokens per sequence.
+
+    With per-token gates the backward always runs the chunked engine's: ``dg`` needs the per-token states, which
+    the chunked backward forms anyway and a token loop would have to store or recompute token by token (the
+    recurrent op serves inference; its backward exists for completeness and costs what the chunked one costs)."""
 
     def __init__(self, short: Engine, long: Engine, max_tokens: Callable[[], float]):
         self.short, self.long, self.max_tokens = short, long, max_tokens
@@ -103,8 +157,15 @@ class LengthRoutedEngine:
     def pick(self, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> Engine:
         return self.short if tokens_per_sequence(q, cu_seqlens) <= self.max_tokens() else self.long
 
-    def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens):
-        return self.pick(q, cu_seqlens).forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)
+    def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None):
+        return self.pick(q, cu_seqlens).forward(
+            q, k, v, g_gamma, cfg, initial_state, cu_seqlens, **engine_keywords(g, cu_seqlens_cpu)
+        )
 
-    def backward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht):
-        return self.pick(q, cu_seqlens).backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+    def backward(
+        self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None
+    ):
+        engine = self.long if g is not None else self.pick(q, cu_seqlens)
+        return engine.backward(
+            q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht, **engine_keywords(g, cu_seqlens_cpu)
+        )

@@ -47,7 +47,8 @@ def _run(inputs, g, cu_seqlens, reverse, backend, with_dht=True):
     """Forward + backward through the public op; returns (o, final, dq, dk, dv, dh0 or None)."""
     q, k, v, h0 = (None if t is None else t.detach().requires_grad_() for t in inputs)
     o, final = chunk_simple_gla(
-        q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, reverse=reverse, backend=backend
+        q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, reverse=reverse,
+        backend=backend,
     )
     loss = (o.double() * _random_like(o, 1).double()).sum()
     if with_dht:
@@ -179,10 +180,10 @@ def test_backward_reuses_the_forward_local_states(triton_device, monkeypatch, K,
     for path in ("eager", "custom op"):
         passes.clear()
         if path == "eager":
-            o, final = chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
-                                        reverse=reverse, backend="triton")  # fmt: skip
+            o, final = chunk_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True,
+                                        cu_seqlens=cu_seqlens, reverse=reverse, backend="triton")  # fmt: skip
         else:
-            o, final = chunk_scan_op(q, k, v, g, h0, cu_seqlens, K**-0.5, reverse, 64, True, "triton")
+            o, final = chunk_scan_op(q, k, v, None, g, h0, cu_seqlens, None, K**-0.5, reverse, 64, True, "triton")
         grads = torch.autograd.grad((o, final), (q, k, v, h0), (do, torch.ones_like(final)))
         results[path] = (o, final, *grads, list(passes))
     assert tuple(results["eager"][-1]) == eager_passes
@@ -356,7 +357,7 @@ def test_scan_reraises_when_no_launch_fits(triton_device, monkeypatch):
     _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", nothing_fits)
     q, k, v, _ = make_inputs(1, 70, 2, 64, 64, device=triton_device)
     with pytest.raises(OutOfResources):
-        chunk_simple_gla(q, k, v, torch.tensor(G2, device=triton_device), backend="triton")
+        chunk_simple_gla(q, k, v, g_gamma=torch.tensor(G2, device=triton_device), backend="triton")
 
 
 def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device, monkeypatch):
@@ -366,10 +367,12 @@ def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device, mo
     cu = torch.tensor([0, 70, 150], dtype=torch.int32, device=triton_device)
     q, k, v, _ = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
     g = torch.tensor(G2, device=triton_device)
-    alone, alone_final = chunk_simple_gla(q[:, :70], k[:, :70], v[:, :70], g, output_final_state=True, backend="triton")
+    alone, alone_final = chunk_simple_gla(
+        q[:, :70], k[:, :70], v[:, :70], g_gamma=g, output_final_state=True, backend="triton"
+    )
     for t in (q, k, v):
         t[:, 70:] = float("nan")
-    o, final = chunk_simple_gla(q, k, v, g, output_final_state=True, cu_seqlens=cu, backend="triton")
+    o, final = chunk_simple_gla(q, k, v, g_gamma=g, output_final_state=True, cu_seqlens=cu, backend="triton")
     assert torch.equal(o[:, :70], alone) and torch.equal(final[0], alone_final[0])
 
 
@@ -410,7 +413,7 @@ def test_decay_underflow_never_makes_nan(triton_device):
     """g = -1000: every lam^n underflows to 0 and lam^(-n) would be inf; masks must select, not multiply."""
     q, k, v, h0 = make_inputs(1, 70, 1, 16, device=triton_device, initial_state=True, requires_grad=True)
     g = torch.tensor([-1000.0], device=triton_device)
-    o, final = chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
+    o, final = chunk_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, backend="triton")
     (o.sum() + final.sum()).backward()
     for t in (o, final, q.grad, k.grad, v.grad, h0.grad):
         assert torch.isfinite(t).all()
@@ -423,8 +426,9 @@ def test_decay_underflow_never_makes_nan(triton_device):
 def test_other_chunk_sizes_give_the_same_result(triton_device, chunk_size):
     q, k, v, h0 = make_inputs(1, 80, 2, 16, device=triton_device, initial_state=True)
     g = torch.tensor(G2, device=triton_device)
-    o, final = chunk_simple_gla(q, k, v, g, None, h0, True, chunk_size=chunk_size, backend="triton")
-    o64, final64 = chunk_simple_gla(q, k, v, g, None, h0, True, chunk_size=64, backend="triton")
+    kwargs = dict(g_gamma=g, initial_state=h0, output_final_state=True, backend="triton")
+    o, final = chunk_simple_gla(q, k, v, chunk_size=chunk_size, **kwargs)
+    o64, final64 = chunk_simple_gla(q, k, v, chunk_size=64, **kwargs)
     assert torch.equal(o, o64) and torch.equal(final, final64)
 
 
@@ -474,7 +478,7 @@ def test_prefill_into_slots_with_tma_heads(triton_device, monkeypatch):
     g = torch.tensor(G2, device=triton_device)
     h0 = cache[slots] * use[:, None, None, None]
     ref_o, ref_final = chunk_simple_gla(
-        q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton"
+        q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton"
     )
     o = prefill_into_slots(q, k, v, g, None, cu, cache, slots, use)
     assert rel_err(o.float().cpu(), ref_o.float().cpu()) < 1e-6

@@ -163,7 +163,7 @@ def test_routed_long_sequence_matches_reference(triton_device, monkeypatch):
     q, k, v, h0 = make_inputs(1, 70, H, K, V, initial_state=True)
     q_d, k_d, v_d, g_d, h0_d = _to(triton_device, q, k, v, G_GAMMA, h0)
     o, final = fused_recurrent_simple_gla(
-        q_d, k_d, v_d, g_d, initial_state=h0_d, output_final_state=True, backend="triton"
+        q_d, k_d, v_d, g_gamma=g_d, initial_state=h0_d, output_final_state=True, backend="triton"
     )
     o_ref, final_ref = recurrent_reference(q.double(), k.double(), v.double(), G_GAMMA, None, h0.double(), True)
     o_base, final_base = recurrent_reference(q, k, v, G_GAMMA, None, h0, True)
