@@ -133,7 +133,7 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     """Each dk/dv route, forced at one shape (K = V, so that all three apply), against the reference: varlen with
     an empty sequence, reverse, initial state, whole sequences or split into segments."""
     fused, paired = DKDV_ROUTES[route]
-    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv: fused)
+    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv, gated=False: fused)
     monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
     if split:
         split_all_sequences(monkeypatch)
