@@ -120,12 +120,15 @@ def decode_step(q, k, v, state_cache, slot_ids, g_gamma, scale, config=None):
     return o
 
 
-def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state):
-    """Varlen prefill into cache slots, one launch (arguments as recurrent.recurrent_into_slots). Returns o.
+def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state, g=None):
+    """Varlen prefill into cache slots, one launch (arguments as recurrent.recurrent_into_slots; ``g``: per-token
+    log gates ``[1, T, H]`` or None). Returns o.
 
     Long prompts (mean length above recurrent.RECURRENT_TRITON_MAX_T) run the chunked kernel, short ones the
     token loop: the same routing rule as the recurrent op.
     """
+    args = (q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
     if tokens_per_sequence(q, cu_seqlens) > recurrent.RECURRENT_TRITON_MAX_T:
-        return chunk.prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
-    return recurrent.recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
+        return chunk.prefill_into_slots(*args, g=g)
+    chunk.check_gates(g, q)
+    return recurrent.recurrent_into_slots(*args, g=None if g is None else g.float())
