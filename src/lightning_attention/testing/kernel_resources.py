@@ -104,6 +104,7 @@ def scan_resources(
         C=cfg.chunk, REVERSE=reverse, SHIFT=int(reverse), HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         USE_SLOTS=False, PRECISION=precision or _common.dot_precision(dtype), PAIRED=paired,
         gate_totals=None, dot_totals=None, HAS_G=gates is not None, DOTS=mode, NDOT_IN=2 if mode == 2 else 0,
+        K_SCALED=reverse,  # (as SHIFT: the reverse-order scans stand for the backward's dk and dv, k_scale = scale)
         **({} if paired else dict(q_b=None, o_b=None)),
         **({} if gates else dict(gates=None)),
         **({} if mode else dict(dot_x=None, dot_out=None)),

@@ -278,3 +278,23 @@ def test_gated_engine_at_realistic_lengths_on_gpu(monkeypatch, case):
     """The shipped configurations on the GPU (TMA for heads of 128 and 256 on sm_90, the planner's own splits of
     long sequences over the SMs) at lengths of thousands of tokens."""
     check_gated("cuda", monkeypatch, **case)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_backward_reuses_the_forward_local_states_and_total_decays(triton_device, monkeypatch, reverse):
+    """On split sequences the forward hands its local states of (k, v) and their segments' total decays to the
+    backward's dq scan (forward_saving, one tensor): the backward gives the same bits with them as without."""
+    split_all_sequences(monkeypatch)
+    q, k, v, h0 = make_inputs(1, 200, 2, 16, 16, device=triton_device, initial_state=True, num_seqs=2)
+    cu = torch.tensor([0, 130, 200], device=triton_device)
+    g = gates("random", 1, 200).to(triton_device)
+    g_gamma = torch.tensor(G_GAMMA, device=triton_device)
+    cfg = ScanConfig(scale=0.25, reverse=reverse, output_final_state=True)
+    o, final, saved = chunk_engine.ENGINE.forward_saving(q, k, v, g_gamma, cfg, h0, cu, g=g)
+    assert saved is not None and saved.numel() == 5 * 2 * 16 * 16 + 5 * 2  # 5 segments (of 64 tokens or fewer)
+    do, dht = _upstream(o.shape, final.shape, q.dtype, True)
+    args = (q, k, v, g_gamma, cfg, h0, cu, do.to(triton_device), dht.to(triton_device))
+    reused = chunk_engine.ENGINE.backward(*args, g=g, saved=saved)
+    again = chunk_engine.ENGINE.backward(*args, g=g)
+    for a, b in zip(reused, again):
+        assert torch.equal(a, b)

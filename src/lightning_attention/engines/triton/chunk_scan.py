@@ -112,10 +112,14 @@ TMA_STORES = True
 
 
 #: Warps of the 16-bit pointer-load scans with per-token gates: at the shipped 4 warps their 128-dim tiles spill
-#: (8 bytes forward, 150-200 with dg's row dots), at 8 none (kernel_resources, sm_90). Their TMA counterparts keep
-#: one warpgroup (forward spill-free, 16-80 bytes with the row dots): two warpgroups split every 64-row product and
-#: exchange the scores, which made the g_gamma scans slower (scan_config). Not timed.
+#: (8 bytes forward, 150-200 with dg's row dots), at 8 none but the dk/dv launch's 8 bytes (kernel_resources,
+#: sm_90). Not timed.
 GATED_POINTER_WARPS = 8
+#: Warps of their TMA counterparts: one warpgroup, as the g_gamma scans (the forward spill-free; with dg's row dots
+#: 24-88 bytes, none at 8 warps): two warpgroups split every 64-row product and exchange the scores, which made the
+#: g_gamma scans slower (scan_config). Not timed; benchmarks/gpu/bench_variant.py chunk_scan.GATED_TMA_WARPS=8
+#: times the other choice.
+GATED_TMA_WARPS = 4
 
 
 def scan_config(
@@ -143,14 +147,15 @@ def scan_config(
     if block_dim(dk) >= 256:
         return ScanConfig(64, 8, 2, tma_stages=2, tma_warps=4)  # two K halves: 72 KiB of boxes per TMA stage
     if gated:
-        return ScanConfig(64, GATED_POINTER_WARPS, 3, tma_warps=4)
+        return ScanConfig(64, GATED_POINTER_WARPS, 3, tma_warps=GATED_TMA_WARPS)
     return ScanConfig(64, 4, 3)
 
 
 @triton.jit
 def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale,
                    PRECISION: tl.constexpr, TWO_K: tl.constexpr, b_hi=None, b_lo=None, C: tl.constexpr = 64,
-                   FLIP: tl.constexpr = False, HAS_G: tl.constexpr = False, STRICT: tl.constexpr = False):
+                   FLIP: tl.constexpr = False, HAS_G: tl.constexpr = False, STRICT: tl.constexpr = False,
+                   K_SCALED: tl.constexpr = True):
     """One chunk: (unscaled output [C, BV], the state after the chunk, the diagonal's operand). ``b_q1``, ``b_k1``,
     ``state1``: the second K half (TWO_K), else unused.
 
@@ -176,7 +181,9 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
     if HAS_G:
         if TWO_K:
             b_o = mma(b_q1, s_low1, PRECISION, b_o)
-        mask = gated_mask(b_hi, b_lo, C, FLIP, b_v.dtype == tl.float32, STRICT) * k_scale
+        mask = gated_mask(b_hi, b_lo, C, FLIP, b_v.dtype == tl.float32, STRICT)
+        if K_SCALED:  # (the forward and dq scans have k_scale = 1: a product of the tile saved)
+            mask = mask * k_scale
         scores = mma(b_q0, tl.trans(b_k0), PRECISION)
         if TWO_K:
             scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
@@ -188,7 +195,10 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
     diag = q_decay
     if STRICT:
         eye = tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :]
-        diag = tf32_operand(tl.where(eye, scores * k_scale, 0.0).to(b_v.dtype), PRECISION)
+        diag = tl.where(eye, scores, 0.0)
+        if K_SCALED:
+            diag = diag * k_scale
+        diag = tf32_operand(diag.to(b_v.dtype), PRECISION)
     weighted_scores = tf32_operand((scores * mask).to(b_v.dtype), PRECISION)
     b_o = mma(weighted_scores, tf32_operand(b_v, PRECISION), PRECISION, b_o * q_decay[:, None])
     return b_o, state0, state1, diag
@@ -232,7 +242,7 @@ def _tma_chunk(
     o_v, m_v, H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr, STORE_TMA: tl.constexpr,
     gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT: tl.constexpr,
-    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr,
+    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
     """Chunk ``c`` through TMA boxes of one head: writes its output rows, returns the state after it (both K
     halves with TWO_K; ``state1`` is returned unchanged otherwise) and the row dots' running sum (DOTS).
@@ -262,12 +272,12 @@ def _tma_chunk(
             b_k1 = tl.where(valid[:, None], b_k1, 0.0).to(b_q0.dtype)
         b_o, state0, state1, diag = _advance_chunk(
             b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale, PRECISION,
-            True, b_hi, b_lo, C, REVERSE, HAS_G, DOTS != 0,
+            True, b_hi, b_lo, C, REVERSE, HAS_G, DOTS != 0, K_SCALED,
         )  # fmt: skip
     else:
         b_o, state0, _, diag = _advance_chunk(
             b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale, PRECISION,
-            False, b_hi, b_lo, C, REVERSE, HAS_G, DOTS != 0,
+            False, b_hi, b_lo, C, REVERSE, HAS_G, DOTS != 0, K_SCALED,
         )  # fmt: skip
     if DOTS != 0:
         used = c * C + tile_positions(C, REVERSE) != last_pos
@@ -292,7 +302,7 @@ def _scan_kernel(
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, STORE_TMA: tl.constexpr, LOCALS_T: tl.constexpr,
-    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr,
+    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
     # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
     # K = 256 in one tl.dot fault on H100 with triton 3.6.
@@ -382,14 +392,14 @@ def _scan_kernel(
                 q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask_tma,
                 k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False, STORE_TMA,
                 gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
-                NDOT_IN,
+                NDOT_IN, K_SCALED,
             )  # fmt: skip
         if n_whole * C < length:
             state0, state1, running = _tma_chunk(
                 q_desc, k_desc, v_desc, o_desc, o, state0, state1, n_whole, start, end, length, shift, g, mask_tma,
                 k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True, STORE_TMA,
                 gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
-                NDOT_IN,
+                NDOT_IN, K_SCALED,
             )  # fmt: skip
     else:
         if HAS_G:
@@ -414,12 +424,12 @@ def _scan_kernel(
                 b_k1 = load_rows(k, rows, valid, H * DK, o_k1, m_k1)
                 b_o, state0, state1, diag = _advance_chunk(
                     b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale,
-                    PRECISION, True, b_hi, b_lo, C, False, HAS_G, DOTS != 0,
+                    PRECISION, True, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
                 )  # fmt: skip
             else:  # (state1 is not carried through the loop when unused: 64 registers)
                 b_o, state0, _, diag = _advance_chunk(
                     b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale,
-                    PRECISION, False, b_hi, b_lo, C, False, HAS_G, DOTS != 0,
+                    PRECISION, False, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
                 )  # fmt: skip
             if DOTS != 0:
                 used = c * C + tl.arange(0, C) != last_pos
@@ -563,7 +573,8 @@ def scan(
                 USE_SLOTS=slot_ids is not None, PRECISION=precision, PAIRED=transposed is not None,
                 USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=use_tma and TMA_STORES,
                 LOCALS_T=bool(local_states_transposed), HAS_G=gates is not None, DOTS=d.mode,
-                NDOT_IN=0 if d.inputs is None else d.inputs.shape[0], num_warps=num_warps, num_stages=num_stages,
+                NDOT_IN=0 if d.inputs is None else d.inputs.shape[0], K_SCALED=float(k_scale) != 1.0,
+                num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
 
     key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma, gates is not None, d.mode)
