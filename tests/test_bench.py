@@ -47,3 +47,21 @@ def test_plot_shows_gpu_time_where_measured_and_writes_a_png(tmp_path, monkeypat
     points = {line.get_label().split()[0]: (list(line.get_ydata()), list(l2.get_ydata()))
               for line, l2 in zip(forward.lines, fwd_bwd.lines)}  # fmt: skip
     assert points == {"ours": ([0.75], [2.0]), "fla": ([2.0], [6.0]), "floor": ([0.5], [1.0])}
+
+
+@pytest.mark.parametrize("name", ["ours", "ours_g"])
+def test_our_providers_run_forward_and_backward(triton_device, name):
+    """What the benchmark times for our op, with g_gamma and with per-token gates (dg included), runs at a tiny
+    size (on CPU under the Triton interpreter), so that a GPU run of the benchmark does not stop at a bug."""
+    import inspect
+
+    from lightning_attention import ops
+
+    if name == "ours_g" and "g" not in inspect.signature(ops.chunk_simple_gla).parameters:
+        pytest.skip("the public op takes per-token gates once issue 23's ops change is merged")
+    x = bench.make_inputs(1, 70, 2, 16, torch.float32, device=triton_device)
+    forward, fwdbwd = bench.calls(name, bench._providers()[name], x)
+    assert forward().shape == (1, 70, 2, 16)
+    grads = fwdbwd()
+    assert len(grads) == (4 if name in bench.GATED else 3)
+    assert all(bool(torch.isfinite(t).all()) for t in grads)

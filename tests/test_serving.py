@@ -86,6 +86,36 @@ def test_prefill_then_decode_equals_one_chunked_pass(backend_device):
         assert torch.equal(cache[other].cpu(), before[other])
 
 
+def test_gated_prefill_then_decode_equals_one_chunked_pass(backend_device):
+    """Per-token gates g (fla's Simple GLA) through prefill and decode: the outputs and final states equal the
+    float64 reference over the whole sequences with the same gates."""
+    backend, device = backend_device
+    lengths, steps = [70, 9], 2
+    cu = torch.tensor([0, lengths[0], sum(lengths)])
+    q, k, v, _ = make_inputs(1, sum(lengths), H, K, V, seed=2)
+    gates = -torch.rand(1, sum(lengths), H, generator=torch.Generator().manual_seed(3))
+    cache = serving.new_state_cache(NUM_SLOTS, H, K, V, device=device)
+    slots, g_gamma = torch.tensor([3, 1]), G_GAMMA.to(device)
+    o_pre = serving.lightning_attn_prefill(
+        *(x.to(device) for x in (q, k, v, cu)), cache, slots, g_gamma, use_initial_state=False, g=gates.to(device),
+        backend=backend,
+    ).cpu()  # fmt: skip
+    outs = []
+    for step in range(steps):
+        dq, dk, dv = _decode_inputs(2, seed=10 + step, device=device)
+        dg = -torch.rand(2, H, generator=torch.Generator().manual_seed(20 + step))
+        o = serving.lightning_attn_decode(dq, dk, dv, cache, slots, g_gamma, g=dg.to(device), backend=backend)
+        outs.append((dq.cpu(), dk.cpu(), dv.cpu(), dg, o.cpu()))
+    for n in range(2):
+        seq = slice(int(cu[n]), int(cu[n + 1]))
+        whole = [torch.cat([x[0, seq]] + [s[i][n : n + 1] for s in outs])[None] for i, x in enumerate((q, k, v))]
+        whole_g = torch.cat([gates[0, seq]] + [s[3][n : n + 1] for s in outs])[None]
+        o_ref, final_ref = chunk_reference(*(x.double() for x in whole), G_GAMMA, None, None, True, g=whole_g.double())
+        got = torch.cat([o_pre[0, seq]] + [s[4][n : n + 1] for s in outs])[None]
+        assert_rel_close(got, o_ref, 2e-3, f"o of sequence {n}")
+        assert_rel_close(cache[int(slots[n])].cpu()[None], final_ref, 2e-3, f"state of sequence {n}")
+
+
 def test_speculative_steps_equal_single_token_decode(backend_device):
     """Speculative decoding through the public API: verify 4 drafts read-only, commit accepted prefixes (4, 0, 2,
     and a padding row), verify the next drafts from there. Every output of a verified-and-accepted token equals
@@ -271,6 +301,8 @@ def _prefill_args():
         pytest.param(lambda a: a.update(use_initial_state=torch.tensor([1, 0])), TypeError, "bool", id="use-int"),
         pytest.param(lambda a: a.update(use_initial_state=torch.tensor([True])), ValueError, "\\[N=2\\]", id="use-short"),
         pytest.param(lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError, "float16, bfloat16, float32", id="fp64"),  # noqa: E501
+        pytest.param(lambda a: a.update(g=torch.zeros(1, 9, H)), ValueError, "g must be \\[1, T, H\\]", id="g-shape"),
+        pytest.param(lambda a: a.update(g=torch.zeros(1, 10, H, dtype=torch.int32)), TypeError, "g must be a floating", id="g-int"),  # noqa: E501
     ],
 )
 def test_prefill_validation(change, error, match):

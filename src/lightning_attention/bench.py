@@ -3,7 +3,9 @@
 For each shape ``B x T x H x D`` (K = V = D) it times, with ``triton.testing.do_bench`` (median, ms):
 forward and forward+backward of this library's Triton engine, fla's ``chunk_lightning_attn`` and
 OpenNLPLab's ``lightning_attn_func`` when importable, and torch SDPA (causal, flash backend) as a softmax
-reference point. It reports the bandwidth floor (forward: q, k, v read + o written = 4 tensor passes;
+reference point; and with per-token gates ``g [B, T, H]`` (log-sigmoid of a normal sample, fp32, its gradient
+computed too): this library's op with ``g`` ("ours_g") and fla's ``chunk_simple_gla`` with ``g`` ("fla_g").
+It reports the bandwidth floor (forward: q, k, v read + o written = 4 tensor passes;
 forward+backward: 11 passes) at the card's measured copy bandwidth, and the peak memory of forward+backward
 above the inputs. Each call is timed as called (eager) and replayed as a CUDA graph (GPU time). Outputs: one
 printed table, and ``chunk.md`` + ``chunk.png`` (GPU time vs T) in ``out_dir``, headed by the card, driver, torch
@@ -67,24 +69,38 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def _providers() -> dict[str, Callable | str]:
-    """name -> fn(q, k, v, g_gamma) -> o in [B, T, H, D] layout, or a string saying why it is missing.
+#: Providers that take the per-token gates (their forward+backward also computes dg).
+GATED = ("ours_g", "fla_g")
 
-    The decay is computed once per shape, outside the timed region (``decay.g_gamma`` builds it on the host,
-    and a host-to-device copy inside the loop would synchronise every call)."""
+
+def _providers() -> dict[str, Callable | str]:
+    """name -> fn(q, k, v, g_gamma, gates) -> o in [B, T, H, D] layout, or a string saying why it is missing;
+    the providers in GATED use ``gates`` ``[B, T, H]``, the others ``g_gamma`` ``[H]``.
+
+    The decays are computed once per shape, outside the timed region (``decay.g_gamma`` builds g_gamma on the
+    host, and a host-to-device copy inside the loop would synchronise every call)."""
     from lightning_attention.ops import chunk_simple_gla
 
-    out: dict[str, Callable | str] = {"ours": lambda q, k, v, g: chunk_simple_gla(q, k, v, g_gamma=g, backend="triton")[0]}
+    out: dict[str, Callable | str] = {
+        "ours": lambda q, k, v, g, gates: chunk_simple_gla(q, k, v, g_gamma=g, backend="triton")[0],
+        "ours_g": lambda q, k, v, g, gates: chunk_simple_gla(q, k, v, g=gates, backend="triton")[0],
+    }
     try:
         from fla.ops.lightning_attn import chunk_lightning_attn as fla_chunk
 
-        out["fla"] = lambda q, k, v, g: fla_chunk(q, k, v, LAYER_IDX, NUM_LAYERS)[0]
+        out["fla"] = lambda q, k, v, g, gates: fla_chunk(q, k, v, LAYER_IDX, NUM_LAYERS)[0]
     except Exception as e:  # optional comparison: record why it is absent
         out["fla"] = f"not importable: {type(e).__name__}: {e}"[:120]
     try:
+        from fla.ops.simple_gla import chunk_simple_gla as fla_simple_gla
+
+        out["fla_g"] = lambda q, k, v, g, gates: fla_simple_gla(q, k, v, g=gates)[0]
+    except Exception as e:
+        out["fla_g"] = f"not importable: {type(e).__name__}: {e}"[:120]
+    try:
         from lightning_attn.ops import lightning_attn_func
 
-        def opennlp(q, k, v, g):  # head-first layout; decay rates s with lam = exp(-s)
+        def opennlp(q, k, v, g, gates):  # head-first layout; decay rates s with lam = exp(-s)
             o = lightning_attn_func(*(x.transpose(1, 2) for x in (q, k, v)), (-g).view(-1, 1, 1))
             return o.transpose(1, 2)
 
@@ -92,7 +108,7 @@ def _providers() -> dict[str, Callable | str]:
     except Exception as e:
         out["lightning_attn"] = f"not importable: {type(e).__name__}: {e}"[:120]
 
-    def sdpa(q, k, v, g):
+    def sdpa(q, k, v, g, gates):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -104,21 +120,54 @@ def _providers() -> dict[str, Callable | str]:
     return out
 
 
-def _measure(fn, q, k, v, g, do) -> Result:
+@dataclass
+class Inputs:
+    """One shape's tensors: q, k, v ``[B, T, H, D]`` and ``do`` (requiring grad: q, k, v), g_gamma ``[H]`` and the
+    per-token gates ``[B, T, H]`` fp32 (requiring grad)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    g_gamma: torch.Tensor
+    gates: torch.Tensor
+
+
+def make_inputs(B, T, H, D, dtype, device="cuda") -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    gates = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=device, generator=gen)).requires_grad_(True)
+    return Inputs(q, k, v, do, decay.g_gamma(H, LAYER_IDX, NUM_LAYERS, device=device), gates)
+
+
+def calls(name: str, fn, x: Inputs) -> tuple[Callable, Callable]:
+    """(forward, forward+backward) of provider ``name`` on ``x``: what is timed (gated providers: dg too)."""
+
+    def forward():
+        return fn(x.q, x.k, x.v, x.g_gamma, x.gates)
+
+    wrt = (x.q, x.k, x.v, x.gates) if name in GATED else (x.q, x.k, x.v)
+
+    def fwdbwd():
+        return torch.autograd.grad(forward(), wrt, x.do)
+
+    return forward, fwdbwd
+
+
+def _measure(name, fn, x: Inputs) -> Result:
     import triton.testing
 
     res = Result("")
-    res.fwd_ms = triton.testing.do_bench(lambda: fn(q, k, v, g), warmup=25, rep=100, return_mode="median")
-
-    def fwdbwd():
-        return torch.autograd.grad(fn(q, k, v, g), (q, k, v), do)
-
+    forward, fwdbwd = calls(name, fn, x)
+    res.fwd_ms = triton.testing.do_bench(forward, warmup=25, rep=100, return_mode="median")
     res.fwdbwd_ms = triton.testing.do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
     # Small shapes are host-bound in eager mode (Python and launch cost per call exceed the GPU time); a CUDA
     # graph replays the same kernels without it, as torch.compile(mode="reduce-overhead") or a serving engine's
     # graphs would. Providers that cannot be captured keep "-".
     try:
-        res.fwd_graph_ms = triton.testing.do_bench_cudagraph(lambda: fn(q, k, v, g), rep=100, return_mode="median")
+        res.fwd_graph_ms = triton.testing.do_bench_cudagraph(forward, rep=100, return_mode="median")
         res.fwdbwd_graph_ms = triton.testing.do_bench_cudagraph(fwdbwd, rep=100, return_mode="median")
     except Exception as e:  # noqa: BLE001 (reported in the table's note)
         res.note = f"no CUDA graph: {type(e).__name__}"
@@ -137,11 +186,7 @@ def run_shape(B, T, H, D, dtype, providers, bandwidth) -> Row:
     elem = torch.finfo(dtype).bits // 8
     one_pass = B * T * H * D * elem
     row = Row((B, T, H, D), dtype, 4 * one_pass / bandwidth * 1e3, 11 * one_pass / bandwidth * 1e3)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-    g = decay.g_gamma(H, LAYER_IDX, NUM_LAYERS, device="cuda")
+    x = make_inputs(B, T, H, D, dtype)
     for name, fn in providers.items():
         if isinstance(fn, str):
             row.results.append(Result(name, note=fn))
@@ -151,18 +196,18 @@ def run_shape(B, T, H, D, dtype, providers, bandwidth) -> Row:
             continue
         # fp32: ours follows torch.get_float32_matmul_precision() (the default "highest" = 3xTF32), fla always
         # multiplies in TF32; our fp32 rows are timed under both settings.
-        precisions = ("highest", "high") if name == "ours" and dtype == torch.float32 else (None,)
+        precisions = ("highest", "high") if name in ("ours", "ours_g") and dtype == torch.float32 else (None,)
         for precision in precisions:
-            row.results.append(_measure_provider(name, fn, q, k, v, g, do, precision))
+            row.results.append(_measure_provider(name, fn, x, precision))
     return row
 
 
-def _measure_provider(name, fn, q, k, v, g, do, precision: str | None) -> Result:
+def _measure_provider(name, fn, x: Inputs, precision: str | None) -> Result:
     previous = torch.get_float32_matmul_precision()
     if precision is not None:
         torch.set_float32_matmul_precision(precision)
     try:
-        res = _measure(fn, q, k, v, g, do)
+        res = _measure(name, fn, x)
         res.provider = name if precision is None else f"{name} ({'3xTF32' if precision == 'highest' else 'TF32'})"
     except Exception as e:  # a competitor that fails at a shape is reported, not fatal
         res = Result(name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120])
@@ -203,7 +248,8 @@ def to_markdown(rows: list[Row], env: dict[str, str], bandwidth: float) -> str:
         "",
         " | ".join(f"{k}: {v}" for k, v in env.items()) + f" | copy bandwidth: {bandwidth / 1e12:.2f} TB/s",
         "",
-        f"Decay: 'tnl' layer {LAYER_IDX} of {NUM_LAYERS}. Floor = bytes / copy bandwidth (fwd 4 passes, fwd+bwd 11). "
+        f"Decay: 'tnl' layer {LAYER_IDX} of {NUM_LAYERS}; *_g rows: per-token gates g [B, T, H] fp32 (log-sigmoid of "
+        "N(0, 1)), dg computed too. Floor = bytes / copy bandwidth (fwd 4 passes, fwd+bwd 11). "
         "Peak MiB = peak memory of fwd+bwd above the inputs. Eager columns include the host's Python and launch "
         "cost per call; (graph) columns replay the call as a CUDA graph (GPU time).",
         "",
@@ -247,7 +293,8 @@ def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
     colors = {  # one per provider
         "ours": "C0", "ours (3xTF32)": "C0", "ours (TF32)": "C4", "fla": "C1", "lightning_attn": "C2",
-        "sdpa_flash": "C3", "floor": "k",
+        "sdpa_flash": "C3", "ours_g": "C5", "ours_g (3xTF32)": "C5", "ours_g (TF32)": "C8", "fla_g": "C6",
+        "floor": "k",
     }  # fmt: skip
     markers = "osD^vP*X"  # one per shape family (B, H, D, dtype)
     for i, (family, provs) in enumerate(series.items()):

@@ -247,13 +247,13 @@ def _tokens(op, q, k, v, state_cache, slot_ids, g_gamma, scale, backend, g, leng
         return _engine(backend).decode_tokens(q, k, v, state_cache, slot_ids, g_gamma, scale, **options)
 
 
-def _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend):
+def _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend, g=None):
     args = (q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state)
     with autocast_off(q.device), torch.no_grad():
         if backend == "torch":
-            return _engine(backend).prefill_into_slots(*args)
+            return _engine(backend).prefill_into_slots(*args, g=g)
         errors = _error_sink(state_cache.device, ("prefill", slot_ids.shape[0], q.shape[1], state_cache.shape[0]))
-        return _engine(backend).prefill_into_slots(*args, errors)
+        return _engine(backend).prefill_into_slots(*args, errors, g=g)
 
 
 def _readable(t: torch.Tensor, backend: str) -> bool:
@@ -366,13 +366,14 @@ def prefill_op(
     g_gamma: torch.Tensor,
     scale: float,
     backend: str,
+    g: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     slot_ids = _prefill_indices(cu_seqlens, slot_ids, state_cache, q.shape[1], backend, check_cu_seqlens=True)
-    return _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend)
+    return _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend, g)
 
 
 @prefill_op.register_fake
-def _(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend):
+def _(q, k, v, cu_seqlens, state_cache, slot_ids, use_initial_state, g_gamma, scale, backend, g=None):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -632,6 +633,7 @@ def lightning_attn_prefill(
     scale: float | None = None,
     use_initial_state: Union[bool, torch.Tensor] = True,
     *,
+    g: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Prefill a packed batch of sequences into their cache slots. No backward; no host read of GPU tensors.
@@ -648,6 +650,7 @@ def lightning_attn_prefill(
         g_gamma: ``[H]`` natural-log decay per head, ``<= 0``.
         scale: default ``K ** -0.5``.
         use_initial_state: a bool for all sequences, or a bool tensor ``[N]``.
+        g: optional per-token log gates ``[1, T, H]`` (fla's Simple GLA ``g``), added to g_gamma.
         backend: as :func:`lightning_attn_decode`. Bad values of GPU-resident cu_seqlens or slot_ids: see the
             module docstring.
 
@@ -665,8 +668,9 @@ def lightning_attn_prefill(
     scale = val.check_scale(scale, K)
     _check_index(slot_ids, "slot_ids", num_seqs, q.device, "one slot per sequence")
     use = _check_use_initial_state(use_initial_state, num_seqs, q.device)
+    _check_gates(g, tuple(q.shape[:3]), "[1, T, H]", q.device)
     backend = resolve_backend(backend, q.device)
     if torch.compiler.is_compiling():  # (as in lightning_attn_decode)
-        return prefill_op(q, k, v, cu_seqlens, state_cache, slot_ids, use, g_gamma, scale, backend)
+        return prefill_op(q, k, v, cu_seqlens, state_cache, slot_ids, use, g_gamma, scale, backend, g)
     slot_ids = _prefill_indices(cu_seqlens, slot_ids, state_cache, q.shape[1], backend, check_cu_seqlens=False)
-    return _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use, g_gamma, scale, backend)
+    return _prefill(q, k, v, cu_seqlens, state_cache, slot_ids, use, g_gamma, scale, backend, g)

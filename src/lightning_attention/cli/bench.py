@@ -22,7 +22,7 @@ def add_arguments(parser):
         "--providers",
         nargs="*",
         default=None,
-        help="subset of: ours fla lightning_attn sdpa_flash (default: all that import)",
+        help="subset of: ours ours_g fla fla_g lightning_attn sdpa_flash (default: all that import)",
     )
     parser.add_argument("--out", default="benchmarks/results", help="folder for chunk.md and chunk.png ('' for none)")
     parser.add_argument(

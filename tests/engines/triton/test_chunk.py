@@ -20,7 +20,6 @@ from lightning_attention.engines.cpu import _common as torch_engine_common
 from lightning_attention.engines.triton import _common as triton_common
 from lightning_attention.engines.triton import chunk as chunk_engine
 from lightning_attention.engines.triton import chunk_scan
-from lightning_attention.engines.triton.chunk import prefill_into_slots
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import assert_matches_baseline, make_inputs, rel_err
 
@@ -134,7 +133,7 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     """Each dk/dv route, forced at one shape (K = V, so that all three apply), against the reference: varlen with
     an empty sequence, reverse, initial state, whole sequences or split into segments."""
     fused, paired = DKDV_ROUTES[route]
-    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv: fused)
+    monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv, gated=False: fused)
     monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
     if split:
         split_all_sequences(monkeypatch)
@@ -430,85 +429,6 @@ def test_other_chunk_sizes_give_the_same_result(triton_device, chunk_size):
     o, final = chunk_simple_gla(q, k, v, chunk_size=chunk_size, **kwargs)
     o64, final64 = chunk_simple_gla(q, k, v, chunk_size=64, **kwargs)
     assert torch.equal(o, o64) and torch.equal(final, final64)
-
-
-def _prefill_case(device, cache_dtype):
-    cu = torch.tensor([0, 50, 50, 120, 190], device=device)
-    q, k, v, _ = make_inputs(1, 190, 2, 16, 24, device=device)
-    cache = torch.randn(6, 2, 16, 24, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=cache_dtype)
-    slots = torch.tensor([4, 0, 2, 5], device=device)
-    use = torch.tensor([True, True, False, True], device=device)
-    return q, k, v, cu, cache, slots, use
-
-
-@pytest.mark.parametrize(
-    "cache_dtype, split",
-    [
-        pytest.param(torch.float32, False, id="fp32-cache"),
-        pytest.param(torch.bfloat16, False, id="bf16-cache"),
-        pytest.param(torch.float32, True, id="fp32-cache-split"),
-    ],
-)
-def test_prefill_into_slots(triton_device, monkeypatch, cache_dtype, split):
-    if split:
-        split_all_sequences(monkeypatch)
-    q, k, v, cu, cache, slots, use = _prefill_case(triton_device, cache_dtype)
-    g = torch.tensor(G2, device=triton_device)
-    before = cache.clone()
-    h0 = before.float()[slots] * use[:, None, None, None]
-    o = prefill_into_slots(q, k, v, g, None, cu, cache, slots, use)
-    ref_o, ref_final = recurrent_reference(
-        *(t.double().cpu() for t in (q, k, v)), g.double().cpu(), None, h0.double().cpu(), True, False, cu.cpu()
-    )
-    assert rel_err(o.cpu(), ref_o) < 1e-5
-    tol = 1e-5 if cache_dtype == torch.float32 else 8e-3  # the bf16 cache rounds the stored state
-    assert rel_err(cache[slots].cpu(), ref_final) < tol
-    untouched = torch.tensor([1, 3])
-    assert torch.equal(cache[untouched], before[untouched])
-
-
-def test_prefill_into_slots_with_tma_heads(triton_device, monkeypatch):
-    """bf16 heads of 64 (the TMA path) read and write the slots like the op does with a gathered initial state."""
-    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
-    cu = torch.tensor([0, 50, 50, 120, 190], device=triton_device)
-    q, k, v, _ = make_inputs(1, 190, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
-    cache = torch.randn(6, 2, 64, 64, generator=torch.Generator().manual_seed(3)).to(triton_device)
-    slots = torch.tensor([4, 0, 2, 5], device=triton_device)
-    use = torch.tensor([True, True, False, True], device=triton_device)
-    g = torch.tensor(G2, device=triton_device)
-    h0 = cache[slots] * use[:, None, None, None]
-    ref_o, ref_final = chunk_simple_gla(
-        q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton"
-    )
-    o = prefill_into_slots(q, k, v, g, None, cu, cache, slots, use)
-    assert rel_err(o.float().cpu(), ref_o.float().cpu()) < 1e-6
-    assert rel_err(cache[slots].cpu(), ref_final.cpu()) < 1e-6
-
-
-def test_prefill_into_slots_dense_batch(triton_device):
-    """Without cu_seqlens the B rows of the batch are the sequences."""
-    q, k, v, _ = make_inputs(2, 70, 2, 16, device=triton_device)
-    cache = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(4)).to(triton_device)
-    slots, use = torch.tensor([2, 0], device=triton_device), torch.tensor([True, False], device=triton_device)
-    h0 = cache[slots] * use[:, None, None, None]
-    g = torch.tensor(G2, device=triton_device)
-    o = prefill_into_slots(q, k, v, g, 0.5, None, cache, slots, use)
-    args64 = [t.double().cpu() for t in (q, k, v, g, h0)]
-    ref_o, ref_final = recurrent_reference(*args64[:4], 0.5, args64[4], True)
-    assert rel_err(o.cpu(), ref_o) < 1e-5 and rel_err(cache[slots].cpu(), ref_final) < 1e-5
-
-
-def test_prefill_into_slots_rejects_bad_arguments(triton_device):
-    q, k, v, cu, cache, slots, use = _prefill_case(triton_device, torch.float32)
-    g = torch.tensor(G2, device=triton_device)
-    with pytest.raises(TypeError, match="state_cache"):
-        prefill_into_slots(q, k, v, g, None, cu, cache.half(), slots, use)
-    with pytest.raises(ValueError, match="state_cache"):
-        prefill_into_slots(q, k, v, g, None, cu, cache[:, :, :8], slots, use)
-    with pytest.raises(ValueError, match="slot_ids"):
-        prefill_into_slots(q, k, v, g, None, cu, cache, slots[:3], use)
-    with pytest.raises(ValueError, match="use_initial_state"):
-        prefill_into_slots(q, k, v, g, None, cu, cache, slots, use.int())
 
 
 @pytest.mark.gpu

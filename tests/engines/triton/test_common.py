@@ -164,8 +164,10 @@ BAD_SEGMENTS = [
 
 
 @pytest.mark.parametrize("segments", BAD_SEGMENTS)
-@pytest.mark.parametrize("kernel", ["scan", "dkdv", "local_states"])
+@pytest.mark.parametrize("kernel", ["scan", "dkdv", "local_states", "scan_gated", "dkdv_gated", "local_states_gated"])
 def test_chunk_kernels_clamp_rows_to_the_tensors(triton_device, segments, kernel):
+    """(``*_gated``: with per-token gates, the backward's shifted ones (the token before in scan order), and the
+    row dots of dg.)"""
     from lightning_attention.engines.triton import chunk_bwd, chunk_scan, chunk_state
 
     if triton_device != "cpu":
@@ -174,18 +176,25 @@ def test_chunk_kernels_clamp_rows_to_the_tensors(triton_device, segments, kernel
     gen = torch.Generator().manual_seed(0)
     bufs, (q, k, v, do) = zip(*(_guarded((R, Hh, D), torch.randn(R, Hh, D, generator=gen)) for _ in range(4)))
     out_bufs, (out, dk) = zip(*(_guarded((R, Hh, D), 0.0) for _ in range(2)))
+    gate_buf, gates = _guarded((R, Hh), -torch.rand(R, Hh, generator=gen))
+    dots_buf, dots = _guarded((1, R, Hh), 0.0)
+    gated = dict(gates=gates) if kernel.endswith("_gated") else {}
     seg = torch.tensor(segments, dtype=torch.int32, device=q.device)
     plan = _common.SegmentPlan(seg, torch.tensor([0, 1, 2], dtype=torch.int32, device=q.device), 2, 2, False)
     g = torch.tensor([-0.1, -0.5], device=q.device)
-    if kernel == "scan":
-        chunk_scan.scan(q, k, v, out, g, plan, scale=1.0, reverse=False, shift=0, state_in=None)
-    elif kernel == "dkdv":
-        chunk_bwd.dkdv(q, k, v, do, dk, out, g, plan, scale=1.0, reverse=True, state_in=None)
+    if kernel.startswith("scan"):
+        row_dots = chunk_scan.RowDots(do, dots, 1) if gated else None
+        chunk_scan.scan(q, k, v, out, g, plan, scale=1.0, reverse=bool(gated), shift=int(bool(gated)), state_in=None,
+                        dots=row_dots, **gated)  # fmt: skip
+    elif kernel.startswith("dkdv"):
+        chunk_bwd.dkdv(q, k, v, do, dk, out, g, plan, scale=1.0, reverse=True, state_in=None,
+                       dots=dots if gated else None, **gated)  # fmt: skip
     else:  # (flags 0: no segment is its sequence's last, which the pass would skip)
         seg[:, 3] = 0
-        states = chunk_state.local_states(k, v, g, plan, reverse=False)
-        assert bool(torch.isfinite(states).all())
-    assert all(_guards_intact(b) for b in (*bufs, *out_bufs)), "a kernel wrote outside its tensors"
+        states = chunk_state.local_states(k, v, g, plan, reverse=bool(gated), shift=int(bool(gated)), **gated)
+        assert bool(torch.isfinite(states.states).all())
+        assert not gated or bool(torch.isfinite(states.totals).all())
+    assert all(_guards_intact(b) for b in (*bufs, *out_bufs, gate_buf, dots_buf)), "a kernel wrote outside its tensors"
     written = [out] if kernel == "scan" else [out, dk] if kernel == "dkdv" else []
     for t in written:  # rows inside the clamped segments, computed from rows inside the tensors only
         start, end = max(segments[0][0], 0), min(max(segments[1][1], segments[1][0]), R)

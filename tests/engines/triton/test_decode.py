@@ -322,3 +322,51 @@ def test_prefill_rejects_bad_cu_seqlens(triton_device, monkeypatch, max_loop_tok
     word = _check_prefill(triton_device, "tnl", torch.float32, lengths, [2, 5, 0, 3], cu_seqlens=cu)
     assert word[FIELDS["FLAGS"]] == triton_decode.ErrorKind.BAD_CU_SEQLENS
     assert (int(word[FIELDS["ROW"]]), int(word[FIELDS["VALUE"]])) == (bad_index, cu[bad_index])
+
+
+@pytest.mark.parametrize("max_loop_tokens", [pytest.param(16, id="recurrent-kernel"), pytest.param(0, id="chunked-kernel")])
+def test_prefill_into_slots_with_gates(triton_device, monkeypatch, max_loop_tokens):
+    """Per-token gates g [1, T, H] (with g_gamma) through both prefill routes: outputs and the slots' final states
+    against the float64 reference started from the slots' states; slots not named keep their bits."""
+    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", max_loop_tokens)
+    cu = torch.tensor([0, 50, 50, 120, 190])
+    q, k, v, _ = make_inputs(1, 190, H, K, V, seed=5)
+    gates = -torch.rand(1, 190, H, generator=torch.Generator().manual_seed(6)) * 2
+    cache = torch.randn(NUM_SLOTS, H, K, V, generator=torch.Generator().manual_seed(3))
+    slots, use = torch.tensor([4, 0, 2, 5]), torch.tensor([True, True, False, True])
+    h0 = torch.where(use[:, None, None, None], cache[slots], 0.0)
+    dev = lambda *xs: [x.to(triton_device) for x in xs]  # noqa: E731
+    dev_cache, sink = cache.to(triton_device), _sink(triton_device)
+    o = triton_decode.prefill_into_slots(
+        *dev(q, k, v, G_GAMMA), 0.5, *dev(cu), dev_cache, *dev(slots, use), sink, g=gates.to(triton_device)
+    ).cpu()
+    assert not sink.word.cpu().any()
+    exact = [x.double() for x in (q, k, v, G_GAMMA)]
+    o_ref, final_ref = recurrent_reference(*exact, 0.5, h0.double(), True, cu_seqlens=cu, g=gates.double())
+    o_base, final_base = recurrent_reference(q, k, v, G_GAMMA, 0.5, h0, True, cu_seqlens=cu, g=gates)
+    assert_matches_baseline(o, o_ref, o_base, "o")
+    assert_matches_baseline(dev_cache.cpu()[slots], final_ref, final_base, "final state")
+    assert torch.equal(dev_cache.cpu()[[1, 3]], cache[[1, 3]])
+
+
+def test_prefill_into_slots_with_tma_heads(triton_device, monkeypatch):
+    """bf16 heads of 64 through the chunked route's TMA loads read and write the slots as the op does with a
+    gathered initial state."""
+    from lightning_attention import chunk_simple_gla
+    from lightning_attention.engines.triton import chunk_scan
+
+    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
+    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 0)
+    cu = torch.tensor([0, 50, 50, 120, 190], device=triton_device)
+    q, k, v, _ = make_inputs(1, 190, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
+    cache = torch.randn(6, 2, 64, 64, generator=torch.Generator().manual_seed(3)).to(triton_device)
+    slots = torch.tensor([4, 0, 2, 5], device=triton_device)
+    use = torch.tensor([True, True, False, True], device=triton_device)
+    g_gamma = G_GAMMA[:2].to(triton_device)
+    h0 = cache[slots] * use[:, None, None, None]
+    ref_o, ref_final = chunk_simple_gla(
+        q, k, v, g_gamma=g_gamma, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton"
+    )
+    o = triton_decode.prefill_into_slots(q, k, v, g_gamma, 64**-0.5, cu, cache, slots, use, _sink(triton_device))
+    assert_rel_close(o.float().cpu(), ref_o.float().cpu(), 1e-6, "o")
+    assert_rel_close(cache[slots].cpu(), ref_final.cpu(), 1e-6, "final state")

@@ -169,3 +169,105 @@ def test_routed_long_sequence_matches_reference(triton_device, monkeypatch):
     o_base, final_base = recurrent_reference(q, k, v, G_GAMMA, None, h0, True)
     assert_matches_baseline(o.cpu(), o_ref, o_base, "o")
     assert_matches_baseline(final.cpu(), final_ref, final_base, "final")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token gates g [B, T, H] (added to g_gamma): the token loop's forward, both state offsets, and the engine.
+
+
+def _gated_scan(q, k, v, a, scale, s0, state_offset, reverse, cu_seqlens, dtype):
+    """The scan contract with per-token log decays a [B, T, H] in ``dtype``, token by token (engines/base.py):
+    offset 1: S_t = exp(a_t) S_{t-1} + k_t^T v_t; offset 0: S_t = S'_{t-1} + k_t^T v_t, S'_t = exp(a_t) S_t."""
+    q, k, v, a = (x.to(dtype) for x in (q, k, v, a))
+    B, T, H, _ = q.shape
+    spans = [(b, 0, T, b) for b in range(B)] if cu_seqlens is None else [
+        (0, s, e, n) for n, (s, e) in enumerate(zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:]))]  # fmt: skip
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=dtype)
+    finals = []
+    for b, start, end, n in spans:
+        state = s0[n].to(dtype).clone()
+        for t in (range(end - 1, start - 1, -1) if reverse else range(start, end)):
+            lam = torch.exp(a[b, t])[:, None, None]
+            state = (lam * state if state_offset == 1 else state) + k[b, t, :, :, None] * v[b, t, :, None, :]
+            o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t], state)
+            if state_offset == 0:
+                state = lam * state
+        finals.append(state)
+    return o, torch.stack(finals)
+
+
+GATED_SCAN_CASES = [
+    pytest.param(1, False, None, id="forward"),
+    pytest.param(0, True, None, id="offset0-reverse"),
+    pytest.param(1, True, (0, 0, 1, 9, 23), id="varlen-empty-len1-reverse"),
+    pytest.param(0, False, (0, 14, 14, 23), id="varlen-offset0"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("state_offset, reverse, cu_seqlens", GATED_SCAN_CASES)
+def test_gated_scan_contract(triton_device, state_offset, reverse, cu_seqlens, dtype):
+    """o and final of the scan primitive with per-token gates (g + g_gamma, the strongest decays among them)."""
+    from tests.engines.triton.test_chunk_gates import gates
+
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
+    B, N = (2, 2) if cu is None else (1, len(cu_seqlens) - 1)
+    q, k, v, s0 = make_inputs(B, 23, H, K, V, dtype=dtype, initial_state=True, num_seqs=N, seed=7 + state_offset)
+    g = gates("random", B, 23, H)
+    a = g + G_GAMMA
+    q_d, k_d, v_d, g_d, gg_d, s0_d, cu_d = _to(triton_device, q, k, v, g, G_GAMMA, s0, cu)
+    o, final = triton_recurrent.recurrent_scan(q_d, k_d, v_d, gg_d, 0.7, s0_d, state_offset, reverse, cu_d, 64, g=g_d)
+    args = (0.7, s0, state_offset, reverse, cu)
+    o_ref, final_ref = _gated_scan(q, k, v, a, *args, torch.float64)
+    o_base, final_base = _gated_scan(q, k, v, a, *args, torch.float32)
+    assert o.dtype == dtype and final.dtype == torch.float32
+    assert_matches_baseline(o.cpu(), o_ref, round_like_kernel(o_base, dtype, triton_device), "o")
+    assert_matches_baseline(final.cpu(), final_ref, final_base, "final")
+
+
+def test_gated_engine_forward_loop_backward_chunked(triton_device, monkeypatch):
+    """The recurrent engine with gates: the token loop's forward, the chunked engine's backward (dg included),
+    both against the float64 reference (varlen with an empty sequence, reverse, h0 and dht)."""
+    from tests.engines.triton.test_chunk_gates import gates
+
+    from lightning_attention._validation import ScanConfig
+
+    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 1 << 20)
+    cu = torch.tensor([0, 5, 5, 21])
+    q, k, v, h0 = make_inputs(1, 21, H, K, V, initial_state=True, num_seqs=3, seed=3)
+    g = gates("random", 1, 21, H)
+    gen = torch.Generator().manual_seed(4)
+    do, dht = torch.randn(1, 21, H, V, generator=gen), torch.randn(3, H, K, V, generator=gen)
+    cfg = ScanConfig(scale=0.5, reverse=True, output_final_state=True)
+    args = _to(triton_device, q, k, v, G_GAMMA, h0, cu, g, do, dht)
+    engine = triton_recurrent._RECURRENT
+    o, final = engine.forward(*args[:4], cfg, *args[4:6], g=args[6])
+    grads = engine.backward(*args[:4], cfg, *args[4:6], *args[7:], g=args[6])
+    leaves = [t.double().requires_grad_() for t in (q, k, v, h0, g)]
+    o_ref, final_ref = recurrent_reference(*leaves[:3], G_GAMMA.double(), 0.5, leaves[3], True, True, cu, g=leaves[4])
+    grads_ref = torch.autograd.grad((o_ref * do.double()).sum() + (final_ref * dht.double()).sum(), leaves)
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves]
+    o_b, final_b = recurrent_reference(*leaves32[:3], G_GAMMA, 0.5, leaves32[3], True, True, cu, g=leaves32[4])
+    grads_b = torch.autograd.grad((o_b * do).sum() + (final_b * dht).sum(), leaves32)
+    for name, got, want, base in zip(("o", "final", "dq", "dk", "dv", "dh0", "dg"), (o, final, *grads),
+                                     (o_ref, final_ref, *grads_ref), (o_b, final_b, *grads_b)):  # fmt: skip
+        assert_matches_baseline(got.cpu(), want, base, name, floor=1e-5)
+
+
+def test_slot_mode_with_gates(triton_device):
+    """recurrent_into_slots with per-token gates: starts from the named slots (or zero), writes them back."""
+    from tests.engines.triton.test_chunk_gates import gates
+
+    cu = torch.tensor([0, 3, 3, 12], dtype=torch.int32)
+    q, k, v, _ = make_inputs(1, 12, H, K, V, seed=9)
+    g = gates("random", 1, 12, H)
+    cache = torch.randn(4, H, K, V, generator=torch.Generator().manual_seed(2))
+    slots, use = torch.tensor([3, 0, 1]), torch.tensor([True, True, False])
+    h0 = cache[slots] * use[:, None, None, None]
+    args = _to(triton_device, q, k, v, G_GAMMA, cu, cache, slots, use, g)
+    o = triton_recurrent.recurrent_into_slots(*args[:4], 0.5, *args[4:8], g=args[8])
+    o_ref, final_ref = recurrent_reference(q.double(), k.double(), v.double(), G_GAMMA.double(), 0.5, h0.double(), True,
+                                           False, cu, g=g.double())  # fmt: skip
+    torch.testing.assert_close(o.cpu().double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(args[5][slots.to(triton_device)].cpu().double(), final_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(args[5][2].cpu(), cache[2])  # the slot no sequence names

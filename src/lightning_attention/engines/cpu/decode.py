@@ -64,13 +64,14 @@ def decode_tokens(
     return o
 
 
-def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state):
-    """Varlen prefill into cache slots (slot ids distinct, in range); updates the cache in place, returns o."""
+def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state, g=None):
+    """Varlen prefill into cache slots (slot ids distinct, in range; ``g`` per-token log gates ``[1, T, H]`` or
+    None); updates the cache in place, returns o."""
     slots = slot_ids.to(state_cache.device).long()
     use = use_initial_state.to(state_cache.device)[:, None, None, None]
     # Select, never multiply: an unused slot may hold anything, NaN included.
     h0 = torch.where(use, state_cache[slots].float(), torch.zeros((), device=state_cache.device))
     cfg = ScanConfig(float(scale), reverse=False, chunk_size=64, output_final_state=True)
-    o, final = chunk.ENGINE.forward(q, k, v, g_gamma, cfg, h0, cu_seqlens)
+    o, final = chunk.ENGINE.forward(q, k, v, g_gamma, cfg, h0, cu_seqlens, g=g)
     state_cache[slots] = final.to(state_cache.dtype)
     return o

@@ -76,28 +76,37 @@ def is_last_segment(segments, i_s, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def segments_before(seq_offsets, seq, i_s, REVERSE: tl.constexpr):
+    """(n, j_first, j_step): the segments of sequence ``seq`` before segment ``i_s`` in scan order are
+    ``j_first + j_step * idx`` for idx < n, from the sequence's first in scan order on."""
+    lo = tl.load(seq_offsets + seq)
+    hi = tl.load(seq_offsets + seq + 1)
+    if REVERSE:
+        return hi - 1 - i_s, hi - 1, -1
+    else:
+        return i_s - lo, lo, 1
+
+
+@triton.jit
 def fold_earlier_segments(
     state, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k, o_v, mask, R,
-    SHIFT: tl.constexpr, REVERSE: tl.constexpr,
+    SHIFT: tl.constexpr, REVERSE: tl.constexpr, gate_totals=None, H=1, HAS_G: tl.constexpr = False,
 ):  # fmt: skip
     """The state entering segment ``i_s`` of sequence ``seq``: ``state`` (the sequence's initial state, fp32
     ``[BK, BV]``) carried across the segments before it in scan order, S <- lam^(len - e) S + A_s, with the
     local states A_s of chunk_state.py (strides l_*; e = SHIFT on the sequence's first segment). Each program
-    folds its own prefix (a few blocks from L2), so no launch is spent on the scan across segments."""
-    lo = tl.load(seq_offsets + seq)
-    hi = tl.load(seq_offsets + seq + 1)
-    if REVERSE:
-        n_before = hi - 1 - i_s
-    else:
-        n_before = i_s - lo
+    folds its own prefix (a few blocks from L2), so no launch is spent on the scan across segments.
+    HAS_G (per-token gates): a segment carries the state by exp(its total log decay), ``gate_totals`` fp32
+    ``[S, H]`` (log2-scaled) from the same pass as A_s."""
+    n_before, j_first, j_step = segments_before(seq_offsets, seq, i_s, REVERSE)
     for idx in range(0, n_before):
-        if REVERSE:
-            j = hi - 1 - idx
-        else:
-            j = lo + idx
+        j = j_first + j_step * idx
         start, end, _, first = segment_bounds(segments, j, R, REVERSE)
         ptrs = local_states + j.to(tl.int64) * l_s + i_h * l_h + o_k[:, None] * l_k + o_v[None, :] * l_v
-        carried = tl.exp(g * tl.maximum(end - start - SHIFT * first, 0).to(tl.float32))
+        if HAS_G:
+            carried = tl.exp2(tl.load(gate_totals + j * H + i_h))
+        else:
+            carried = tl.exp(g * tl.maximum(end - start - SHIFT * first, 0).to(tl.float32))
         state = state * carried + tl.load(ptrs, mask=mask, other=0)
     return state
 
@@ -194,6 +203,107 @@ def chunk_decays(g, c, length, first_shift, C: tl.constexpr, FLIP: tl.constexpr 
     k_decay = tl.where(i < n, tl.exp(g * tl.maximum(n - 1 - i, 0).to(tl.float32)), 0.0)
     block_decay = tl.exp(g * tl.maximum(n - e, 0).to(tl.float32))
     return q_decay, k_decay, block_decay
+
+
+#: log2(e): the gated decays are exponentiated as exp2 of log2-scaled sums (one multiply per token, not per pair).
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def load_gates(gates, g, rows, valid, at_start, R, H, i_h, SHIFT: tl.constexpr, REVERSE: tl.constexpr):
+    """Per-token log decays a'_p [C] of a chunk's tile rows: g_gamma (``g``) + gates[row, i_h], 0 where a row does
+    not exist. SHIFT (the state_offset = 0 scans of engines/base.py): the gate of the token before in scan order
+    (memory row - 1, or + 1 for a reverse scan) and 0 at the sequence's first position (``at_start``), so that
+    the incoming state enters undecayed and every other step is the forward's recurrence with shifted gates.
+    (Rows outside the R rows of ``gates [R, H]`` are never read, whatever the segment table says.)"""
+    if SHIFT:
+        if REVERSE:
+            rows = rows + 1
+        else:
+            rows = rows - 1
+        valid = valid & (at_start == 0) & (rows >= 0) & (rows < R)
+    a = tl.load(gates + rows * H + i_h, mask=valid, other=0.0)
+    return tl.where(valid, a + g, 0.0)
+
+
+@triton.jit
+def _two_sum(a_hi, a_lo, b_hi, b_lo):
+    """(hi, lo) + (hi, lo) with hi's rounding error carried in lo (Knuth's two-sum)."""
+    s = a_hi + b_hi
+    b_virtual = s - a_hi
+    err = (a_hi - (s - b_virtual)) + (b_hi - b_virtual)
+    return s, err + (a_lo + b_lo)
+
+
+@triton.jit
+def gate_sums(a, C: tl.constexpr, FLIP: tl.constexpr = False, EXACT: tl.constexpr = True):
+    """Inclusive cumulative sums in scan order of a chunk's log decays a [C] (tile rows, :func:`tile_positions`),
+    log2-scaled: b = hi + lo, with (EXACT) hi's rounding errors carried in lo (b to about fp32 eps^2 |b|), else
+    lo = hi (unused) and b = hi.
+
+    Why pairs: M_ij = exp(b_i - b_j) near the diagonal is O(1) however large |b| grows along the chunk (-1850 in
+    log2 units for gates of -20), and a difference of two rounded sums loses eps |b| in the exponent (2^-13 there;
+    7e-6 for gates of about -1). hi_i - hi_j is exact when the two are within a factor 2 (Sterbenz), so the
+    exponent (hi_i - hi_j) + (lo_i - lo_j) keeps fp32 accuracy relative to itself, as a masked sum of the gates
+    would. Needed where the decays meet fp32 operands; a 16-bit operand's rounding (2^-9, 2^-12) is larger."""
+    if EXACT:
+        hi, lo = tl.associative_scan((a * LOG2E, tl.zeros_like(a)), 0, _two_sum, reverse=FLIP)
+    else:
+        hi = tl.cumsum(a * LOG2E, axis=0, reverse=FLIP)
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def gated_decays(a, n, C: tl.constexpr, FLIP: tl.constexpr = False, EXACT: tl.constexpr = True):
+    """Decay factors of a chunk from its log decays a'_p [C] (tile rows; n tokens in the chunk, a' = 0 past them):
+    with b = :func:`gate_sums` (hi, lo), returns (q_decay = exp(b_i), k_decay = exp(b_last - b_j) for j < n else 0,
+    block_decay = exp(b_last), hi, lo) -- the per-token counterparts of :func:`chunk_decays`; :func:`gated_mask`
+    makes M from (hi, lo). b_last is b's own entry at position n - 1, so the last token's weight is exactly 1."""
+    pos = tile_positions(C, FLIP)
+    hi, lo = gate_sums(a, C, FLIP, EXACT)
+    last = pos == n - 1
+    hi_last = tl.sum(tl.where(last, hi, 0.0), axis=0)
+    if EXACT:
+        lo_last = tl.sum(tl.where(last, lo, 0.0), axis=0)
+        q_decay = tl.exp2(hi + lo)
+        k_decay = tl.where(pos < n, tl.exp2((hi_last - hi) + (lo_last - lo)), 0.0)
+        block_decay = tl.exp2(hi_last + lo_last)
+    else:
+        q_decay = tl.exp2(hi)
+        k_decay = tl.where(pos < n, tl.exp2(hi_last - hi), 0.0)
+        block_decay = tl.exp2(hi_last)
+    return q_decay, k_decay, block_decay, hi, lo
+
+
+@triton.jit
+def chunk_gate_decays(
+    gates, g, rows, valid, c, length, first, R, H, i_h, C: tl.constexpr, SHIFT: tl.constexpr,
+    REVERSE: tl.constexpr, FLIP: tl.constexpr = False, EXACT: tl.constexpr = True,
+):  # fmt: skip
+    """:func:`gated_decays` of chunk ``c`` of a segment of ``length`` tokens (tile rows ``rows``, ``valid``;
+    ``first``: the segment is its sequence's first in scan order), its gates read by :func:`load_gates`."""
+    at_start = (c * C + tile_positions(C, FLIP) == 0) & (first != 0)
+    a = load_gates(gates, g, rows, valid, at_start, R, H, i_h, SHIFT, REVERSE)
+    return gated_decays(a, tl.minimum(length - c * C, C), C, FLIP, EXACT)
+
+
+@triton.jit
+def gated_mask(
+    hi, lo, C: tl.constexpr, FLIP: tl.constexpr = False, EXACT: tl.constexpr = True, STRICT: tl.constexpr = False
+):  # fmt: skip
+    """M [C, C] = exp(b_i - b_j) for scan positions i >= j (STRICT: i > j), else 0 (b = hi + lo: :func:`gate_sums`).
+    The mask is applied on the exponent before exp (exp2(-inf) = 0): b_i - b_j > 0 for i < j could overflow, and
+    b is never split into exp(b_i) * exp(-b_j) (b reaches -1280 in a chunk of gates -20: exp(-b_j) = inf)."""
+    pos = tile_positions(C, FLIP)
+    if STRICT:
+        causal = pos[:, None] > pos[None, :]
+    else:
+        causal = pos[:, None] >= pos[None, :]
+    exponent = hi[:, None] - hi[None, :]
+    if EXACT:
+        exponent += lo[:, None] - lo[None, :]
+    return tl.exp2(tl.where(causal, exponent, float("-inf")))
 
 
 @triton.jit
@@ -358,13 +468,15 @@ POLICY = SegmentPolicy()
 @dataclass(frozen=True)
 class SegmentPlan:
     """segments: int32 [S, 4] (start, end, seq, flags) on the device; seq_offsets: int32 [N + 1] (segments of
-    sequence n are rows seq_offsets[n]:seq_offsets[n + 1]); split: whether any sequence has > 1 segment."""
+    sequence n are rows seq_offsets[n]:seq_offsets[n + 1]); split: whether any sequence has > 1 segment;
+    longest: the rows of the longest segment."""
 
     segments: torch.Tensor
     seq_offsets: torch.Tensor
     num_segments: int
     num_seqs: int
     split: bool
+    longest: int = 0
 
 
 def sequence_bounds(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -> tuple[int, ...]:
@@ -405,7 +517,8 @@ def _plan(
         offsets.append(len(rows))
     segments = torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device)
     seq_offsets = torch.tensor(offsets, dtype=torch.int32).to(device)
-    return SegmentPlan(segments, seq_offsets, len(rows), len(lengths), len(rows) > len(lengths))
+    longest = max((hi - lo for lo, hi, _, _ in rows), default=0)
+    return SegmentPlan(segments, seq_offsets, len(rows), len(lengths), len(rows) > len(lengths), longest)
 
 
 def plan_segments(bounds: tuple[int, ...], programs_per_segment: int, device: torch.device) -> SegmentPlan:

@@ -1,4 +1,4 @@
-"""The chunked Triton engine: forward, backward, and the serving prefill into a slot-indexed state cache.
+"""The chunked Triton engine: forward and backward (the serving prefill into cache slots runs its scan: decode.py).
 
 With a scalar decay per head every decay factor is closed-form (lam^(i-j), lam^C), so the running state
 never needs to leave the chip: one program per (segment, head, V-block) walks its chunks in order
@@ -20,6 +20,15 @@ pass over k and v (H100: 1x32768x8x128 bf16 fwd+bwd 0.574 -> 0.530 ms, benchmark
 Sequences never share a chunk (varlen ``cu_seqlens``; a varlen call reads ``cu_seqlens`` on the host once to
 plan the segments).
 
+Per-token gates ``g [B, T, H]`` (fla's Simple GLA; added to g_gamma) run the same launches with the decays of the
+gates' cumulative sums per chunk (chunk_scan.py), and the backward returns dg: dk, dv first, whose dv scan (or
+fused kernel) stores G_t = v_t . dv_t, then the dq scan, which takes F_t = q_t . dq_t (both without the token's own
+pair, in fp32) and stores the running sum of G - F in scan order, so that
+dg_t = <h0, dh0> + sum over s before t of (G_s - F_s) (chunk_gates.py: the contract's sum, no final state needed).
+Extra traffic against g_gamma: the gates (4 bytes per token and head per launch), the dq scan's read of q and the
+dv scan's of v (the latter from L2 in the paired launch, where the twin reads v), and dg's partial sums (4 bytes per
+token, head and V-block, twice).
+
 Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, states ``[N, H, K, V]`` fp32 (see engines/base.py for the
 contract). Accumulation and states are fp32; fp32 inputs multiply as torch.get_float32_matmul_precision()
 says (3xTF32 under torch's default "highest", TF32 under "high"; _common.dot_precision).
@@ -29,15 +38,19 @@ for any power of two and mapped to the kernels' 64 (results agree within roundin
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lightning_attention import _validation as val
+from lightning_attention.engines.base import engine_keywords
 from lightning_attention.engines.triton._common import plan_segments, sequence_bounds
 from lightning_attention.engines.triton.chunk_bwd import dkdv, use_fused_dkdv
-from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan, scan_programs_per_segment
-from lightning_attention.engines.triton.chunk_state import local_states
+from lightning_attention.engines.triton.chunk_gates import gate_gradient
+from lightning_attention.engines.triton.chunk_scan import MAX_DIM, RowDots, scan, scan_programs_per_segment
+from lightning_attention.engines.triton.chunk_state import LocalStates, local_states
 
-__all__ = ["ENGINE", "TritonChunkEngine", "prefill_into_slots"]
+__all__ = ["ENGINE", "TritonChunkEngine"]
 
 #: dk and dv of equal-sized heads from one launch of the scan and its transposed twin (chunk_scan.scan).
 PAIRED_DKDV = True
@@ -49,55 +62,80 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scan(
-    q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_in, state_out=None, slots=(None, None),
-    transposed=None, locals_swapped=False, saved_locals=None,
+    q, k, v, out, g, bounds, *, scale, k_scale=1.0, reverse, shift, state_in, state_out=None,
+    transposed=None, locals_swapped=False, saved_locals=None, gates=None, dots=None,
 ):  # fmt: skip
     """One scan (engines/base.py contract) over rows ``[R, H, D]``, splitting sequences when that fills the GPU;
     ``transposed = (q_b, out_b)`` adds its twin ``out_b = scan(q_b, v, k)`` (chunk_scan.scan).
     On split sequences it folds the local states of (k, v), or with ``locals_swapped`` the transposes of those of
     (v, k): the backward's dq scan = scan(do, v, k) folds the forward's (k, v) states, computed the same way, so
-    that the forward can hand them over (``saved_locals``) and both give the same bits. Returns the local states
-    it folded (None when no sequence was split)."""
-    slot_ids, slot_used = slots
+    that the forward can hand them over (``saved_locals``: their LocalStates.storage) and both give the same bits.
+    ``gates`` fp32 ``[R, H]``: per-token log gates; ``dots``: chunk_scan.RowDots (in mode 2 its segment totals are
+    allocated here where the plan splits). Returns (plan, the local states it folded or None, dots)."""
     pps = scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype, paired=transposed is not None)
     plan = plan_segments(bounds, pps, q.device)
     # Split sequences: one set of local states serves both scans (the twin reads them transposed).
     locals_ = None
     if plan.split:
+        gated = dict(gates=gates, shift=shift)
         if not locals_swapped:
-            locals_ = local_states(k, v, g, plan, k_scale=k_scale, reverse=reverse)
+            locals_ = local_states(k, v, g, plan, k_scale=k_scale, reverse=reverse, **gated)
         elif saved_locals is not None:
-            locals_ = saved_locals
+            locals_ = LocalStates.view(saved_locals, plan.num_segments, q.shape[1], k.shape[2], v.shape[2],
+                                       gates is not None)  # fmt: skip
         else:
-            locals_ = local_states(v, k, g, plan, k_scale=k_scale, reverse=reverse)
+            locals_ = local_states(v, k, g, plan, k_scale=k_scale, reverse=reverse, **gated)
+        if dots is not None and dots.mode == 2:
+            nv = dots.out.shape[0]
+            totals = torch.empty(plan.num_segments, nv, q.shape[1], dtype=torch.float32, device=q.device)
+            dots = dataclasses.replace(dots, totals=totals)
     scan(
         q, k, v, out, g, plan, scale=scale, k_scale=k_scale, reverse=reverse, shift=shift, transposed=transposed,
         state_in=state_in, local_states=locals_, local_states_transposed=locals_swapped and locals_ is not None,
-        state_out=state_out, slot_ids=slot_ids, slot_used=slot_used,
+        state_out=state_out, gates=gates, dots=dots,
     )  # fmt: skip
-    return locals_
+    return plan, locals_, dots
 
 
-def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0):
-    """dk, dv (and dh0) from the state-gradient scan D, run in direction ``reverse``."""
-    if use_fused_dkdv(q.shape[2], v.shape[2]):
+def _row_dots_buffer(rows: int, heads: int, dk: int, dv: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """fp32 ``[NV, R, H]`` for the row dots of a scan with heads (dk, dv) (NV: its V-blocks)."""
+    nv = scan_programs_per_segment(1, dk, dv, dtype)
+    return torch.empty(nv, rows, heads, dtype=torch.float32, device=device)
+
+
+def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0, gates=None):
+    """dk, dv (and dh0) from the state-gradient scan D, run in direction ``reverse``. With per-token ``gates``,
+    returns G fp32 ``[n, R, H]`` (summed over n: G_t = v_t . dv_t without the token's own pair), else None."""
+    R, H = q.shape[0], q.shape[1]
+    if use_fused_dkdv(q.shape[2], v.shape[2], gated=gates is not None):
         plan = plan_segments(bounds, q.shape[1], q.device)
-        locals_ = local_states(q, do, g, plan, k_scale=scale, reverse=reverse) if plan.split else None
+        locals_ = None
+        if plan.split:
+            locals_ = local_states(q, do, g, plan, k_scale=scale, reverse=reverse, gates=gates, shift=1)
+        dots = None if gates is None else torch.empty(1, R, H, dtype=torch.float32, device=q.device)
         dkdv(
             q, k, v, do, dk, dv, g, plan, scale=scale, reverse=reverse, state_in=dht, local_states=locals_,
-            state_out=dh0,
+            state_out=dh0, gates=gates, dots=dots,
         )  # fmt: skip
-        return
-    common = dict(scale=1.0, k_scale=scale, reverse=reverse, shift=1)
+        return dots
+    common = dict(scale=1.0, k_scale=scale, reverse=reverse, shift=1, gates=gates)
+    dots = None
+    if gates is not None:  # G from the dv scan: v_t . dv_t
+        dots = RowDots(v, _row_dots_buffer(R, H, k.shape[2], v.shape[2], q.dtype, q.device), 1)
     if PAIRED_DKDV and q.shape[2] == v.shape[2]:
-        _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, transposed=(v, dk))
-        return
-    _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0)
-    _scan(v, do, q, dk, g, bounds, **common, state_in=None if dht is None else dht.transpose(-1, -2))
+        _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, transposed=(v, dk), dots=dots)
+    else:
+        _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, dots=dots)
+        _scan(v, do, q, dk, g, bounds, **common, state_in=None if dht is None else dht.transpose(-1, -2))
+    return None if dots is None else dots.out
 
 
 class TritonChunkEngine:
-    """engines/base.Engine on the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+    """engines/base.Engine on the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1).
+
+    Per-token gates ``g`` (fp32 ``[B, T, H]``, added to g_gamma) take the same kernels with the decays of their
+    cumulative sums per chunk (g_contract.md; the g_gamma-only kernels are unchanged where ``g`` is None), and the
+    backward returns dg (chunk_gates.py: from row dots of the dv and dq scans, no final state needed)."""
 
     @staticmethod
     def _torch_engine(q: torch.Tensor, v: torch.Tensor):
@@ -108,49 +146,78 @@ class TritonChunkEngine:
             return TORCH_ENGINE
         return None
 
-    def forward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens):
-        return self.forward_saving(q, k, v, g_gamma, cfg, initial_state, cu_seqlens)[:2]
+    def forward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None):
+        return self.forward_saving(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, g, cu_seqlens_cpu)[:2]
 
-    def forward_saving(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens):
-        """forward, and what the backward may reuse (``saved``): the forward's local states of (k, v) where it
-        split sequences and the backward's dq scan has the same segments, else None."""
+    def forward_saving(
+        self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None
+    ):  # fmt: skip
+        """forward, and what the backward may reuse (``saved``): the forward's local states of (k, v) (with the
+        segments' total decays, for gates: LocalStates.storage) where it split sequences and the backward's dq
+        scan has the same segments, else None."""
         if (fallback := self._torch_engine(q, v)) is not None:
-            return (*fallback.forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens), None)
+            extra = engine_keywords(g, cu_seqlens_cpu)
+            return (*fallback.forward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, **extra), None)
         B, T, H, K = q.shape
         V = v.shape[-1]
-        bounds = sequence_bounds(B, T, cu_seqlens)
+        bounds = sequence_bounds(B, T, cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens)
         o = torch.empty(B * T, H, V, dtype=q.dtype, device=q.device)
         final = None
         if cfg.output_final_state:
             final = torch.empty(len(bounds) - 1, H, K, V, dtype=torch.float32, device=q.device)
-        g = g_gamma.float().contiguous()
-        locals_ = _scan(
-            _rows(q), _rows(k), _rows(v), o, g, bounds,
+        _, locals_, _ = _scan(
+            _rows(q), _rows(k), _rows(v), o, g_gamma.float().contiguous(), bounds,
             scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=initial_state, state_out=final,
+            gates=_gate_rows(g),
         )  # fmt: skip
-        return o.view(B, T, H, V), final, locals_ if _dq_shares_segments(H, K, V, q.dtype) else None
+        saved = locals_.storage if locals_ is not None and _dq_shares_segments(H, K, V, q.dtype) else None
+        return o.view(B, T, H, V), final, saved
 
-    def backward(self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens, do, dht, saved=None):
-        """``saved``: forward_saving's, or None (then what it holds is computed again)."""
+    def backward(
+        self, q, k, v, g_gamma, cfg: val.ScanConfig, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None,
+        saved=None,
+    ):  # fmt: skip
+        """``saved``: forward_saving's, or None (then what it holds is computed again). Returns (dq, dk, dv, dh0
+        or None, dg fp32 [B, T, H] or None)."""
         if (fallback := self._torch_engine(q, v)) is not None:
-            return fallback.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+            extra = engine_keywords(g, cu_seqlens_cpu)
+            return fallback.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht, **extra)
         B, T, H, K = q.shape
         V = v.shape[-1]
-        bounds = sequence_bounds(B, T, cu_seqlens)
+        bounds = sequence_bounds(B, T, cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens)
         q2, k2, v2, do2 = _rows(q), _rows(k), _rows(v), _rows(do.to(q.dtype))
-        g = g_gamma.float().contiguous()
+        gg = g_gamma.float().contiguous()
+        gates = _gate_rows(g)
         dq, dk, dv = torch.empty_like(q2), torch.empty_like(k2), torch.empty_like(v2)
         dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
         h0_t = None if initial_state is None else initial_state.transpose(-1, -2)
         # On split sequences dq = scan(do, v, k) folds the forward's local states of (k, v), read transposed, where
         # its segments are the forward's: the eager path saved them (one pass over k and v fewer); the custom op of
         # torch.compile saves nothing (ops.py says why), so _scan computes them as the forward did.
-        _scan(
-            do2, v2, k2, dq, g, bounds, scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=h0_t,
-            locals_swapped=_dq_shares_segments(H, K, V, q.dtype), saved_locals=saved,
+        dq_scan = dict(
+            scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=h0_t,
+            locals_swapped=_dq_shares_segments(H, K, V, q.dtype), saved_locals=saved, gates=gates,
         )  # fmt: skip
-        _dkdv(q2, k2, v2, do2, dk, dv, g, bounds, scale=cfg.scale, reverse=not cfg.reverse, dht=dht, dh0=dh0)
-        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dh0
+        dkdv_scan = dict(scale=cfg.scale, reverse=not cfg.reverse, dht=dht, dh0=dh0, gates=gates)
+        if gates is None:
+            _scan(do2, v2, k2, dq, gg, bounds, **dq_scan)
+            _dkdv(q2, k2, v2, do2, dk, dv, gg, bounds, **dkdv_scan)
+            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dh0, None
+        # Per-token gates: dk, dv first (their G and dh0 enter the dq scan's running sum of dg: chunk_gates.py).
+        g_dots = _dkdv(q2, k2, v2, do2, dk, dv, gg, bounds, **dkdv_scan)
+        h0_dh0 = None if initial_state is None else torch.linalg.vecdot(
+            initial_state.float().flatten(2), dh0.flatten(2))  # fmt: skip
+        dots = RowDots(q2, _row_dots_buffer(B * T, H, V, K, q.dtype, q.device), 2, g_dots, h0_dh0)
+        plan, _, dots = _scan(do2, v2, k2, dq, gg, bounds, **dq_scan, dots=dots)
+        dg = gate_gradient(dots.out, dots.totals, plan, reverse=cfg.reverse)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dh0, dg.view(B, T, H)
+
+
+def _gate_rows(g: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-token log gates ``[B, T, H]`` as the kernels read them: fp32 contiguous ``[B * T, H]``."""
+    return None if g is None else g.float().contiguous().reshape(-1, g.shape[-1])
+
+
 
 
 def _dq_shares_segments(num_heads: int, dk: int, dv: int, dtype: torch.dtype) -> bool:
@@ -160,63 +227,3 @@ def _dq_shares_segments(num_heads: int, dk: int, dv: int, dtype: torch.dtype) ->
 
 ENGINE = TritonChunkEngine()
 
-
-def prefill_into_slots(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g_gamma: torch.Tensor,
-    scale: float | None,
-    cu_seqlens: torch.Tensor | None,
-    state_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    use_initial_state: torch.Tensor,
-) -> torch.Tensor:
-    """Varlen prefill (forward only, no autograd) that reads and writes a slot-indexed state cache in place.
-
-    Sequence n of the packed batch starts from ``state_cache[slot_ids[n]]`` if ``use_initial_state[n]``, else
-    from zero, and its final state is written to ``state_cache[slot_ids[n]]`` (cast to the cache's dtype).
-    No gather or scatter copies: the kernels index the cache directly. Slots not named are untouched.
-
-    Args:
-        q, k: ``[1, T, H, K]``; v: ``[1, T, H, V]`` (fp16/bf16/fp32, one dtype); ``[B, T, ...]`` without cu_seqlens.
-        g_gamma: ``[H]`` log-decay per head, ``<= 0``.  scale: multiplies ``q S``; None for ``K ** -0.5``.
-        cu_seqlens: int32/int64 ``[N + 1]`` offsets of the packed sequences (read on the host once), or None
-            for N = B sequences of T tokens.
-        state_cache: ``[num_slots, H, K, V]`` fp32 or bf16, contiguous; updated in place.
-        slot_ids: int ``[N]``, distinct slots (two sequences writing one slot would race).
-        use_initial_state: bool ``[N]``.
-
-    Returns:
-        o ``[B, T, H, V]`` in q's dtype.
-    """
-    val.check_qkv(q, k, v)
-    num_seqs = val.check_cu_seqlens(cu_seqlens, q)
-    H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    if q.dtype == torch.float64:
-        raise TypeError(f"prefill_into_slots supports fp16, bf16 and fp32 inputs, got {val.shape_str(q)}")
-    if max(K, V) > MAX_DIM:
-        raise ValueError(
-            f"prefill_into_slots supports head dims K, V <= {MAX_DIM}, got q {val.shape_str(q)}, v {val.shape_str(v)}"
-        )
-    val.check_state_cache(state_cache, q, v)
-    for name, t, dtypes in (
-        ("slot_ids", slot_ids, (torch.int32, torch.int64)),
-        ("use_initial_state", use_initial_state, (torch.bool,)),
-    ):
-        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != (num_seqs,):
-            got = val.shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a {'/'.join(map(str, dtypes))} tensor of shape [N={num_seqs}], got {got}")
-    for name, t in (("slot_ids", slot_ids), ("use_initial_state", use_initial_state)):
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {val.shape_str(t)}")
-    g = val.check_g_gamma(g_gamma, H, q.device).contiguous()
-    scale = val.check_scale(scale, K)
-    B, T = q.shape[:2]
-    bounds = sequence_bounds(B, T, cu_seqlens)
-    o = torch.empty(B * T, H, V, dtype=q.dtype, device=q.device)
-    _scan(
-        _rows(q), _rows(k), _rows(v), o, g, bounds, scale=scale, reverse=False, shift=0,
-        state_in=state_cache, state_out=state_cache, slots=(slot_ids, use_initial_state),
-    )  # fmt: skip
-    return o.view(B, T, H, V)

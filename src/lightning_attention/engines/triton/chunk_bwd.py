@@ -9,7 +9,9 @@ the scan direction opposite to the forward's. Per chunk (local i, j in that orde
     D' = lam^(n-e) D + scale (diag(lam^(n-1-j)) Q)^T dO            dh0 = lam D_1 (dht for an empty sequence)
 
 q, k, v, do are read once and dk, dv written once: no per-chunk state, no second scan for dk.
-Used for small heads (see use_fused_dkdv); larger heads use two scans of chunk_scan.py.
+Used for small heads (see use_fused_dkdv); larger heads use two scans of chunk_scan.py. With per-token gates the
+decays come from the gates' sums (chunk_scan.py), the D scan reading each token's predecessor's gate, and dv's
+intra-chunk product leaves out each token's own pair until G_t = v_t . dv_t (dg's row dot) is stored.
 Shapes: q, k, dk ``[R, H, DK]``; v, do, dv ``[R, H, DV]``; dht, dh0 ``[N, H, DK, DV]``.
 """
 
@@ -26,10 +28,12 @@ from lightning_attention.engines.triton._common import (
     SegmentPlan,
     block_dim,
     chunk_decays,
+    chunk_gate_decays,
     chunk_rows,
     dot_precision,
     fewer_stages,
     fold_earlier_segments,
+    gated_mask,
     intra_decay,
     is_last_segment,
     launch_fitting,
@@ -43,6 +47,7 @@ from lightning_attention.engines.triton._common import (
     store_state_block,
     tf32_operand,
 )
+from lightning_attention.engines.triton.chunk_state import LocalStates
 
 #: Largest padded K * V the fused kernel takes. Measured on H100 (benchmarks/results/chunk_candidates2_h100.log):
 #: at 64 x 64 it ties with two scans; at 128 x 128 it spills and loses (1.47 vs 1.29 ms at 4x8192x32x128);
@@ -62,10 +67,17 @@ def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
     return DkDvConfig(8, 1) if dtype == torch.float32 else DkDvConfig(4, 3)
 
 
-def use_fused_dkdv(dk: int, dv: int) -> bool:
+#: Whether per-token gates take the fused kernel too. Its gated variant spills (152 bytes at 4 warps, 136 at 8,
+#: with 43 spill loads and stores per chunk; kernel_resources, sm_90) where the g_gamma one does not, while the
+#: paired scans of equal heads of 64 with gates are spill-free and tied with the fused kernel for g_gamma (0.155
+#: vs 0.152 ms, chunk_NOTES.md); so gated heads up to 64 take the scans. Not timed with gates.
+FUSED_DKDV_WITH_GATES = False
+
+
+def use_fused_dkdv(dk: int, dv: int, gated: bool = False) -> bool:
     """Whether the fused kernel runs (else two scans of chunk_scan.py, which read q and do twice but run at the
-    forward kernel's efficiency; benchmarks/results/chunk_NOTES.md)."""
-    return block_dim(dk) * block_dim(dv) <= FUSED_MAX_STATE
+    forward kernel's efficiency; benchmarks/results/chunk_NOTES.md); ``gated``: with per-token gates."""
+    return block_dim(dk) * block_dim(dv) <= FUSED_MAX_STATE and (FUSED_DKDV_WITH_GATES or not gated)
 
 
 @triton.jit
@@ -73,9 +85,10 @@ def _dkdv_kernel(
     q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
     scale, R, H,
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
+    gates, gate_totals, dot_out,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
-    STORE_STATE_OUT: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_STATE_OUT: tl.constexpr, PRECISION: tl.constexpr, HAS_G: tl.constexpr,
 ):  # fmt: skip
     _, _, i_h, i_s = program_block(tl.program_id(0), H, 1, 1)
     start, end, seq, first = segment_bounds(segments, i_s, R, REVERSE)
@@ -95,9 +108,12 @@ def _dkdv_kernel(
     if SPLIT:
         state = fold_earlier_segments(
             state, local_states, seq_offsets, segments, i_s, seq, i_h, g, H * DK * DV, DK * DV, DV, 1, o_k, o_v,
-            m_state, R, 1, REVERSE,
+            m_state, R, 1, REVERSE, gate_totals, H, HAS_G,
         )  # fmt: skip
-    mask = intra_decay(g, C) * scale
+    if HAS_G:
+        mask = g  # (unused: the gated mask is made per chunk)
+    else:
+        mask = intra_decay(g, C) * scale
     length = end - start
     for c in range(0, tl.cdiv(length, C)):
         rows, valid = chunk_rows(start, end, c, C, REVERSE)
@@ -106,15 +122,32 @@ def _dkdv_kernel(
         b_k = tf32_operand(load_rows(k, rows, valid, H * DK, o_k, m_k), PRECISION)
         b_v = tf32_operand(load_rows(v, rows, valid, H * DV, o_v, m_v), PRECISION)
         b_do = tf32_operand(load_rows(do, rows, valid, H * DV, o_v, m_v), PRECISION)
-        q_decay, k_decay, block_decay = chunk_decays(g, c, length, first, C)
+        if HAS_G:
+            q_decay, k_decay, block_decay, b_hi, b_lo = chunk_gate_decays(
+                gates, g, rows, valid, c, length, first, R, H, i_h, C, 1, REVERSE, False, b_q.dtype == tl.float32
+            )
+            chunk_mask = gated_mask(b_hi, b_lo, C, False, b_q.dtype == tl.float32) * scale
+        else:
+            q_decay, k_decay, block_decay = chunk_decays(g, c, length, first, C)
+            chunk_mask = mask
         b_state = tf32_operand(state.to(b_q.dtype), PRECISION)
 
-        scores = tf32_operand((mma(b_k, tl.trans(b_q), PRECISION) * mask).to(b_do.dtype), PRECISION)
+        kq = mma(b_k, tl.trans(b_q), PRECISION)
+        if HAS_G:
+            # dv without each token's own pair, G_t = v_t . dv_t (dg's row dot, fp32), then the own pairs added
+            eye = tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :]
+            diag = tf32_operand(tl.where(eye, kq * scale, 0.0).to(b_do.dtype), PRECISION)
+            scores = tf32_operand((kq * tl.where(eye, 0.0, chunk_mask)).to(b_do.dtype), PRECISION)
+        else:
+            scores = tf32_operand((kq * chunk_mask).to(b_do.dtype), PRECISION)
         b_dv = mma(scores, b_do, PRECISION)
         b_dv += mma(tf32_operand((b_k * q_decay[:, None]).to(b_k.dtype), PRECISION), b_state, PRECISION)
+        if HAS_G:
+            tl.store(dot_out + rows * H + i_h, tl.sum(b_v.to(tl.float32) * b_dv, axis=1), mask=valid)
+            b_dv = mma(diag, b_do, PRECISION, b_dv)
         store_rows(dv, b_dv, rows, valid, H * DV, o_v, m_v)
 
-        scores = tf32_operand((mma(b_v, tl.trans(b_do), PRECISION) * mask).to(b_q.dtype), PRECISION)
+        scores = tf32_operand((mma(b_v, tl.trans(b_do), PRECISION) * chunk_mask).to(b_q.dtype), PRECISION)
         b_dk = mma(scores, b_q, PRECISION)
         b_dk += mma(tf32_operand((b_v * q_decay[:, None]).to(b_v.dtype), PRECISION), tl.trans(b_state), PRECISION)
         store_rows(dk, b_dk, rows, valid, H * DK, o_k, m_k)
@@ -122,7 +155,15 @@ def _dkdv_kernel(
         b_qd = tf32_operand((b_q * (k_decay * scale)[:, None]).to(b_q.dtype), PRECISION)
         state = state * block_decay + mma(tl.trans(b_qd), b_do, PRECISION)
     if STORE_STATE_OUT:
-        final = state * tl.exp(g * (length > 0).to(tl.float32))
+        if HAS_G:  # dh0 = exp(a_1) D_1: the gate of the D scan's last token (the forward's first)
+            if REVERSE:
+                last = start
+            else:
+                last = end - 1
+            a_last = tl.load(gates + last * H + i_h, mask=length > 0, other=0.0) + g
+            final = state * tl.exp(tl.where(length > 0, a_last, 0.0))
+        else:
+            final = state * tl.exp(g * (length > 0).to(tl.float32))
         m_out = m_state & is_last_segment(segments, i_s, REVERSE)
         store_state_block(state_out, final, seq, i_h, so_n, so_h, so_k, so_v, o_k, o_v, m_out, segments, False)
 
@@ -140,25 +181,33 @@ def dkdv(
     scale: float,
     reverse: bool,
     state_in: torch.Tensor | None,
-    local_states: torch.Tensor | None = None,
+    local_states: LocalStates | None = None,
     state_out: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
+    dots: torch.Tensor | None = None,
 ) -> None:
     """Write dk, dv (and dh0 into ``state_out`` if given). ``reverse`` is the direction of the D scan (the
     opposite of the forward's); ``state_in`` is dht ``[N, H, K, V]`` or None; ``local_states`` (when
-    ``plan.split``) chunk_state.local_states of (q, do) with k_scale = scale."""
+    ``plan.split``) chunk_state.local_states of (q, do) with k_scale = scale (and, with gates, shift = 1).
+    ``gates`` fp32 ``[R, H]``: per-token log gates; then ``dots`` fp32 ``[1, R, H]`` receives G_t = v_t . dv_t
+    without the token's own pair (chunk_scan.RowDots, mode 1)."""
+    if (gates is None) != (dots is None):
+        raise ValueError("the fused dk/dv kernel writes row dots exactly when it has per-token gates")
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
     cfg = dkdv_config(DK, DV, q.dtype)
     precision = dot_precision(q.dtype)
 
     def launch(num_stages: int) -> None:
         _dkdv_kernel[(plan.num_segments * H,)](
-            q, k, v, do, dk, dv, g_gamma, state_in, state_out, local_states, plan.seq_offsets, plan.segments,
+            q, k, v, do, dk, dv, g_gamma, state_in, state_out, locals_.states, plan.seq_offsets, plan.segments,
             float(scale), q.shape[0], H, *state_strides(state_in), *state_strides(state_out),
+            gates, locals_.totals, dots,
             DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
             REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
-            STORE_STATE_OUT=state_out is not None, PRECISION=precision,
+            STORE_STATE_OUT=state_out is not None, PRECISION=precision, HAS_G=gates is not None,
             num_warps=cfg.num_warps, num_stages=num_stages,
         )  # fmt: skip
 
-    key = ("dkdv", q.device, DK, DV, q.dtype, precision)
+    locals_ = local_states if local_states is not None else LocalStates(None, None, None)
+    key = ("dkdv", q.device, DK, DV, q.dtype, precision, gates is not None)
     launch_fitting(key, fewer_stages(cfg.num_stages), launch)

@@ -16,6 +16,14 @@ state (_common.fold_earlier_segments), and the sequence's last segment writes th
 (the backward's dv and dk): every program has a twin running the transposed scan (k and v swapped, the state
 transposed) over the same rows, so that the rows both read come from L2 once.
 
+Per-token gates (``gates`` [R, H] fp32, added to g_gamma; HAS_G): lam^(i-j) becomes exp(b_i - b_j), with b the
+inclusive cumulative sums of the chunk's log decays in scan order (fp32, log2-scaled; _common.gated_decays):
+q_decay exp(b_i), k_decay exp(b_last - b_j), the chunk's decay exp(b_last), M masked on the exponent before exp.
+A SHIFT scan reads each token's predecessor's gate (_common.load_gates), and split sequences fold the local
+states with each segment's total decay. The backward's dq and dv scans also give dg's per-token row dots
+(RowDots): their intra-chunk product leaves out each token's own pair, the dot is taken from the fp32
+accumulator, then the pairs are added by a product with the diagonal.
+
 K is one block (DK <= 128) or two halves of 128 whose products are summed (DK <= 256; see MAX_DIM). 16-bit
 heads of 128 and 256, and fp32 heads of 64 and 128, on sm_90+ load whole chunks through TMA descriptors built in
 the kernel (uses_tma).
@@ -40,11 +48,13 @@ from lightning_attention.engines.triton._common import (
     block_dim,
     cdiv,
     chunk_decays,
+    chunk_gate_decays,
     chunk_rows,
     descriptor_scratch,
     dot_precision,
     fewer_stages,
     fold_earlier_segments,
+    gated_mask,
     intra_decay,
     is_last_segment,
     launch_fitting,
@@ -57,8 +67,10 @@ from lightning_attention.engines.triton._common import (
     store_rows,
     store_state_block,
     tf32_operand,
+    tile_positions,
     tma_chunk_rows,
 )
+from lightning_attention.engines.triton.chunk_state import LocalStates
 
 
 #: Largest K the scan holds (two halves of 128). V is blocked, but the backward's dk scan uses V as its K.
@@ -99,7 +111,20 @@ TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (64, 128)
 TMA_STORES = True
 
 
-def scan_config(dk: int, dv: int, dtype: torch.dtype, precision: str | None = None) -> ScanConfig:
+#: Warps of the 16-bit pointer-load scans with per-token gates: at the shipped 4 warps their 128-dim tiles spill
+#: (8 bytes forward, 150-200 with dg's row dots), at 8 none but the dk/dv launch's 8 bytes (kernel_resources,
+#: sm_90). Not timed.
+GATED_POINTER_WARPS = 8
+#: Warps of their TMA counterparts: one warpgroup, as the g_gamma scans (the forward spill-free; with dg's row dots
+#: 24-88 bytes, none at 8 warps): two warpgroups split every 64-row product and exchange the scores, which made the
+#: g_gamma scans slower (scan_config). Not timed; benchmarks/gpu/bench_variant.py chunk_scan.GATED_TMA_WARPS=8
+#: times the other choice.
+GATED_TMA_WARPS = 4
+
+
+def scan_config(
+    dk: int, dv: int, dtype: torch.dtype, precision: str | None = None, gated: bool = False
+) -> ScanConfig:
     """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
     nothing autotunes at run time. ``precision``: the products' (default _common.dot_precision(dtype)).
     16-bit tiles run 4 warps (about 245 registers per thread, no spills) with 3 stages: as fast as 2 stages
@@ -121,19 +146,29 @@ def scan_config(dk: int, dv: int, dtype: torch.dtype, precision: str | None = No
         return ScanConfig(64, 8, 1, tma_stages=2, tma_warps=tma_warps)  # 176-224 KiB through TMA
     if block_dim(dk) >= 256:
         return ScanConfig(64, 8, 2, tma_stages=2, tma_warps=4)  # two K halves: 72 KiB of boxes per TMA stage
+    if gated:
+        return ScanConfig(64, GATED_POINTER_WARPS, 3, tma_warps=GATED_TMA_WARPS)
     return ScanConfig(64, 4, 3)
 
 
 @triton.jit
 def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale,
-                   PRECISION: tl.constexpr, TWO_K: tl.constexpr):
-    """One chunk: (unscaled output [C, BV], the state after the chunk). ``b_q1``, ``b_k1``, ``state1``: the
-    second K half (TWO_K), else unused.
+                   PRECISION: tl.constexpr, TWO_K: tl.constexpr, b_hi=None, b_lo=None, C: tl.constexpr = 64,
+                   FLIP: tl.constexpr = False, HAS_G: tl.constexpr = False, STRICT: tl.constexpr = False,
+                   K_SCALED: tl.constexpr = True):
+    """One chunk: (unscaled output [C, BV], the state after the chunk, the diagonal's operand). ``b_q1``, ``b_k1``,
+    ``state1``: the second K half (TWO_K), else unused.
 
     Order and operand choices keep registers low enough for 4 warps without spills (measured on H100: ~245
     registers; 0.42 ms vs 0.58 ms at 4x8192x32x128 bf16, where 8 warps were no faster): the state is advanced
     first and only its low-precision copy (a shared-memory operand) stays live for Q S; the per-token decays
     scale V (the smaller tile) and the Q S product, so Q and K feed the tensor cores straight from shared memory.
+
+    HAS_G: ``mask`` is unused; M comes from the chunk's gate sums ``b_hi + b_lo`` (_common.gated_mask), made while
+    the Q S product runs and before the scores' accumulator is live (registers: kernel_resources). STRICT
+    (per-token gates, the scans whose row dots give dg): the output leaves out each token's own pair, and the
+    diagonal matrix of k_scale * (q_i . k_i) is returned as a product operand, for the caller to add the pairs
+    (``_row_dots``) after taking the row dots (else q_decay is returned in its place, unused).
     """
     s_low0 = tf32_operand(state0.to(b_v.dtype), PRECISION)
     if TWO_K:
@@ -143,13 +178,62 @@ def _advance_chunk(b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k
     if TWO_K:
         state1 = mma(tl.trans(tf32_operand(b_k1, PRECISION)), v_weighted, PRECISION, state1 * block_decay)
     b_o = mma(b_q0, s_low0, PRECISION)
-    scores = mma(b_q0, tl.trans(b_k0), PRECISION)
-    if TWO_K:
-        b_o = mma(b_q1, s_low1, PRECISION, b_o)
-        scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
+    if HAS_G:
+        if TWO_K:
+            b_o = mma(b_q1, s_low1, PRECISION, b_o)
+        mask = gated_mask(b_hi, b_lo, C, FLIP, b_v.dtype == tl.float32, STRICT)
+        if K_SCALED:  # (the forward and dq scans have k_scale = 1: a product of the tile saved)
+            mask = mask * k_scale
+        scores = mma(b_q0, tl.trans(b_k0), PRECISION)
+        if TWO_K:
+            scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
+    else:
+        scores = mma(b_q0, tl.trans(b_k0), PRECISION)
+        if TWO_K:
+            b_o = mma(b_q1, s_low1, PRECISION, b_o)
+            scores = mma(b_q1, tl.trans(b_k1), PRECISION, scores)
+    diag = q_decay
+    if STRICT:
+        eye = tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :]
+        diag = tl.where(eye, scores, 0.0)
+        if K_SCALED:
+            diag = diag * k_scale
+        diag = tf32_operand(diag.to(b_v.dtype), PRECISION)
     weighted_scores = tf32_operand((scores * mask).to(b_v.dtype), PRECISION)
     b_o = mma(weighted_scores, tf32_operand(b_v, PRECISION), PRECISION, b_o * q_decay[:, None])
-    return b_o, state0, state1
+    return b_o, state0, state1, diag
+
+
+@triton.jit
+def _row_dots(
+    b_o, diag, b_v, b_x, running, offset, dot_out, dot_in, rows, valid, scale, i_v, i_h, role, R, H, used,
+    DOTS: tl.constexpr, NDOT_IN: tl.constexpr, FLIP: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The per-token gates' row dots of a STRICT chunk (see scan()): dot_i = scale * x_i . out_i without the token's
+    own pair, in fp32 from the accumulator (``b_x``: x's tile, like the output's); then the own pairs are added to
+    the output, a product of ``diag`` (_advance_chunk's) with V (a shared-memory operand). DOTS = 1:
+    the dots are stored (``dot_out[i_v, row, head]``; role 0 of a paired launch). DOTS = 2: the dot is
+    subtracted from the sum of the NDOT_IN slices of ``dot_in`` (V-block 0 only), and the running exclusive sum
+    of that in scan order within the segment, plus ``offset``, is stored. Returns (output, running sum).
+
+    The exclusive sum is the inclusive one minus the row's own term, which is exact only where that term is not
+    much larger than the sum: true for every row's but the sequence's last (in scan order), whose G_t holds the
+    final-state gradient's own pair (weight 1, while dg may be ~1e-9 of it at g = -20). No dg reads the last
+    row's term (each sums the rows before its own), so rows outside ``used`` [C] enter as 0."""
+    dots = tl.sum(b_x.to(tl.float32) * b_o, axis=1) * scale
+    b_o = mma(diag, tf32_operand(b_v, PRECISION), PRECISION, b_o)
+    p_out = dot_out + i_v * R * H + rows * H + i_h
+    if DOTS == 1:
+        tl.store(p_out, dots, mask=valid & (role == 0))
+    else:
+        local = -dots
+        for s in tl.static_range(NDOT_IN):
+            local += tl.load(dot_in + s * R * H + rows * H + i_h, mask=valid & (i_v == 0), other=0.0)
+        local = tl.where(valid & used, local, 0.0)
+        inclusive = tl.cumsum(local, axis=0, reverse=FLIP)
+        tl.store(p_out, offset + (running + (inclusive - local)), mask=valid)
+        running += tl.sum(local, axis=0)
+    return b_o, running
 
 
 @triton.jit
@@ -157,14 +241,24 @@ def _tma_chunk(
     q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask, k_scale, scale, i_v,
     o_v, m_v, H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr, STORE_TMA: tl.constexpr,
+    gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT: tl.constexpr,
+    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
     """Chunk ``c`` through TMA boxes of one head: writes its output rows, returns the state after it (both K
-    halves with TWO_K; ``state1`` is returned unchanged otherwise). PARTIAL: the segment's partial last chunk,
-    whose box reaches outside the segment; its k and v rows there are zeroed (q's rows there only make outputs
-    that are not stored: its output rows go through masked pointer stores, whole chunks' through ``o_desc``
-    when STORE_TMA)."""
-    q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
-    row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
+    halves with TWO_K; ``state1`` is returned unchanged otherwise) and the row dots' running sum (DOTS).
+    PARTIAL: the segment's partial last chunk, whose box reaches outside the segment; its k and v rows there are
+    zeroed (q's rows there only make outputs that are not stored: its output rows go through masked pointer
+    stores, whole chunks' through ``o_desc`` when STORE_TMA)."""
+    if HAS_G:
+        row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
+        q_decay, k_decay, block_decay, b_hi, b_lo = chunk_gate_decays(
+            gates, g, rows, valid, c, length, first, R, H, i_h, C, SHIFT, REVERSE, REVERSE,
+            q_desc.dtype == tl.float32,
+        )  # fmt: skip
+    else:
+        q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C, REVERSE)
+        row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
+        b_hi, b_lo = q_decay, q_decay
     b_q0 = q_desc.load([row, 0])
     b_k0 = k_desc.load([row, 0])
     b_v = v_desc.load([row, i_v * BV])
@@ -176,20 +270,26 @@ def _tma_chunk(
         b_k1 = k_desc.load([row, BKH])
         if PARTIAL:
             b_k1 = tl.where(valid[:, None], b_k1, 0.0).to(b_q0.dtype)
-        b_o, state0, state1 = _advance_chunk(
+        b_o, state0, state1, diag = _advance_chunk(
             b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale, PRECISION,
-            True,
+            True, b_hi, b_lo, C, REVERSE, HAS_G, DOTS != 0, K_SCALED,
         )  # fmt: skip
     else:
-        b_o, state0, _ = _advance_chunk(
+        b_o, state0, _, diag = _advance_chunk(
             b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale, PRECISION,
-            False,
+            False, b_hi, b_lo, C, REVERSE, HAS_G, DOTS != 0, K_SCALED,
+        )  # fmt: skip
+    if DOTS != 0:
+        used = c * C + tile_positions(C, REVERSE) != last_pos
+        b_o, running = _row_dots(
+            b_o, diag, b_v, x_desc.load([row, i_v * BV]), running, offset, dot_out, dot_in, rows, valid, scale, i_v,
+            i_h, role, R, H, used, DOTS, NDOT_IN, REVERSE, C, PRECISION,
         )  # fmt: skip
     if STORE_TMA and not PARTIAL:
         o_desc.store([row, i_v * BV], (b_o * scale).to(o_desc.dtype))
     else:
         store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
-    return state0, state1
+    return state0, state1, running
 
 
 @triton.jit
@@ -197,10 +297,12 @@ def _scan_kernel(
     q, k, v, o, q_b, o_b, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
     slot_ids, slot_used, scale, k_scale, R, H,
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
+    gates, gate_totals, dot_x, dot_out, dot_in, dot_offset, dot_totals,
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, STORE_TMA: tl.constexpr, LOCALS_T: tl.constexpr,
+    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
     # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
     # K = 256 in one tl.dot fault on H100 with triton 3.6.
@@ -245,16 +347,26 @@ def _scan_kernel(
         l_s, l_h = H * DK * DV, DK * DV
         state0 = fold_earlier_segments(
             state0, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k0, o_v, m_s0, R,
-            SHIFT, REVERSE,
+            SHIFT, REVERSE, gate_totals, H, HAS_G,
         )  # fmt: skip
         if TWO_K:
             state1 = fold_earlier_segments(
                 state1, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k1, o_v, m_s1, R,
-                SHIFT, REVERSE,
+                SHIFT, REVERSE, gate_totals, H, HAS_G,
             )  # fmt: skip
-    mask = intra_decay(g, C) * k_scale
     length = end - start
     shift = SHIFT * first
+    # Row dots (DOTS, per-token gates): the running sum within the segment, and the per-sequence offset added to
+    # every stored sum (V-block 0 only).
+    running = tl.zeros([], dtype=tl.float32)
+    offset = tl.zeros([], dtype=tl.float32)
+    last_pos = tl.where(is_last_segment(segments, i_s, REVERSE), length - 1, -1)  # the sequence's last token
+    if DOTS == 2:
+        dot_x = dot_x + i_h * DV
+        if dot_offset is not None:
+            offset = tl.load(dot_offset + seq * H + i_h, mask=i_v == 0, other=0.0)
+    elif DOTS == 1:
+        dot_x = dot_x + i_h * DV
     if USE_TMA:
         # Chunks through TMA (exact head dims): on H100 the loop body alone ran 0.369 ms with TMA loads against
         # 0.426 ms with pointer loads (chunk_NOTES.md, session 3). A box holds a chunk's rows in memory order, so
@@ -269,40 +381,77 @@ def _scan_kernel(
         k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
         v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
         o_desc = tl.make_tensor_descriptor(o, [R, DV], [H * DV, 1], [C, BV]) if STORE_TMA else v_desc
-        mask_tma = intra_decay(g, C, REVERSE) * k_scale
+        x_desc = tl.make_tensor_descriptor(dot_x, [R, DV], [H * DV, 1], [C, BV]) if DOTS != 0 else v_desc
+        if HAS_G:
+            mask_tma = g  # (unused: the gated mask is made per chunk)
+        else:
+            mask_tma = intra_decay(g, C, REVERSE) * k_scale
         n_whole = length // C
         for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
-            state0, state1 = _tma_chunk(
+            state0, state1, running = _tma_chunk(
                 q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask_tma,
                 k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False, STORE_TMA,
+                gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
+                NDOT_IN, K_SCALED,
             )  # fmt: skip
         if n_whole * C < length:
-            state0, state1 = _tma_chunk(
+            state0, state1, running = _tma_chunk(
                 q_desc, k_desc, v_desc, o_desc, o, state0, state1, n_whole, start, end, length, shift, g, mask_tma,
                 k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True, STORE_TMA,
+                gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
+                NDOT_IN, K_SCALED,
             )  # fmt: skip
     else:
+        if HAS_G:
+            mask = g  # (unused: the gated mask is made per chunk)
+        else:
+            mask = intra_decay(g, C) * k_scale
         for c in range(0, tl.cdiv(length, C)):
             rows, valid = chunk_rows(start, end, c, C, REVERSE)
-            q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C)
+            if HAS_G:
+                q_decay, k_decay, block_decay, b_hi, b_lo = chunk_gate_decays(
+                    gates, g, rows, valid, c, length, first, R, H, i_h, C, SHIFT, REVERSE, False,
+                    q.dtype.element_ty == tl.float32,
+                )
+            else:
+                q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C)
+                b_hi, b_lo = q_decay, q_decay
             b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
             b_q0 = load_rows(q, rows, valid, H * DK, o_k0, m_k0)
             b_k0 = load_rows(k, rows, valid, H * DK, o_k0, m_k0)
             if TWO_K:
                 b_q1 = load_rows(q, rows, valid, H * DK, o_k1, m_k1)
                 b_k1 = load_rows(k, rows, valid, H * DK, o_k1, m_k1)
-                b_o, state0, state1 = _advance_chunk(
+                b_o, state0, state1, diag = _advance_chunk(
                     b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale,
-                    PRECISION, True,
+                    PRECISION, True, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
                 )  # fmt: skip
             else:  # (state1 is not carried through the loop when unused: 64 registers)
-                b_o, state0, _ = _advance_chunk(
+                b_o, state0, _, diag = _advance_chunk(
                     b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale,
-                    PRECISION, False,
+                    PRECISION, False, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
+                )  # fmt: skip
+            if DOTS != 0:
+                used = c * C + tl.arange(0, C) != last_pos
+                b_x = load_rows(dot_x, rows, valid & (role == 0), H * DV, o_v, m_v)
+                b_o, running = _row_dots(
+                    b_o, diag, b_v, b_x, running, offset, dot_out, dot_in, rows, valid, scale, i_v, i_h, role, R, H,
+                    used, DOTS, NDOT_IN, False, C, PRECISION,
                 )  # fmt: skip
             store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
+    if DOTS == 2 and SPLIT:  # the segment's sum ([S, NV, H]), which the segments after it add (chunk_gates.py)
+        tl.store(dot_totals + (i_s * NV + i_v) * H + i_h, running)
     if STORE_STATE_OUT:  # by the last segment of the sequence, of the main scan
-        final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
+        if HAS_G:
+            # final_decay = exp(a_last) with SHIFT (the state leaves decayed by the last token's own gate)
+            if REVERSE:
+                last = start
+            else:
+                last = end - 1
+            a_last = tl.load(gates + last * H + i_h, mask=(length > 0) & (SHIFT == 1), other=0.0) + g
+            final_decay = tl.exp(tl.where((length > 0) & (SHIFT == 1), a_last, 0.0))
+        else:
+            final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
         writer = (role == 0) & is_last_segment(segments, i_s, REVERSE)
         m_s0, m_s1 = m_s0 & writer, m_s1 & writer
         store_state_block(
@@ -312,6 +461,36 @@ def _scan_kernel(
             store_state_block(
                 state_out, state1 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k1, o_v, m_s1, slot_ids, USE_SLOTS
             )
+
+
+@dataclass(frozen=True)
+class RowDots:
+    """The row dots a scan with per-token gates computes for dg, besides its output (docs/DESIGN.md "Accuracy of
+    dg"): for each token, ``scale * x_t . out_t`` where ``out_t`` leaves out the token's own pair (q_t . k_t) v_t,
+    in fp32 before ``out`` is rounded to its dtype.
+
+    mode 1 (the backward's dv scan, x = v: G_t = v_t . dv_t^strict): ``out[i_v, row, head]`` = the dot over the
+    columns of V-block i_v (role 0 only in a paired launch).
+    mode 2 (the dq scan, x = q: F_t = q_t . dq_t^strict): with ``L_t = sum of inputs[:, row, head] - F_t``,
+    ``out[i_v, row, head]`` = ``offset[seq, head]`` (V-block 0 only) + the exclusive sum of L over the tokens
+    before t in scan order within t's segment (its V-block's part of F); where the plan splits sequences,
+    ``totals[segment, i_v, head]`` = the segment's sum of L.
+
+    Shapes: x like the scan's out ``[R, H, DV]``; out fp32 ``[NV, R, H]`` (NV = V-blocks of the launch); inputs fp32
+    ``[n, R, H]``; offset fp32 ``[N, H]`` or None; totals fp32 ``[S, NV, H]``."""
+
+    x: torch.Tensor | None
+    out: torch.Tensor | None
+    mode: int
+    inputs: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    totals: torch.Tensor | None = None
+
+    def check(self, rows: int, heads: int, nv: int, plan: SegmentPlan) -> None:
+        if tuple(self.out.shape) != (nv, rows, heads) or self.out.dtype != torch.float32:
+            raise ValueError(f"row dots out must be float32 [{nv}, {rows}, {heads}], got {tuple(self.out.shape)}")
+        if self.mode == 2 and plan.split != (self.totals is not None):
+            raise ValueError("row dot totals must be given exactly when the plan splits sequences")
 
 
 def scan(
@@ -333,13 +512,15 @@ def scan(
     slot_used: torch.Tensor | None = None,
     transposed: tuple[torch.Tensor, torch.Tensor] | None = None,
     local_states_transposed: bool = False,
+    gates: torch.Tensor | None = None,
+    dots: RowDots | None = None,
 ) -> None:
     """Launch the scan over ``plan``'s segments, writing ``out`` (and ``state_out`` if given) in place.
 
     q, k ``[R, H, DK]``; v, out ``[R, H, DV]`` contiguous; g_gamma fp32 [H]; state_in ``[N, H, DK, DV]`` or
     None; state_out ``[N, H, DK, DV]`` or None. With ``slot_ids`` int [N] the state rows are cache slots
     (state_in read where ``slot_used``, else zero). ``local_states`` (required when ``plan.split``):
-    chunk_state.local_states of (k, v) over the plan, contiguous ``[S, H, DK, DV]`` fp32; with
+    chunk_state.local_states of (k, v) over the plan (states contiguous ``[S, H, DK, DV]`` fp32); with
     ``local_states_transposed``, those of (v, k) instead, ``[S, H, DV, DK]``, read transposed (their transposes
     are the states needed: the backward's dq scan = scan(do, v, k) reuses the forward's).
 
@@ -347,8 +528,16 @@ def scan(
     transposed state (``out_b = scan(q_b, v, k)``, state_in transposed, no state_out): the backward's dk next to
     its dv. Each program of one scan has a twin of the other reading the same k and v rows at the same time,
     so those come from L2 once.
+
+    ``gates`` fp32 ``[R, H]`` (per-token log gates, added to g_gamma): the decays come from their cumulative sums
+    per chunk, and split sequences fold the local states with their segments' total decays (local_states of the
+    same gates, and ``shift``). ``dots`` (needs gates): the row dots of dg (:class:`RowDots`).
     """
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
+    if local_states is not None and (gates is not None) != (local_states.totals is not None):
+        raise ValueError("local_states must carry their segments' total decays exactly when gates are given")
+    if dots is not None and (gates is None or slot_ids is not None):
+        raise ValueError("row dots need per-token gates and no slots")
     if transposed is not None and (DK != DV or slot_ids is not None):
         raise ValueError(f"a transposed twin needs DK == DV and no slots, got DK={DK}, DV={DV}")
     if plan.split != (local_states is not None):
@@ -357,30 +546,38 @@ def scan(
         raise ValueError("a paired launch reads its local states untransposed")
     q_b, out_b = transposed if transposed is not None else (None, None)
     precision = dot_precision(q.dtype)
-    cfg = scan_config(DK, DV, q.dtype, precision)
+    cfg = scan_config(DK, DV, q.dtype, precision, gated=gates is not None)
     nv = cdiv(DV, cfg.block_v)
     # (A twin has q's dtype and head size, so only its rows' alignment is left to check; outputs leave through
     # TMA stores, so theirs too.)
-    tma = uses_tma(q, k, v) and all(_tma_aligned(t) for t in (out, q_b, out_b) if t is not None)
+    dot_x = None if dots is None else dots.x
+    tma = uses_tma(q, k, v) and all(_tma_aligned(t) for t in (out, q_b, out_b, dot_x) if t is not None)
     grid = (plan.num_segments * H * nv * (2 if transposed is not None else 1),)
+    if dots is not None:
+        dots.check(q.shape[0], H, nv, plan)
+    d = dots or RowDots(None, None, 0)
+    locals_ = local_states if local_states is not None else LocalStates(None, None, None)
 
     def launch(variant: tuple[bool, int, int]) -> None:
         use_tma, num_warps, num_stages = variant
         with descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
             _scan_kernel[grid](
-                q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, local_states,
+                q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, locals_.states,
                 plan.seq_offsets, plan.segments, slot_ids, slot_used,
                 float(scale), float(k_scale), q.shape[0], H,
                 *state_strides(state_in), *state_strides(state_out),
+                gates, locals_.totals, d.x, d.out, d.inputs, d.offset, d.totals,
                 DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
                 REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
                 SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
                 USE_SLOTS=slot_ids is not None, PRECISION=precision, PAIRED=transposed is not None,
                 USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=use_tma and TMA_STORES,
-                LOCALS_T=bool(local_states_transposed), num_warps=num_warps, num_stages=num_stages,
+                LOCALS_T=bool(local_states_transposed), HAS_G=gates is not None, DOTS=d.mode,
+                NDOT_IN=0 if d.inputs is None else d.inputs.shape[0], K_SCALED=float(k_scale) != 1.0,
+                num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
 
-    key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma)
+    key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma, gates is not None, d.mode)
     launch_fitting(key, launch_variants(cfg, tma), launch)
 
 

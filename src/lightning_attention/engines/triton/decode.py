@@ -385,11 +385,12 @@ def decode_tokens(
     )  # fmt: skip
 
 
-def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state, errors):
+def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state, errors, g=None):
     """Varlen prefill into cache slots; no host read of any index tensor. Returns o ``[1, T, H, V]``.
 
     q, k ``[1, T, H, K]``, v ``[1, T, H, V]``, cu_seqlens int ``[N + 1]``, state_cache ``[num_slots, H, K, V]``
-    float32/bfloat16 contiguous, slot_ids int ``[N]``, use_initial_state bool ``[N]``, all on q's device.
+    float32/bfloat16 contiguous, slot_ids int ``[N]``, use_initial_state bool ``[N]``, g ``[1, T, H]`` per-token
+    log gates or None, all on q's device.
 
     One admission launch checks cu_seqlens and the slots (reported to ``errors``; a rejected sequence's slot is not
     touched, a bad cu_seqlens rejects every sequence) and writes the segment table, then one scan launch: the
@@ -400,6 +401,7 @@ def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_id
     N = cu_seqlens.numel() - 1
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     device = q.device
+    gates = None if g is None else g.float().contiguous()
     segments = torch.empty(N, 4, dtype=torch.int32, device=device)
     safe_slots = torch.empty(N, dtype=torch.int32, device=device)
     slot_used = torch.empty(N, dtype=torch.int32, device=device)
@@ -409,7 +411,7 @@ def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_id
     )  # fmt: skip
     if tokens_per_sequence(q, cu_seqlens) <= recurrent.RECURRENT_TRITON_MAX_T or max(K, V) > MAX_DIM:
         return recurrent.recurrent_into_slots(
-            q, k, v, g_gamma, scale, cu_seqlens, state_cache, safe_slots, slot_used
+            q, k, v, g_gamma, scale, cu_seqlens, state_cache, safe_slots, slot_used, g=gates
         )
     plan = SegmentPlan(segments, seq_offsets=segments, num_segments=N, num_seqs=N, split=False)  # (no offsets read)
     o = torch.empty(T, H, V, dtype=q.dtype, device=device)
@@ -417,5 +419,6 @@ def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_id
     scan(
         *rows, o, g_gamma.contiguous(), plan, scale=scale, reverse=False, shift=0, state_in=state_cache,
         state_out=state_cache, slot_ids=safe_slots, slot_used=slot_used,
+        gates=None if gates is None else gates.reshape(T, H),
     )  # fmt: skip
     return o.view(1, T, H, V)

@@ -1,14 +1,16 @@
 """Fused recurrent scan in Triton: one program walks one (sequence, head, V-block) token by token, its
 slice of the state held in registers for the whole sequence.
 
-The scan contract of engines/base.py, per sequence and head (lam = exp(g), 1-based t = 1..L)::
+The scan contract of engines/base.py, per sequence and head (lam_t = exp(a_t), a_t = g_gamma + g_t with per-token
+gates g, else g_gamma; 1-based t = 1..L in scan order)::
 
-    state_offset = 1:  S_t = lam S_{t-1} + k_t^T v_t,      o_t = scale q_t S_t,   final = S_L      (S_0 = S0)
-    state_offset = 0:  S_t = S_{t-1}' + k_t^T v_t,         o_t = scale q_t S_t,   S_t' = lam S_t,  final = S_L'
+    state_offset = 1:  S_t = lam_t S_{t-1} + k_t^T v_t,    o_t = scale q_t S_t,   final = S_L      (S_0 = S0)
+    state_offset = 0:  S_t = S_{t-1}' + k_t^T v_t,         o_t = scale q_t S_t,   S_t' = lam_t S_t,  final = S_L'
 
 (offset 0 is the backward's: the incoming state enters undecayed and the final one is decayed once more.)
 ``reverse`` walks t = L..1. Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (any float dtypes, read as the
-state dtype), o ``[B, T, H, V]`` in q's dtype, states ``[N, H, K, V]`` float32 (float64 for float64 inputs).
+state dtype), g ``[B, T, H]`` or None, o ``[B, T, H, V]`` in q's dtype, states ``[N, H, K, V]`` float32 (float64
+for float64 inputs). The engine's backward with gates is the chunked engine's (the same math, and dg).
 
 The same kernel reads the initial state from, and writes the final state into, an indexed *slot* of a state
 cache ``[num_slots, H, K, V]`` (float32 or bfloat16, accumulated in float32): that is the varlen prefill of
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_attention.engines.base import LengthRoutedEngine, ScanEngine
+from lightning_attention.engines.base import LengthRoutedEngine, ScanEngine, engine_keywords
 from lightning_attention.engines.cpu._common import compute_dtype
 from lightning_attention.engines.triton import chunk
 from lightning_attention.engines.triton._common import cdiv, next_power_of_2
@@ -69,6 +71,7 @@ def _recurrent_kernel(
     use_h0,
     cu_seqlens,
     g_gamma,
+    gates,
     scale,
     T,
     H: tl.constexpr,
@@ -83,6 +86,7 @@ def _recurrent_kernel(
     PER_SEQ_H0: tl.constexpr,
     SLOTTED: tl.constexpr,
     VARLEN: tl.constexpr,
+    HAS_G: tl.constexpr,
 ):
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -104,7 +108,8 @@ def _recurrent_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_h = m_k[:, None] & m_v[None, :]
     o_h = (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-    lam = tl.exp(tl.load(g_gamma + i_h).to(ACC))
+    log_lam = tl.load(g_gamma + i_h).to(ACC)
+    lam = tl.exp(log_lam)
 
     b_h = tl.zeros([BK, BV], dtype=ACC)
     if HAS_H0:
@@ -126,19 +131,28 @@ def _recurrent_kernel(
     b_q = tl.load(p_q, mask=m_k & has_token, other=0).to(ACC)
     b_k = tl.load(p_k, mask=m_k & has_token, other=0).to(ACC)
     b_v = tl.load(p_v, mask=m_v & has_token, other=0).to(ACC)
+    if HAS_G:  # the token's decay exp(g_gamma + g_t), gates [B * T, H]
+        p_g = gates + start * H + i_h
+        b_lam = tl.exp(log_lam + tl.load(p_g, mask=has_token, other=0).to(ACC))
     for t in range(0, L):
         has_next = t + 1 < L
         n_q = tl.load(p_q + step * K, mask=m_k & has_next, other=0).to(ACC)
         n_k = tl.load(p_k + step * K, mask=m_k & has_next, other=0).to(ACC)
         n_v = tl.load(p_v + step * V, mask=m_v & has_next, other=0).to(ACC)
+        if HAS_G:
+            decay = b_lam
+            b_lam = tl.exp(log_lam + tl.load(p_g + step, mask=has_next, other=0).to(ACC))
+            p_g += step
+        else:
+            decay = lam
         if STATE_OFFSET == 1:
-            b_h = lam * b_h + b_k[:, None] * b_v[None, :]
+            b_h = decay * b_h + b_k[:, None] * b_v[None, :]
         else:
             b_h = b_h + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
         if STATE_OFFSET == 0:
-            b_h = lam * b_h
+            b_h = decay * b_h
         b_q, b_k, b_v = n_q, n_k, n_v
         p_q += step * K
         p_k += step * K
@@ -147,7 +161,9 @@ def _recurrent_kernel(
     tl.store(ht + o_h, b_h.to(ht.dtype.element_ty), mask=m_h & live)
 
 
-def _launch(q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seqlens, slot_ids=None, use_h0=None):
+def _launch(
+    q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seqlens, slot_ids=None, use_h0=None, g=None
+):  # fmt: skip
     """Run the kernel; writes ``o`` (returned) and ``final`` (rows ``slot_ids`` of it when given) in place."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -171,6 +187,7 @@ def _launch(q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seq
         use_h0,
         cu_seqlens,
         g_gamma,
+        None if g is None else g.contiguous(),
         float(scale),
         T,
         H=H,
@@ -185,37 +202,40 @@ def _launch(q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seq
         PER_SEQ_H0=use_h0 is not None,
         SLOTTED=slot_ids is not None,
         VARLEN=cu_seqlens is not None,
+        HAS_G=g is not None,
         num_warps=num_warps,
     )
     return o
 
 
-def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size):
-    """The scan contract of engines/base.py, token by token on the GPU (chunk_size is unused)."""
+def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size, g=None):
+    """The scan contract of engines/base.py, token by token on the GPU (chunk_size is unused). ``g``: per-token
+    log gates ``[B, T, H]`` (read as the state dtype; added to g_gamma) or None."""
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     final = q.new_empty(N, H, K, v.shape[-1], dtype=compute_dtype(q, k, v, state))
     h0 = None if state is None else state.to(final.dtype).contiguous()
-    g = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
-    o = _launch(q, k, v, g, scale, h0, final, state_offset=state_offset, reverse=reverse, cu_seqlens=cu_seqlens)
-    return o, final
+    g_gamma = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
+    return _launch(
+        q, k, v, g_gamma, scale, h0, final, state_offset=state_offset, reverse=reverse, cu_seqlens=cu_seqlens, g=g
+    ), final
 
 
-def recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state):
+def recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_ids, use_initial_state, g=None):
     """Varlen forward that starts sequence n from ``state_cache[slot_ids[n]]`` (or zero where
     ``use_initial_state[n]`` is False) and writes its final state back into that slot, in place. One launch.
 
     q, k ``[1, T, H, K]``, v ``[1, T, H, V]``, cu_seqlens int ``[N + 1]``, state_cache ``[num_slots, H, K, V]``
     float32/bfloat16 contiguous, slot_ids int ``[N]`` distinct and in range, or -1 for a sequence whose state is
-    neither read nor written (checked by the caller), use_initial_state bool/int ``[N]``. Returns o ``[1, T, H, V]``
-    in q's dtype.
+    neither read nor written (checked by the caller), use_initial_state bool/int ``[N]``, g ``[1, T, H]`` per-token
+    log gates or None. Returns o ``[1, T, H, V]`` in q's dtype.
     """
-    g = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
+    g_gamma = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
     return _launch(
         q,
         k,
         v,
-        g,
+        g_gamma,
         scale,
         state_cache,
         state_cache,
@@ -224,10 +244,25 @@ def recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_
         cu_seqlens=cu_seqlens,
         slot_ids=slot_ids,
         use_h0=use_initial_state,
+        g=g,
     )
 
 
-_RECURRENT = ScanEngine(recurrent_scan)
+class TokenLoopEngine(ScanEngine):
+    """engines/base.ScanEngine on the token-loop kernel, with per-token gates: their forward is the loop, their
+    backward the chunked engine's (the same math; the loop has no dg). Without gates, the base engine's."""
+
+    def forward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None):
+        return self.scan(q, k, v, g_gamma, cfg.scale, initial_state, 1, cfg.reverse, cu_seqlens, cfg.chunk_size, g=g)
+
+    def backward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None):
+        if g is not None:
+            extra = engine_keywords(g, cu_seqlens_cpu)
+            return chunk.ENGINE.backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht, **extra)
+        return super().backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
+
+
+_RECURRENT = TokenLoopEngine(recurrent_scan)
 
 
 # The chunked engine above RECURRENT_TRITON_MAX_T tokens per sequence (read at call time, so it can be tuned).
