@@ -186,8 +186,8 @@ recurrent_scan_op = _define_scan_op("recurrent")
 class _EagerScan(torch.autograd.Function):
     """The eager path: the same engine calls as the custom ops, without the dispatcher's per-call cost.
 
-    Measured on H100 (benchmarks/gpu/host_overhead.py, 8x4096x16x64 bf16): through the custom op, a forward
-    cost ~250 us of host time on top of the engine's ~100 us, so small shapes were host-bound. The custom ops
+    Through the custom op a forward costs ~250 us of host time on top of the engine's ~100 us (H100,
+    8x4096x16x64 bf16, benchmarks/bench_host_overhead.py), so small shapes would be host-bound. The custom ops
     serve torch.compile / export (they are what a traced graph records) and torch.library.opcheck.
     """
 

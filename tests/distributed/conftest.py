@@ -5,7 +5,7 @@ import pytest
 from tests.distributed.world import registered_jobs, run_world_or_fail
 
 
-@pytest.fixture(scope="session", params=[2, 4], ids=["world2", "world4"])
+@pytest.fixture(scope="package", params=[2, 4], ids=["world2", "world4"])
 def world(request):
     """``(world_size, [results per rank])``, each a dict job name -> what the job returned on that rank."""
     world_size = request.param

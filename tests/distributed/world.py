@@ -3,7 +3,7 @@
 A *job* is a function ``job(ctx: RankContext) -> result`` registered with :func:`rank_job`; it runs on every rank
 of a world (2 or 4 processes, each a fresh ``spawn``ed interpreter with one torch thread and NaN-filled
 ``torch.empty`` as in tests/conftest.py). Every registered job runs in one world per size, spawned once for the
-test session (tests/distributed/conftest.py): spawning is most of the cost on a small CI machine.
+test run (tests/distributed/conftest.py): spawning is most of the cost on a small CI machine.
 
 An exception inside a job becomes that rank's result (a string starting with FAILED or ERROR), so the other jobs
 still run; a job that leaves the other ranks waiting in a collective is cut off by the process group's timeout,

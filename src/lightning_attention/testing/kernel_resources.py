@@ -3,7 +3,7 @@
 ``triton.compile`` builds a kernel for the target (sm_90 by default) with the argument specialisation a real
 launch would get (16-byte divisible pointers, ``H`` divisible by 16, absent states as None), and the cuobjdump
 that ships with Triton reads the registers and the stack (spill) bytes from the cubin. On H100 this matched the
-driver's own report for the forward scan (243 registers, 124 KiB, no spills: benchmarks/results/chunk_NOTES.md).
+driver's own report for the forward scan (243 registers, 124 KiB of shared memory, no spills).
 
 The engine's speed depends on these numbers (a spilling scan ran 20-40% slower on H100), and a configuration
 whose shared memory exceeds the card's limit fails at launch; tests/engines/triton/test_kernel_resources.py

@@ -459,8 +459,8 @@ assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 @pytest.mark.gpu
 def test_tma_first_backward_in_a_fresh_process():
     """A process's first backward launches TMA kernels from PyTorch's autograd worker thread, which has no Triton
-    allocator for the descriptors' scratch (_common.descriptor_scratch gives one) and, in session 3 with host-built
-    descriptors, had no current CUDA context ("Failed to create tensor map descriptor: invalid device context").
+    allocator for the descriptors' scratch (_common.descriptor_scratch gives one) and, with host-built
+    descriptors, no current CUDA context ("Failed to create tensor map descriptor: invalid device context").
     A fresh process, so that no earlier kernel has prepared that thread."""
     import subprocess
     import sys

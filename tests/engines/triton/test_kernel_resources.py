@@ -1,7 +1,7 @@
 """Static resources of the shipped kernel configurations, compiled for H100 (sm_90) on the CPU.
 
-The forward scan's speed on H100 came from a spill-free 4-warp loop (0.58 -> 0.42 ms at 4x8192x32x128 bf16;
-benchmarks/results/chunk_NOTES.md): a change to the kernel or its configuration that makes it spill, or that
+The forward scan's speed on H100 comes from a spill-free 4-warp loop (benchmarks/results/h100/kernel_choices.md): a change to the kernel or its
+configuration that makes it spill, or that
 needs more shared memory than a block may have (a launch-time failure on the GPU), fails here, in CI, without a
 GPU. Runs lightning_attention.testing.kernel_resources in a subprocess: the tests' TRITON_INTERPRET=1 replaces
 the kernels by the interpreter's, which cannot be compiled.
@@ -20,12 +20,12 @@ pytest.importorskip("triton")
 
 from lightning_attention.testing.kernel_resources import SHARED_MEMORY_LIMIT  # noqa: E402
 
-#: Configurations that spill for sm_90 and were shipped anyway (no spill-free one measured faster on H100;
-#: chunk_NOTES.md), with the most spill bytes allowed (1.5-3x the compiled figure, so that a change making them
+#: Configurations that spill for sm_90 and ship anyway (no spill-free one measured faster on H100:
+#: kernel_choices.md), with the most spill bytes allowed (1.5-3x the compiled figure, so that a change making them
 #: spill much more fails): pointer loads of two K halves (K = 256) and of fp32 tiles at 8 warps; fp32 tiles
 #: under 3xTF32 (torch's default "highest"); the TMA scans of K = 256 at 4 warps (one warpgroup with 80-170
 #: spilled bytes took 15-25% less time than two with 0-32: scan_config). fp32 under one-pass TF32 runs
-#: spill-free (two warpgroups for heads of 128, since session 6). All are checked against the shared-memory limit.
+#: spill-free (two warpgroups for heads of 128). All are checked against the shared-memory limit.
 KNOWN_SPILLS = {
     ("scan", 256, 256, "bfloat16"): 128,
     ("scan", 128, 128, "float32"): 2200,

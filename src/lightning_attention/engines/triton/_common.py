@@ -157,9 +157,8 @@ def tf32_operand(x, PRECISION: tl.constexpr):
     then Q S), made our outputs' error 3.6x that of cuBLAS's round-to-nearest TF32. Applied where a tile is in
     registers anyway (computed; transposed on its way to shared memory, as TF32 products need for operands
     contracted over tokens; every tile of the pointer-load dk/dv kernel). q and k feeding the tensor cores
-    straight from shared memory stay truncated: rounding them too matched cuBLAS exactly but took 9% longer.
-    H100, 4x8192x8x128 fp32 (check_chunk.py; session 6): relative error of o 1.48e-3 -> 5.60e-4 (cuBLAS
-    4.14e-4), of the final state 7.83e-4 -> 2.94e-4 (2.93e-4)."""
+    straight from shared memory stay truncated: rounding them too matched cuBLAS exactly but took 9% longer
+    (errors with and without: benchmarks/results/h100/kernel_choices.md)."""
     if PRECISION == "tf32" and x.dtype == tl.float32:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0xFFF + ((bits >> 13) & 1)) & -0x2000
@@ -354,7 +353,7 @@ MIN_BLOCK = 64
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launch code. (triton.cdiv and triton.next_power_of_2 are constexpr functions whose
-    host calls cost ~3 us each; a backward made 22 of them: benchmarks/results/chunk_NOTES.md.)"""
+    host calls cost ~3 us each, and a backward would make 22 of them.)"""
     return -(-a // b)
 
 
@@ -492,9 +491,7 @@ def _segment_tokens(
     """Segment length in tokens (a multiple of the chunk), or 0 for no split.
 
     ``slots`` segments run at once (all SMs busy); the chunks are spread evenly over them, as many segments as
-    fit one wave. (The previous rule, ceil(chunks x programs / SMs) chunks per segment, made 9 segments of 16
-    programs on 132 SMs; the two rules measured within 3% of each other on H100: chunk_NOTES.md, session 3.)
-    No split unless it at least halves the longest sequence's walk."""
+    fit one wave (benchmarks/results/h100/kernel_choices.md, "Segment rule"). No split unless it at least halves the longest sequence's walk."""
     chunks = [math.ceil(n / chunk) for n in lengths]
     total, longest = sum(chunks), max(chunks, default=0)
     slots = max(1, int(sms * policy.programs_per_sm) // programs_per_segment)

@@ -10,13 +10,13 @@ never needs to leave the chip: one program per (segment, head, V-block) walks it
               - heads up to 64 x 64 (padded): one fused kernel reading q, k, v, do once (chunk_bwd.py);
               - larger heads with K == V: dv = scan(k, q, do) and its transposed twin dk = scan(v, do, q) in
                 one launch (chunk_scan.scan(transposed=...)); K != V: those two as two launches.
-              (The fused kernel spills at 128 x 128 and loses to the scans: benchmarks/results/chunk_NOTES.md.)
+              (The fused kernel spills at 128 x 128 and loses to the scans: benchmarks/results/h100/kernel_choices.md.)
 
 When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and a first
 pass computes each segment's local state (chunk_state.py), which the scan's programs fold into the state
 they start from: 2 launches instead of 1, and k, v are read twice. The backward's dq scan needs the transposes
 of the forward's local states: the eager op keeps them from the forward (forward_saving; a few MiB), saving a
-pass over k and v (H100: 1x32768x8x128 bf16 fwd+bwd 0.574 -> 0.530 ms, benchmarks/results/chunk_NOTES.md).
+pass over k and v (benchmarks/results/h100/kernel_choices.md).
 Sequences never share a chunk (varlen ``cu_seqlens``; a varlen call reads ``cu_seqlens`` on the host once to
 plan the segments).
 

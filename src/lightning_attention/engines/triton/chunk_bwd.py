@@ -63,20 +63,20 @@ class DkDvConfig:
 
 
 def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
-    """Tuned once on H100 (benchmarks/gpu/tune_chunk.py, benchmarks/results/chunk_tune_h100.log); cached here."""
+    """The fused kernel's launch configuration, measured on H100 and fixed here."""
     return DkDvConfig(8, 1) if dtype == torch.float32 else DkDvConfig(4, 3)
 
 
 #: Whether per-token gates take the fused kernel too. Its gated variant spills (152 bytes at 4 warps, 136 at 8,
 #: with 43 spill loads and stores per chunk; kernel_resources, sm_90) where the g_gamma one does not, while the
-#: paired scans of equal heads of 64 with gates are spill-free and tied with the fused kernel for g_gamma (0.155
-#: vs 0.152 ms, chunk_NOTES.md); so gated heads up to 64 take the scans. Not timed with gates.
+#: paired scans of equal heads of 64 with gates are spill-free and tie with the fused kernel for g_gamma
+#: (benchmarks/results/h100/kernel_choices.md); so gated heads up to 64 take the scans.
 FUSED_DKDV_WITH_GATES = False
 
 
 def use_fused_dkdv(dk: int, dv: int, gated: bool = False) -> bool:
     """Whether the fused kernel runs (else two scans of chunk_scan.py, which read q and do twice but run at the
-    forward kernel's efficiency; benchmarks/results/chunk_NOTES.md); ``gated``: with per-token gates."""
+    forward kernel's efficiency; benchmarks/results/h100/kernel_choices.md); ``gated``: with per-token gates."""
     return block_dim(dk) * block_dim(dv) <= FUSED_MAX_STATE and (FUSED_DKDV_WITH_GATES or not gated)
 
 

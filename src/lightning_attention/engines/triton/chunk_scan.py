@@ -90,24 +90,19 @@ class ScanConfig:
         return self.tma_warps if tma and self.tma_warps is not None else self.num_warps
 
 
-#: Head sizes K whose scans load whole chunks through TMA tensor descriptors (uses_tma). Measured on H100
-#: (benchmarks/results/chunk.md, session 4; GPU time, one run each): K = 128 forward 0.414 -> 0.382 ms and
-#: fwd+bwd 1.685 -> 1.548 ms at 4x8192x32x128 bf16; K = 256 0.583 -> 0.553 and 2.249 -> 2.178 at 2x8192x16x256;
-#: K = 64 no faster (8x4096x16x64: 0.098 -> 0.097 ms) for ~25 us more host time per launch (descriptor scratch),
-#: so it stays on pointers. LIGHTNING_ATTENTION_TMA=1 puts heads of 64 on TMA too, =0 turns TMA off.
+#: Head sizes K whose scans load whole chunks through TMA tensor descriptors (uses_tma): faster at K = 128 and
+#: 256; at K = 64 no faster, for more host time per launch (the descriptors' scratch), so heads of 64 stay on
+#: pointer loads (benchmarks/results/h100/kernel_choices.md). LIGHTNING_ATTENTION_TMA=1 puts heads of 64 on TMA too, =0 turns TMA off.
 _TMA_SWITCH = os.environ.get("LIGHTNING_ATTENTION_TMA", "")
 TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(_TMA_SWITCH, (128, 256))
 
-#: The same for fp32 heads: K = 64 and 128 (a chunk's fp32 boxes of K = 256 would not fit shared memory twice).
-#: H100, one run each (chunk.md, session 5): 4x8192x32x128 fp32 forward 2.344 -> 2.086 ms under TF32 (8.704 ->
-#: 7.912 under 3xTF32), fwd+bwd 9.317 -> 8.228 (34.706 -> 30.873), at the pointer path's 8 warps; at 4 warps
-#: (scan_config) 1.777 and 6.900 (6.178 and 23.759). Session 6, 8x4096x16x64 fp32 (GPU time): 0.332 -> 0.294
-#: forward, 1.631 -> 1.559 fwd+bwd under TF32; 0.792 -> 0.519 and 4.512 -> 3.968 under 3xTF32.
+#: The same for fp32 heads: K = 64 and 128, faster under TF32 and 3xTF32 alike; a chunk's fp32 boxes of K = 256
+#: would not fit shared memory twice (benchmarks/results/h100/kernel_choices.md).
 TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (64, 128)
 
 
 #: Whole chunks' outputs of a TMA scan leave through TMA stores too (the partial last chunk: masked pointer
-#: stores). H100, one run: 4x8192x32x128 forward 0.381 -> 0.371 ms, fwd+bwd 1.555 -> 1.538 (chunk.md, session 4).
+#: stores), a few percent faster than pointer stores (benchmarks/results/h100/kernel_choices.md).
 TMA_STORES = True
 
 
@@ -117,28 +112,24 @@ TMA_STORES = True
 GATED_POINTER_WARPS = 8
 #: Warps of their TMA counterparts: one warpgroup, as the g_gamma scans (the forward spill-free; with dg's row dots
 #: 24-88 bytes, none at 8 warps): two warpgroups split every 64-row product and exchange the scores, which made the
-#: g_gamma scans slower (scan_config). Not timed; benchmarks/gpu/bench_variant.py chunk_scan.GATED_TMA_WARPS=8
-#: times the other choice.
+#: g_gamma scans slower (scan_config). The gated choice itself is not timed yet.
 GATED_TMA_WARPS = 4
 
 
 def scan_config(
     dk: int, dv: int, dtype: torch.dtype, precision: str | None = None, gated: bool = False
 ) -> ScanConfig:
-    """Tuned once on H100 (benchmarks/gpu/explore_chunk.py; benchmarks/results/chunk_NOTES.md); cached here so
-    nothing autotunes at run time. ``precision``: the products' (default _common.dot_precision(dtype)).
+    """The scan's launch configuration, measured on H100 and fixed here: nothing autotunes at run time.
+    ``precision``: the products' (default _common.dot_precision(dtype)).
+
     16-bit tiles run 4 warps (about 245 registers per thread, no spills) with 3 stages: as fast as 2 stages
-    (where two programs fit one SM) at 4x8192x32x128, faster on split sequences.
-    Two K halves (K > 128) and fp32 tiles take 8 warps on pointer loads (fp32: one stage, to fit shared memory).
-    Through TMA the tiles wait in shared memory, not registers, and one warpgroup (4 warps) runs them faster
-    than two despite 80-170 bytes of spills (bf16, TF32): with two, each 64-row product is split in n32
-    instructions and the scores cross between the warpgroups through shared memory each chunk. H100, one run
-    (chunk.md, session 5): 2x8192x16x256 bf16 forward 0.561 -> 0.421 ms, fwd+bwd 2.196 -> 1.653; fp32
-    4x8192x32x128 (TF32) 2.089 -> 1.777 and 8.134 -> 6.900; spill-free 32-wide V-blocks were slower at 4 and at
-    8 warps. The exception: fp32 heads of 128 under one-pass TF32, whose operands are rounded in registers
-    (_common.tf32_operand; 296 bytes of spills at 4 warps, none at 8): two warpgroups, H100, one run (chunk.md,
-    session 6): 1.902 -> 1.734 ms forward, 7.074 -> 6.876 fwd+bwd at 4x8192x32x128 (heads of 64: 0.301 ->
-    0.369, so they keep one). Registers, spills and shared memory of these configurations are checked in CI
+    (where two programs fit one SM) at 4x8192x32x128, faster on split sequences. Two K halves (K > 128) and fp32
+    tiles take 8 warps on pointer loads (fp32: one stage, to fit shared memory). Through TMA the tiles wait in
+    shared memory, not registers, and one warpgroup (4 warps) runs them faster than two despite 80-170 bytes of
+    spills: with two, each 64-row product is split into n32 instructions and the scores cross between the
+    warpgroups through shared memory every chunk. The exception: fp32 heads of 128 under one-pass TF32, whose
+    operands are rounded in registers (_common.tf32_operand; spills at 4 warps, none at 8), take two warpgroups
+    (benchmarks/results/h100/kernel_choices.md). Registers, spills and shared memory of these configurations are checked in CI
     (testing/kernel_resources.py)."""
     if dtype == torch.float32:
         precision = precision or dot_precision(dtype)
@@ -368,15 +359,14 @@ def _scan_kernel(
     elif DOTS == 1:
         dot_x = dot_x + i_h * DV
     if USE_TMA:
-        # Chunks through TMA (exact head dims): on H100 the loop body alone ran 0.369 ms with TMA loads against
-        # 0.426 ms with pointer loads (chunk_NOTES.md, session 3). A box holds a chunk's rows in memory order, so
+        # Chunks through TMA (exact head dims; faster loop body: kernel_choices.md). A box holds a chunk's rows in
+        # memory order, so
         # a reverse scan's tile is flipped against its scan order (FLIP decays and mask). Whole chunks need no
         # masks; a partial last chunk is peeled off the loop (_tma_chunk's PARTIAL) so that the loop stays one
         # straight body for the pipeliner.
         # Descriptors are built per program in Triton's global scratch (descriptor_scratch), from this role's
-        # pointers (a paired twin's k and v are swapped): host-built descriptors made the eager fwd+bwd at
-        # 4x8192x32x128 host-bound (2.16 ms for 1.52 ms of GPU time, chunk_NOTES.md session 4). One head per
-        # descriptor, so a box never reaches into the next head.
+        # pointers (a paired twin's k and v are swapped): host-built descriptors made the eager call host-bound
+        # (kernel_choices.md). One head per descriptor, so a box never reaches into the next head.
         q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, BKH])
         k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
         v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])

@@ -45,8 +45,7 @@ from lightning_attention.engines.triton._common import (
 )
 
 #: State block and launch of the pass (blocks are independent here; K = 256 never meets one tl.dot).
-#: Measured on H100 (benchmarks/results/chunk_NOTES.md): pass 1 at 1 x 32768 x 8 x 128 bf16 takes 0.051 ms
-#: with 64 x 64 blocks and 4 stages (the k, v read alone: 0.045), 0.058 with 64 x 32, 0.056 with 128 x 64.
+#: 64 x 64 blocks run the pass close to the time of reading k and v alone (benchmarks/results/h100/kernel_choices.md).
 _STATE_BLOCK_K = 64
 _STATE_BLOCK_V = 64
 _LOCAL_WARPS = 4
@@ -100,7 +99,7 @@ def _local_state_kernel(
     else:
         # Every token's weight is closed-form (lam^(tokens after it in the segment)), so the loop is a plain
         # reduction into one accumulator, with no rescaling of it between chunks: the tensor-core products of
-        # successive chunks overlap like a GEMM's K loop (on H100 at 1 x 32768 x 8 x 128 bf16: 0.085 -> 0.058 ms).
+        # successive chunks overlap like a GEMM's K loop (kernel_choices.md: a third faster than rescaling).
         for c in range(0, tl.cdiv(length, C)):
             rows, valid = chunk_rows(start, end, c, C, REVERSE)
             b_k = load_rows(k, rows, valid, H * DK, o_k, m_k)
