@@ -14,6 +14,7 @@ thread, and a cProfile taken in that worker thread.
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import pstats
 import sys
 import time
@@ -99,7 +100,7 @@ def autograd_thread(B: int, T: int, H: int, D: int, n: int = 200) -> None:
 def tma_ab(B: int, T: int, H: int, D: int, rounds: int = 5) -> None:
     """Host enqueue time per call with TMA on / off, alternating, median of ``rounds`` rounds; then a cProfile
     of the backward's paired launch with TMA on, by cumulative time (Triton's launch path included)."""
-    from lightning_attention.engines.triton import chunk, chunk_scan
+    from lightning_attention.engines.triton import chunk, options
     from lightning_attention.engines.triton._common import sequence_bounds
 
     q, k, v, do, g, cfg, (qg, kg, vg) = _inputs(B, T, H, D)
@@ -118,14 +119,14 @@ def tma_ab(B: int, T: int, H: int, D: int, rounds: int = 5) -> None:
             chunk_simple_gla(qg, kg, vg, g_gamma=g, backend="triton")[0], (qg, kg, vg), do
         ),
     }  # fmt: skip
-    shipped = chunk_scan.TMA_HEAD_DIMS
+    shipped = options.OPTIONS
     times = {(name, tma): [] for name in cases for tma in (True, False)}
     for _ in range(rounds):
         for tma in (True, False):
-            chunk_scan.TMA_HEAD_DIMS = shipped if tma else ()
+            options.OPTIONS = shipped if tma else dataclasses.replace(shipped, tma_head_dims=())
             for name, fn in cases.items():
                 times[name, tma].append(_enqueue_us(fn))
-    chunk_scan.TMA_HEAD_DIMS = shipped
+    options.OPTIONS = shipped
     print(f"{torch.cuda.get_device_name()} {B}x{T}x{H}x{D} bf16: host enqueue per call (us), median of {rounds}")
     for name in cases:
         on, off = (sorted(times[name, tma])[rounds // 2] for tma in (True, False))

@@ -22,7 +22,7 @@ import torch
 from lightning_attention import bench_serving as common
 from lightning_attention import decay, serving
 from lightning_attention._validation import ScanConfig
-from lightning_attention.engines.triton import recurrent
+from lightning_attention.engines.triton import recurrent, tuning
 from lightning_attention.ops import chunk_simple_gla, fused_recurrent_simple_gla
 
 K = V = 128
@@ -69,7 +69,7 @@ def bench_t_sweep(rows, table):
         cfg = ScanConfig(K**-0.5, False, 64, True)
         for T in T_SWEEP:
             q, k, v, h0 = _inputs(B, T, H)
-            loop = _ms(lambda: recurrent._RECURRENT.forward(q, k, v, g, cfg, h0, None))
+            loop = _ms(lambda: recurrent.TOKEN_LOOP.forward(q, k, v, g, cfg, h0, None))
             chunked = _ms(lambda: chunk_engine.forward(q, k, v, g, cfg, h0, None))
             op = _ms(lambda: fused_recurrent_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True))
             ratio_train = None
@@ -95,16 +95,13 @@ def bench_tile_sweep(rows, table):
     g = decay.g_gamma(H, 0, 24, device=common.DEVICE)
     cfg = ScanConfig(K**-0.5, False, 64, True)
     q, k, v, h0 = _inputs(B, T, H)
-    default = recurrent.RECURRENT_CONFIG
     table.add("", f"recurrent kernel tile sweep, B={B} H={H} T={T}", "", "| state tile | warps | fwd ms |", "|---|---|---|")
-    try:
-        for config in TILE_SWEEP:
-            recurrent.RECURRENT_CONFIG = config
-            ms = _ms(lambda: recurrent._RECURRENT.forward(q, k, v, g, cfg, h0, None))
-            rows.append(dict(tile_sweep=config, T=T, B=B, H=H, loop_ms=ms))
-            table.add(f"| {config[0]} | {config[1]} | {ms:.3f} |")
-    finally:
-        recurrent.RECURRENT_CONFIG = default
+    for state_tile, num_warps in TILE_SWEEP:
+        candidate = {"recurrent": {"any": dict(state_tile=state_tile, num_warps=num_warps)}}
+        with tuning.using(tuning.CardTable("candidate", (0, 0), 0, candidate)):
+            ms = _ms(lambda: recurrent.TOKEN_LOOP.forward(q, k, v, g, cfg, h0, None))
+        rows.append(dict(tile_sweep=(state_tile, num_warps), T=T, B=B, H=H, loop_ms=ms))
+        table.add(f"| {state_tile} | {num_warps} | {ms:.3f} |")
 
 
 def bench_prefill(rows, table):

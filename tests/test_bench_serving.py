@@ -27,5 +27,5 @@ def test_smoke_run_writes_every_section(tmp_path):
     prefill = [r for r in lines if re.match(r"\| \d+ x \d+ \|", r)]
     sweep = [r for r in lines if re.match(r"\| (fp32|bf16) \| \d+ \|", r)]
     assert (len(decode), len(multi), len(prefill), len(sweep)) == (4, 4, 2, 4), text
-    assert "Suggested DECODE_TILES entry" in text and "nan" not in text
+    assert "Suggested decode entry" in text and "nan" not in text
     assert (folder / "serving.json").exists()

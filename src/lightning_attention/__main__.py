@@ -1,4 +1,4 @@
-"""``python -m lightning_attention {demo,check,bench}``.
+"""``python -m lightning_attention {demo,check,bench,tune}``.
 
 Each subcommand lives in ``lightning_attention/cli/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code); they are imported only when chosen, so ``check`` starts fast.
@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": "train a tiny Lightning LM on CPU/GPU, evaluate it, generate with the decode path",
     "check": "run every available backend against the float64 reference and print a table",
     "bench": "benchmark the ops on the available device against the bandwidth floor",
+    "tune": "measure the Triton kernels' launch configurations on this GPU and write its launch table",
 }
 
 

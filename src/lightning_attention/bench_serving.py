@@ -18,7 +18,7 @@ attainable bandwidth. Sections:
    (chunk_simple_gla from initial states to final states; it reads cu_seqlens on the host, so it is timed
    eagerly only).
 4. ``--sweep``: the decode kernel's tiles (SWEEP_CANDIDATES, explicit, no grid filling) per cache dtype and N;
-   the best per N, and the DECODE_TILES entry they suggest for this card.
+   the best per N, and the decode entry they suggest for this card's launch table (engines/triton/tuning.py).
 
 Output: a markdown table printed as it grows, and ``<out>/<card>/serving.md`` + ``serving.json`` stamped with
 the card, driver, torch and triton versions (card: h100, h200, ... from the device name).
@@ -149,7 +149,7 @@ def environment() -> dict:
 
 def card_folder(card: str) -> str:
     """Results folder of a card: its model in lower case ("h200" for "NVIDIA H200 (132 SMs)"), else the name."""
-    from lightning_attention.engines.triton.decode import card_model
+    from lightning_attention.engines.triton.tuning import card_model
 
     model = card_model(card)
     return model.lower() if model else re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
@@ -381,10 +381,10 @@ def bench_sweep(bw: float, rows: list, table: Table) -> None:
         score = {c: sum(r["times_us"][str(c)] / r["floor_us"] for r in sweeps) for c in SWEEP_CANDIDATES}
         bv, bk, warps = min(score, key=score.get)
         dtype = "float32" if name == "fp32" else "bfloat16"
-        entries.append(f"torch.{dtype}: DecodeConfig(block_v={bv}, block_k={bk}, num_warps={warps})")
+        entries.append(f'"{dtype}": dict(block_v={bv}, block_k={bk}, num_warps={warps})')
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    table.add("", f"Suggested DECODE_TILES entry (least summed x floor at N = {target_ns}): "
-                  f"`{card!r}: {{{', '.join(entries)}}}`")  # fmt: skip
+    table.add("", f"Suggested decode entry of {card!r}'s launch table (least summed x floor at N = {target_ns}): "
+                  f"`\"decode\": {{{', '.join(entries)}}}`")  # fmt: skip
 
 
 def run(out_dir: str | None = "benchmarks/results", sweep: bool = False, command: str = "") -> str | None:

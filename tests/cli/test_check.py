@@ -56,12 +56,12 @@ def test_triton_without_cuda_or_interpreter_is_skipped(monkeypatch, capsys):
 
 
 def test_triton_engine_that_does_not_import_is_skipped(monkeypatch, capsys):
-    from lightning_attention.engines.triton import interface
+    from lightning_attention import engines
 
-    def broken(algorithm):
+    def broken(backend, algorithm):
         raise ImportError("no module named kernels")
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(interface, "get_engine", broken)
+    monkeypatch.setattr(engines, "get_engine", broken)
     device, reason = check._backend_device("triton")
     assert device is None and "ImportError: no module named kernels" in reason

@@ -64,17 +64,18 @@ def _backend_device(backend: str):
 
     if backend == "torch":
         return "cpu", None
+    from lightning_attention import engines
+    from lightning_attention.engines.triton.options import interpreting
+
     if torch.cuda.is_available():
         device = "cuda"
-    elif os.environ.get("TRITON_INTERPRET") == "1":
+    elif interpreting():
         device = "cpu"
     else:
         return None, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter)"
     try:
-        from lightning_attention.engines.triton import interface
-
-        for algorithm in ("chunk", "recurrent"):
-            interface.get_engine(algorithm)
+        for algorithm in engines.ALGORITHMS:
+            engines.get_engine("triton", algorithm)
     except Exception as exc:  # the Triton engine is optional: report why it is skipped, check the rest
         return None, f"engine does not import: {type(exc).__name__}: {exc}"
     return device, None
@@ -171,6 +172,10 @@ def run(args) -> int:
         if device is None:
             print(f"{backend:8} skipped: {reason}")
             continue
+        if backend == "triton":
+            from lightning_attention.engines.triton import tuning
+
+            print(f"{backend:8} launch table: {tuning.describe(torch.device(device))}")
         if _factor(backend, device, dtype) != FACTOR:
             print(f"{backend:8} note: Triton interpreter rounds bfloat16 toward zero; tolerance 4x the baseline")
         for op_name, op in (("chunk", chunk_simple_gla), ("recurrent", fused_recurrent_simple_gla)):

@@ -10,11 +10,11 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
-from lightning_attention.engines.base import Engine, LengthRoutedEngine
+from lightning_attention.engines.base import Engine
+from lightning_attention.engines.cpu.recurrent import RECURRENT_MAX_T
 
 __all__ = [
     "BACKENDS",
@@ -28,10 +28,6 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton")
 ALGORITHMS = ("chunk", "recurrent")
-
-#: Above this many tokens per sequence (mean) the torch recurrent op runs the chunked scan: a token loop costs a
-#: few small kernel calls per token, the chunked form a few large ones per 64 tokens.
-RECURRENT_MAX_T = 64
 
 
 # Looked up once at import: torch.compile cannot trace importlib (it would break the graph on every call).
@@ -60,7 +56,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_ok:
             raise ValueError("backend='triton' needs the triton package (pip install lightning-attention[gpu])")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        from lightning_attention.engines.triton.options import interpreting
+
+        if device.type != "cuda" and not interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
     return backend
 
@@ -71,10 +69,6 @@ def get_engine(backend: str, algorithm: str) -> Engine:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if backend == "torch":
         from lightning_attention.engines.cpu import chunk, recurrent
-
-        if algorithm == "chunk":
-            return chunk.ENGINE
-        return LengthRoutedEngine(recurrent.ENGINE, chunk.ENGINE, lambda: RECURRENT_MAX_T)
-    from lightning_attention.engines.triton import interface
-
-    return interface.get_engine(algorithm)
+    else:
+        from lightning_attention.engines.triton import chunk, recurrent
+    return chunk.ENGINE if algorithm == "chunk" else recurrent.ENGINE

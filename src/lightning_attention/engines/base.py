@@ -145,17 +145,17 @@ def engine_keywords(g, cu_seqlens_cpu) -> dict:
 class LengthRoutedEngine:
     """The recurrent op's rule: a token-loop engine for short sequences, the chunked engine above a threshold
     (same math, same results within rounding), so a long prompt through the recurrent op costs what the chunked
-    op costs. The threshold is read at call time (``max_tokens()``), in mean tokens per sequence.
+    op costs. ``max_tokens``: the threshold in mean tokens per sequence (an attribute, read at every call).
 
     With per-token gates the backward always runs the chunked engine's: ``dg`` needs the per-token states, which
     the chunked backward forms anyway and a token loop would have to store or recompute token by token (the
     recurrent op serves inference; its backward exists for completeness and costs what the chunked one costs)."""
 
-    def __init__(self, short: Engine, long: Engine, max_tokens: Callable[[], float]):
+    def __init__(self, short: Engine, long: Engine, max_tokens: int):
         self.short, self.long, self.max_tokens = short, long, max_tokens
 
     def pick(self, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> Engine:
-        return self.short if tokens_per_sequence(q, cu_seqlens) <= self.max_tokens() else self.long
+        return self.short if tokens_per_sequence(q, cu_seqlens) <= self.max_tokens else self.long
 
     def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None):
         return self.pick(q, cu_seqlens).forward(

@@ -30,6 +30,10 @@ import torch
 SHARED_MEMORY_LIMIT = {90: 232448, 100: 232448, 120: 101376, 89: 101376, 80: 166912}
 
 _TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+#: The configurations checked are those of the first shipped table (H100: tuning.SHIPPED), which the
+#: kernels' config functions serve to a non-CUDA device.
+_TABLE_DEVICE = torch.device("cpu")
 #: The i32 stride arguments of a state_in / state_out pair, shared by both kernels' signatures.
 _STATE_STRIDES = {name: "i32" for name in ("si_n", "si_h", "si_k", "si_v", "so_n", "so_h", "so_k", "so_v")}
 
@@ -95,11 +99,11 @@ def scan_resources(
     from lightning_attention.engines.triton import _common, chunk_scan
 
     mode = GATE_MODES[gates] if gates else 0
-    cfg = chunk_scan.scan_config(dk, dv, dtype, precision, gated=gates is not None)
+    cfg = chunk_scan.scan_config(dk, dv, dtype, _TABLE_DEVICE, precision, gated=gates is not None)
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
-        USE_TMA=tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=tma and chunk_scan.TMA_STORES, LOCALS_T=False,
+        USE_TMA=tma, TMA_STAGES=cfg.tma_stages, LOCALS_T=False,
         DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
         C=cfg.chunk, REVERSE=reverse, SHIFT=int(reverse), HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
         USE_SLOTS=False, PRECISION=precision or _common.dot_precision(dtype), PAIRED=paired,
@@ -135,7 +139,7 @@ def dkdv_resources(
     with per-token gates and the row dots of dg)."""
     from lightning_attention.engines.triton import _common, chunk_bwd
 
-    cfg = chunk_bwd.dkdv_config(dk, dv, dtype)
+    cfg = chunk_bwd.dkdv_config(dtype, _TABLE_DEVICE)
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, DK=dk, DV=dv, BK=_common.block_dim(dk),
@@ -204,7 +208,7 @@ DEFAULT_CASES = [
     ("local_state", 128, 128, torch.bfloat16),
     ("local_state", 128, 128, torch.float32),
     # per-token gates: the forward ("g"), the dq scan ("gsums") and the dk/dv launch ("gdots") of the shipped paths,
-    # the fused dk/dv kernel (chunk_bwd.FUSED_DKDV_WITH_GATES) and the local-state pass
+    # the fused dk/dv kernel (options.TritonOptions.fused_dkdv_with_gates) and the local-state pass
     ("scan_g", 128, 128, torch.bfloat16),
     ("scan_g", 64, 64, torch.bfloat16),
     ("scan_gsums", 128, 128, torch.bfloat16),

@@ -29,7 +29,7 @@ def test_scan_contract(T, with_state, state_offset, reverse, cu_seqlens):
     ],
 )
 def test_backward(T, reverse, cu_seqlens):
-    assert_engine_backward_matches_closed_form(recurrent.ENGINE, T, reverse, cu_seqlens)
+    assert_engine_backward_matches_closed_form(recurrent.TOKEN_LOOP, T, reverse, cu_seqlens)
 
 
 @pytest.mark.parametrize("gates", GATE_KINDS)
@@ -41,7 +41,7 @@ def test_gated_scan_contract(T, with_state, state_offset, reverse, cu_seqlens, g
 def test_three_scan_backward_has_no_dg():
     """The token-loop engine's backward (three scans) cannot form dg: asked for it, it says so."""
     with pytest.raises(NotImplementedError, match="dg"):
-        assert_engine_backward_matches_closed_form(recurrent.ENGINE, 37, False, None, gates="random")
+        assert_engine_backward_matches_closed_form(recurrent.TOKEN_LOOP, 37, False, None, gates="random")
 
 
 @pytest.mark.parametrize("gates", GATE_KINDS)
@@ -56,6 +56,6 @@ def test_recurrent_op_gated_backward_runs_the_chunked_one(T, reverse, cu_seqlens
     """The recurrent op's engine (token loop for short sequences) with gates: the backward is the chunked engine's,
     dg included, for sequences the forward ran token by token."""
     engine = get_engine("torch", "recurrent")
-    assert T <= RECURRENT_MAX_T and engine.pick(torch.empty(1, T, 1, 1), None) is recurrent.ENGINE
+    assert T <= RECURRENT_MAX_T and engine.pick(torch.empty(1, T, 1, 1), None) is recurrent.TOKEN_LOOP
     assert_engine_backward_matches_closed_form(engine, T, reverse, cu_seqlens, gates=gates)
 

@@ -8,6 +8,7 @@ reference may be at most twice that of plain torch computing the same chunked al
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -20,6 +21,7 @@ from lightning_attention.engines.cpu import _common as torch_engine_common
 from lightning_attention.engines.triton import _common as triton_common
 from lightning_attention.engines.triton import chunk as chunk_engine
 from lightning_attention.engines.triton import chunk_scan
+from lightning_attention.engines.triton import options as triton_options
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import assert_matches_baseline, make_inputs, rel_err
 
@@ -27,9 +29,14 @@ G2 = (-0.05, -1.0)  # a slow and a fast head
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dh0")
 
 
+def use_options(monkeypatch, **changes):
+    """Run the test with some of the Triton engine's routes replaced (engines/triton/options.py)."""
+    monkeypatch.setattr(triton_options, "OPTIONS", dataclasses.replace(triton_options.OPTIONS, **changes))
+
+
 def split_all_sequences(monkeypatch):
     """Make the planner cut every sequence into one-chunk segments (the path used when B * H cannot fill the GPU)."""
-    monkeypatch.setattr(triton_common, "POLICY", triton_common.SegmentPolicy(programs_per_sm=1e6))
+    use_options(monkeypatch, programs_per_sm=1e6)
 
 
 @pytest.fixture
@@ -134,7 +141,7 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     an empty sequence, reverse, initial state, whole sequences or split into segments."""
     fused, paired = DKDV_ROUTES[route]
     monkeypatch.setattr(chunk_engine, "use_fused_dkdv", lambda dk, dv, gated=False: fused)
-    monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
+    use_options(monkeypatch, paired_dkdv=paired)
     if split:
         split_all_sequences(monkeypatch)
     launches = []
@@ -243,9 +250,8 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, 
     or (``paired`` off) two."""
     if split:
         split_all_sequences(monkeypatch)
-    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128, 256))
-    monkeypatch.setattr(chunk_scan, "TMA_FP32_HEAD_DIMS", (64, 128))
-    monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", paired)
+    use_options(monkeypatch, tma_head_dims=(64, 128, 256), tma_fp32_head_dims=(64, 128))
+    use_options(monkeypatch, paired_dkdv=paired)
     launches = _record_scan_launches(monkeypatch)
     num_seqs = None if cu is None else len(cu) - 1
     B, T = (2, 150) if cu is None else (1, cu[-1])
@@ -266,7 +272,7 @@ def test_fp32_under_one_pass_tf32_rounds_operands_to_nearest(triton_device, monk
     without rounding under the interpreter, whose products are exact)."""
     if split:
         split_all_sequences(monkeypatch)
-    monkeypatch.setattr(chunk_scan, "TMA_FP32_HEAD_DIMS", (64, 128))
+    use_options(monkeypatch, tma_fp32_head_dims=(64, 128))
     inputs = make_inputs(2, 150, 2, dim, dim, dtype=torch.float32, device=triton_device, initial_state=True)
     g = torch.tensor(G2, dtype=torch.float32)
     precision = torch.get_float32_matmul_precision()
@@ -362,7 +368,7 @@ def test_scan_reraises_when_no_launch_fits(triton_device, monkeypatch):
 def test_tma_boxes_never_carry_the_next_sequence_into_this_one(triton_device, monkeypatch):
     """A TMA box of a sequence's partial last chunk reaches into the next sequence's rows: NaN there must not
     reach this sequence's outputs or final state (its k, v rows are zeroed, never multiplied by zero)."""
-    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
+    use_options(monkeypatch, tma_head_dims=(64, 128))
     cu = torch.tensor([0, 70, 150], dtype=torch.int32, device=triton_device)
     q, k, v, _ = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
     g = torch.tensor(G2, device=triton_device)

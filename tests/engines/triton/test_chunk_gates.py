@@ -32,7 +32,7 @@ from lightning_attention.engines.triton import chunk as chunk_engine  # noqa: E4
 from lightning_attention.engines.triton import chunk_scan  # noqa: E402
 from lightning_attention.testing import assert_matches_baseline, make_inputs  # noqa: E402
 from tests.engines.triton.rounding import interpreter_rounds_bf16_to_nearest  # noqa: E402
-from tests.engines.triton.test_chunk import split_all_sequences  # noqa: E402
+from tests.engines.triton.test_chunk import split_all_sequences, use_options  # noqa: E402
 
 G_GAMMA = (-0.05, -1.0)  # a slow and a fast head
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dh0", "dg")
@@ -128,7 +128,7 @@ def check_gated(device, monkeypatch, *, dtype, B, T, K, V, gate_kind="random", w
 
 
 #: dk/dv routes with gates: the paired scans for equal heads, two scans for others, the fused kernel (heads up to
-#: 64; chunk_bwd.FUSED_DKDV_WITH_GATES) where a case says "fused"
+#: 64; options.TritonOptions.fused_dkdv_with_gates) where a case says "fused"
 CASES = [
     pytest.param(dict(dtype=torch.float32, B=1, T=150, K=16, V=24, cu=[0, 0, 1, 70, 150, 150], fused=True),
                  id="fp32-fused-varlen-empty-len1"),
@@ -148,12 +148,10 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 def test_gated_engine_matches_reference(triton_device, monkeypatch, case):
-    from lightning_attention.engines.triton import chunk_bwd
-
     case = dict(case)
     if case.pop("split", False):
         split_all_sequences(monkeypatch)
-    monkeypatch.setattr(chunk_bwd, "FUSED_DKDV_WITH_GATES", case.pop("fused", False))
+    use_options(monkeypatch, fused_dkdv_with_gates=case.pop("fused", False))
     check_gated(triton_device, monkeypatch, **case)
 
 
@@ -169,14 +167,12 @@ def test_gated_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim
     """Heads of 64, 128 and 256 with TMA on (chunk_scan.uses_tma): the gated forward, the dq scan with its running
     dg sums and the dv scan with its row dots load whole chunks through TMA boxes (x's tile too), reverse scans'
     boxes flipped against scan order; every scan launch goes through TMA (dk/dv by ``route``)."""
-    from lightning_attention.engines.triton import chunk_bwd
-
     if split:
         split_all_sequences(monkeypatch)
-    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128, 256))
-    monkeypatch.setattr(chunk_scan, "TMA_FP32_HEAD_DIMS", (64, 128))
-    monkeypatch.setattr(chunk_engine, "PAIRED_DKDV", route == "paired")
-    monkeypatch.setattr(chunk_bwd, "FUSED_DKDV_WITH_GATES", route == "fused")
+    use_options(
+        monkeypatch, tma_head_dims=(64, 128, 256), tma_fp32_head_dims=(64, 128), paired_dkdv=route == "paired",
+        fused_dkdv_with_gates=route == "fused",
+    )
     launches = []
     kernel = chunk_scan._scan_kernel
 
@@ -211,7 +207,7 @@ def test_split_sequences_add_the_sums_of_the_segments_before(triton_device, monk
     assert plan.split and plan.num_segments == 8
     torch.testing.assert_close(dg, want, rtol=1e-6, atol=1e-6)
     # one segment per sequence: the V-blocks' sum alone
-    whole = _common._plan(bounds, H, 1, torch.device(triton_device), _common.SegmentPolicy())
+    whole = _common._plan(bounds, H, 1, torch.device(triton_device), 1.0)
     assert torch.equal(gate_gradient(dots, None, whole, reverse=reverse), dots.sum(0))
 
 

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 
 from lightning_attention.engines.triton import _common  # noqa: E402
 from lightning_attention.engines.triton.chunk_state import local_states  # noqa: E402
+from tests.engines.triton.test_chunk import split_all_sequences  # noqa: E402
 
 
 def _local_state(k, v, g, start, end, k_scale, reverse):
@@ -23,7 +24,7 @@ def _local_state(k, v, g, start, end, k_scale, reverse):
 def test_local_states_of_every_segment_but_each_sequences_last(triton_device, monkeypatch, reverse):
     """Every segment's A_s from a zero state, except the last one of each sequence in scan order (the first in
     memory for a reverse scan): no scan reads it, so the pass leaves it zero without reading its rows."""
-    monkeypatch.setattr(_common, "POLICY", _common.SegmentPolicy(programs_per_sm=1e6))  # one chunk per segment
+    split_all_sequences(monkeypatch)  # one chunk per segment
     bounds = (0, 150, 150, 170, 300)  # segments: 3, 1 (empty sequence), 1 (a partial chunk), 3
     H, K, V = 2, 24, 40
     gen = torch.Generator().manual_seed(0)
@@ -59,7 +60,7 @@ def _gated_local_state(k, v, a, start, end, k_scale, reverse, first, shift):
 def test_gated_local_states_and_total_decays(triton_device, monkeypatch, reverse, shift):
     """With per-token gates (g + g_gamma): every segment's A_s and its total log decay (log2-scaled), from the
     gates shifted by one token for the backward's state_offset 0 (none at each sequence's first token)."""
-    monkeypatch.setattr(_common, "POLICY", _common.SegmentPolicy(programs_per_sm=1e6))
+    split_all_sequences(monkeypatch)
     bounds = (0, 150, 150, 170, 300)
     H, K, V = 2, 24, 40
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ H100_SMS = 132
 
 
 def _plan(bounds, programs_per_segment, sms=H100_SMS):
-    return _common._plan(tuple(bounds), programs_per_segment, sms, torch.device("cpu"), _common.SegmentPolicy())
+    return _common._plan(tuple(bounds), programs_per_segment, sms, torch.device("cpu"), 1.0)
 
 
 def _dense(batch, seq_len):

@@ -204,25 +204,6 @@ def test_repeat_check_off_only_drops_the_report(triton_device):
     assert not sink.word.cpu().any() and bool((o != 0).all())
 
 
-def test_decode_tiles_by_card(monkeypatch):
-    """The table entry of the card; a card of a known model uses that model's tiles, any other card the default's,
-    each with one warning; the CPU interpreter the default's, silently."""
-    table = triton_decode.DECODE_TILES
-    default = table[triton_decode.DEFAULT_CARD]
-    triton_decode._tiles_for.cache_clear()
-    assert triton_decode.decode_config(torch.float32, torch.device("cpu")) == default[torch.float32]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert triton_decode._tiles_for(triton_decode.DEFAULT_CARD) == triton_decode.DEFAULT_CARD
-    monkeypatch.setitem(table, "NVIDIA A100-SXM4-80GB", default)
-    for card, chosen in (("NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB"), ("Some GPU", triton_decode.DEFAULT_CARD)):
-        with pytest.warns(UserWarning, match="no decode tiles measured on") as seen:
-            assert triton_decode._tiles_for(card) == chosen
-            triton_decode._tiles_for(card)
-        assert len(seen) == 1
-    triton_decode._tiles_for.cache_clear()
-
-
 @pytest.mark.parametrize(
     "rows, expected",
     [pytest.param(1, 16, id="one-row"), pytest.param(8, 32, id="8-rows"), pytest.param(64, 128, id="fills")],
@@ -289,7 +270,7 @@ ROUTES = [
 @pytest.mark.parametrize("max_loop_tokens, lengths", ROUTES)
 @pytest.mark.parametrize("schedule, cache_dtype", SCHEDULES_AND_CACHES)
 def test_prefill_into_slots(triton_device, monkeypatch, schedule, cache_dtype, max_loop_tokens, lengths):
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", max_loop_tokens)
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", max_loop_tokens)
     word = _check_prefill(triton_device, schedule, cache_dtype, lengths, [2, 5, 0, 3])
     assert not word.any()
 
@@ -298,7 +279,7 @@ def test_prefill_into_slots(triton_device, monkeypatch, schedule, cache_dtype, m
 def test_prefill_rejects_bad_slots(triton_device, monkeypatch, max_loop_tokens, lengths):
     """An out-of-range slot and a repeat (of the first sequence's slot) are skipped and reported; the other two
     sequences land in their slots."""
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", max_loop_tokens)
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", max_loop_tokens)
     word = _check_prefill(triton_device, "tnl", torch.float32, lengths, [2, 9, 0, 2])
     kinds = triton_decode.ErrorKind
     assert word[FIELDS["FLAGS"]] == kinds.OUT_OF_RANGE | kinds.REPEATED and word[FIELDS["COUNT"]] == 2
@@ -316,7 +297,7 @@ def test_prefill_rejects_bad_slots(triton_device, monkeypatch, max_loop_tokens, 
 def test_prefill_rejects_bad_cu_seqlens(triton_device, monkeypatch, max_loop_tokens, lengths, shift, bad_index):
     """cu_seqlens read on the device only: a bad offset runs no sequence into the cache (every slot keeps its
     bits), reads and writes nothing outside the tensors, and is reported with its index and value."""
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", max_loop_tokens)
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", max_loop_tokens)
     cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     cu = [c + s for c, s in zip(cu, shift)]
     word = _check_prefill(triton_device, "tnl", torch.float32, lengths, [2, 5, 0, 3], cu_seqlens=cu)
@@ -328,7 +309,7 @@ def test_prefill_rejects_bad_cu_seqlens(triton_device, monkeypatch, max_loop_tok
 def test_prefill_into_slots_with_gates(triton_device, monkeypatch, max_loop_tokens):
     """Per-token gates g [1, T, H] (with g_gamma) through both prefill routes: outputs and the slots' final states
     against the float64 reference started from the slots' states; slots not named keep their bits."""
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", max_loop_tokens)
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", max_loop_tokens)
     cu = torch.tensor([0, 50, 50, 120, 190])
     q, k, v, _ = make_inputs(1, 190, H, K, V, seed=5)
     gates = -torch.rand(1, 190, H, generator=torch.Generator().manual_seed(6)) * 2
@@ -353,10 +334,10 @@ def test_prefill_into_slots_with_tma_heads(triton_device, monkeypatch):
     """bf16 heads of 64 through the chunked route's TMA loads read and write the slots as the op does with a
     gathered initial state."""
     from lightning_attention import chunk_simple_gla
-    from lightning_attention.engines.triton import chunk_scan
+    from tests.engines.triton.test_chunk import use_options
 
-    monkeypatch.setattr(chunk_scan, "TMA_HEAD_DIMS", (64, 128))
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 0)
+    use_options(monkeypatch, tma_head_dims=(64, 128))
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", 0)
     cu = torch.tensor([0, 50, 50, 120, 190], device=triton_device)
     q, k, v, _ = make_inputs(1, 190, 2, 64, 64, dtype=torch.bfloat16, device=triton_device)
     cache = torch.randn(6, 2, 64, 64, generator=torch.Generator().manual_seed(3)).to(triton_device)

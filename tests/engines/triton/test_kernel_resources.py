@@ -35,7 +35,7 @@ KNOWN_SPILLS = {
     ("dkdv", 64, 64, "float32"): 2900,
     # per-token gates: the scans whose configurations above spill, spilling more; the TMA scans with dg's row dots
     # at one warpgroup (16 and 80 bytes at K = 128; scan_config and chunk_scan.GATED_POINTER_WARPS say why); the
-    # fused dk/dv kernel, which gated heads of 64 do not take (chunk_bwd.FUSED_DKDV_WITH_GATES)
+    # fused dk/dv kernel, which gated heads of 64 do not take (options.TritonOptions.fused_dkdv_with_gates)
     ("scan_paired_reverse_gdots", 128, 128, "bfloat16"): 24,
     ("scan_tma_gsums", 128, 128, "bfloat16"): 160,
     ("scan_paired_tma_reverse_gdots", 128, 128, "bfloat16"): 48,

@@ -114,7 +114,7 @@ def _op_case(dtype, reverse, cu_seqlens, device):
 def test_public_op_forward_backward(triton_device, monkeypatch, dtype, reverse, cu_seqlens):
     """fused_recurrent_simple_gla(backend="triton") through the token loop (the routing threshold raised so that
     these 21-token inputs stay on it): o, final_state and dq, dk, dv, dh0 (incl. dht)."""
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 1 << 20)
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", 1 << 20)
     (q, k, v, h0, do, dht, cu), ref64, baseline = _op_case(dtype, reverse, cu_seqlens, triton_device)
     q, k, v, h0, do, dht, cu = _to(triton_device, q, k, v, h0, do, dht, cu)
     got = _with_grads(
@@ -152,14 +152,14 @@ def test_routing_rule():
     long = torch.empty(1, threshold + 1, 1, 1)
     two_seqs = torch.tensor([0, 1, threshold + 1])  # mean length (threshold + 1) / 2: the loop
     engine = triton_recurrent.ENGINE
-    assert engine.pick(short, None) is triton_recurrent._RECURRENT
-    assert engine.pick(long, two_seqs) is triton_recurrent._RECURRENT
+    assert engine.pick(short, None) is triton_recurrent.TOKEN_LOOP
+    assert engine.pick(long, two_seqs) is triton_recurrent.TOKEN_LOOP
     assert engine.pick(long, None) is triton_chunk.ENGINE
 
 
 def test_routed_long_sequence_matches_reference(triton_device, monkeypatch):
     """Past the threshold the op gives the same results (on the chunked engine)."""
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 16)
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", 16)
     q, k, v, h0 = make_inputs(1, 70, H, K, V, initial_state=True)
     q_d, k_d, v_d, g_d, h0_d = _to(triton_device, q, k, v, G_GAMMA, h0)
     o, final = fused_recurrent_simple_gla(
@@ -232,7 +232,7 @@ def test_gated_engine_forward_loop_backward_chunked(triton_device, monkeypatch):
 
     from lightning_attention._validation import ScanConfig
 
-    monkeypatch.setattr(triton_recurrent, "RECURRENT_TRITON_MAX_T", 1 << 20)
+    monkeypatch.setattr(triton_recurrent.ENGINE, "max_tokens", 1 << 20)
     cu = torch.tensor([0, 5, 5, 21])
     q, k, v, h0 = make_inputs(1, 21, H, K, V, initial_state=True, num_seqs=3, seed=3)
     g = gates("random", 1, 21, H)
@@ -240,7 +240,7 @@ def test_gated_engine_forward_loop_backward_chunked(triton_device, monkeypatch):
     do, dht = torch.randn(1, 21, H, V, generator=gen), torch.randn(3, H, K, V, generator=gen)
     cfg = ScanConfig(scale=0.5, reverse=True, output_final_state=True)
     args = _to(triton_device, q, k, v, G_GAMMA, h0, cu, g, do, dht)
-    engine = triton_recurrent._RECURRENT
+    engine = triton_recurrent.TOKEN_LOOP
     o, final = engine.forward(*args[:4], cfg, *args[4:6], g=args[6])
     grads = engine.backward(*args[:4], cfg, *args[4:6], *args[7:], g=args[6])
     leaves = [t.double().requires_grad_() for t in (q, k, v, h0, g)]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_attention.engines.base import ScanEngine
+from lightning_attention.engines.base import LengthRoutedEngine, ScanEngine
+from lightning_attention.engines.cpu import chunk
 from lightning_attention.engines.cpu._common import run_scan
 
 
@@ -41,4 +42,11 @@ def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seq
     return run_scan(recurrent_scan_dense, q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, g)
 
 
-ENGINE = ScanEngine(recurrent_scan, host_bounds=True)
+#: Above this many tokens per sequence (mean) the torch recurrent op runs the chunked scan: a token loop costs a
+#: few small kernel calls per token, the chunked form a few large ones per 64 tokens.
+RECURRENT_MAX_T = 64
+
+TOKEN_LOOP = ScanEngine(recurrent_scan, host_bounds=True)
+
+#: The recurrent op's engine: the token loop up to ``ENGINE.max_tokens`` tokens per sequence, chunked above.
+ENGINE = LengthRoutedEngine(TOKEN_LOOP, chunk.ENGINE, RECURRENT_MAX_T)

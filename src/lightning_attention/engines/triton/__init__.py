@@ -1,1 +1,2 @@
-"""Triton kernels (GPU; on CPU under TRITON_INTERPRET=1). See interface.py for the engines they form."""
+"""Triton kernels (GPU; on CPU under TRITON_INTERPRET=1). The engines they form: chunk.ENGINE and
+recurrent.ENGINE (engines.get_engine); the serving kernels: decode.py."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from lightning_attention._validation import cu_seqlens_bounds
+from lightning_attention.engines.triton.options import interpreting, options
 
 #: Tokens per chunk inside the kernels. Any chunk size gives the same result up to rounding; 64 is the
 #: measured best on H100 (the op's ``chunk_size`` argument is accepted and mapped to it).
@@ -434,7 +434,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     "highest" (torch's default): three tf32 products per dot, fp32-level accuracy; "high" or "medium": one tf32
     product (about 1e-3 relative error, several times faster; benchmarks/results/chunk.md).
     Read at launch, after TRITON_INTERPRET is set."""
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if dtype == torch.bfloat16 and interpreting():
         return "upcast"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "tf32x3"
@@ -451,17 +451,6 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@dataclass(frozen=True)
-class SegmentPolicy:
-    """When to split sequences into segments. ``programs_per_sm``: how many scan programs run at once on one SM
-    (1 for the shipped 128-dim configurations: 136 KiB of shared memory each, 184 KiB through TMA)."""
-
-    programs_per_sm: float = 1.0
-
-
-POLICY = SegmentPolicy()
 
 
 @dataclass(frozen=True)
@@ -486,7 +475,7 @@ def sequence_bounds(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -
 
 
 def _segment_tokens(
-    lengths: tuple[int, ...], programs_per_segment: int, sms: int, chunk: int, policy: SegmentPolicy
+    lengths: tuple[int, ...], programs_per_segment: int, sms: int, chunk: int, programs_per_sm: float
 ) -> int:
     """Segment length in tokens (a multiple of the chunk), or 0 for no split.
 
@@ -494,17 +483,17 @@ def _segment_tokens(
     fit one wave (benchmarks/results/h100/kernel_choices.md, "Segment rule"). No split unless it at least halves the longest sequence's walk."""
     chunks = [math.ceil(n / chunk) for n in lengths]
     total, longest = sum(chunks), max(chunks, default=0)
-    slots = max(1, int(sms * policy.programs_per_sm) // programs_per_segment)
+    slots = max(1, int(sms * programs_per_sm) // programs_per_segment)
     per_slot = max(1, math.ceil(total / slots))
     return 0 if 2 * per_slot > longest else per_slot * chunk
 
 
 @functools.lru_cache(maxsize=64)
 def _plan(
-    bounds: tuple[int, ...], programs_per_segment: int, sms: int, device: torch.device, policy: SegmentPolicy
+    bounds: tuple[int, ...], programs_per_segment: int, sms: int, device: torch.device, programs_per_sm: float
 ) -> SegmentPlan:
     lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    seg = _segment_tokens(lengths, programs_per_segment, sms, CHUNK, policy)
+    seg = _segment_tokens(lengths, programs_per_segment, sms, CHUNK, programs_per_sm)
     rows, offsets = [], [0]
     for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         cuts = list(range(a, b, seg)) if seg and b > a else [a]
@@ -521,4 +510,4 @@ def _plan(
 def plan_segments(bounds: tuple[int, ...], programs_per_segment: int, device: torch.device) -> SegmentPlan:
     """Split the sequences (row offsets ``bounds``) into segments so that segments x ``programs_per_segment``
     programs fill the GPU. Plans are cached: a training loop with fixed shapes builds one once."""
-    return _plan(bounds, programs_per_segment, sm_count(device), device, POLICY)
+    return _plan(bounds, programs_per_segment, sm_count(device), device, options().programs_per_sm)

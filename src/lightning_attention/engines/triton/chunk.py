@@ -39,6 +39,7 @@ for any power of two and mapped to the kernels' 64 (results agree within roundin
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -49,12 +50,9 @@ from lightning_attention.engines.triton.chunk_bwd import dkdv, use_fused_dkdv
 from lightning_attention.engines.triton.chunk_gates import gate_gradient
 from lightning_attention.engines.triton.chunk_scan import MAX_DIM, RowDots, scan, scan_programs_per_segment
 from lightning_attention.engines.triton.chunk_state import LocalStates, local_states
+from lightning_attention.engines.triton.options import options
 
 __all__ = ["ENGINE", "TritonChunkEngine"]
-
-#: dk and dv of equal-sized heads from one launch of the scan and its transposed twin (chunk_scan.scan).
-PAIRED_DKDV = True
-
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H, D] -> contiguous [B * T, H, D] (a view when already contiguous)."""
@@ -72,7 +70,8 @@ def _scan(
     that the forward can hand them over (``saved_locals``: their LocalStates.storage) and both give the same bits.
     ``gates`` fp32 ``[R, H]``: per-token log gates; ``dots``: chunk_scan.RowDots (in mode 2 its segment totals are
     allocated here where the plan splits). Returns (plan, the local states it folded or None, dots)."""
-    pps = scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype, paired=transposed is not None)
+    paired = transposed is not None
+    pps = scan_programs_per_segment(q.shape[1], q.shape[2], v.shape[2], q.dtype, q.device, paired=paired)
     plan = plan_segments(bounds, pps, q.device)
     # Split sequences: one set of local states serves both scans (the twin reads them transposed).
     locals_ = None
@@ -99,7 +98,7 @@ def _scan(
 
 def _row_dots_buffer(rows: int, heads: int, dk: int, dv: int, dtype: torch.dtype, device) -> torch.Tensor:
     """fp32 ``[NV, R, H]`` for the row dots of a scan with heads (dk, dv) (NV: its V-blocks)."""
-    nv = scan_programs_per_segment(1, dk, dv, dtype)
+    nv = scan_programs_per_segment(1, dk, dv, dtype, device)
     return torch.empty(nv, rows, heads, dtype=torch.float32, device=device)
 
 
@@ -122,7 +121,7 @@ def _dkdv(q, k, v, do, dk, dv, g, bounds, *, scale, reverse, dht, dh0, gates=Non
     dots = None
     if gates is not None:  # G from the dv scan: v_t . dv_t
         dots = RowDots(v, _row_dots_buffer(R, H, k.shape[2], v.shape[2], q.dtype, q.device), 1)
-    if PAIRED_DKDV and q.shape[2] == v.shape[2]:
+    if options().paired_dkdv and q.shape[2] == v.shape[2]:
         _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, transposed=(v, dk), dots=dots)
     else:
         _scan(k, q, do, dv, g, bounds, **common, state_in=dht, state_out=dh0, dots=dots)
@@ -170,7 +169,7 @@ class TritonChunkEngine:
             scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=initial_state, state_out=final,
             gates=_gate_rows(g),
         )  # fmt: skip
-        saved = locals_.storage if locals_ is not None and _dq_shares_segments(H, K, V, q.dtype) else None
+        saved = locals_.storage if locals_ is not None and _dq_shares_segments(q, v) else None
         return o.view(B, T, H, V), final, saved
 
     def backward(
@@ -196,7 +195,7 @@ class TritonChunkEngine:
         # torch.compile saves nothing (ops.py says why), so _scan computes them as the forward did.
         dq_scan = dict(
             scale=cfg.scale, reverse=cfg.reverse, shift=0, state_in=h0_t,
-            locals_swapped=_dq_shares_segments(H, K, V, q.dtype), saved_locals=saved, gates=gates,
+            locals_swapped=_dq_shares_segments(q, v), saved_locals=saved, gates=gates,
         )  # fmt: skip
         dkdv_scan = dict(scale=cfg.scale, reverse=not cfg.reverse, dht=dht, dh0=dh0, gates=gates)
         if gates is None:
@@ -220,9 +219,11 @@ def _gate_rows(g: torch.Tensor | None) -> torch.Tensor | None:
 
 
 
-def _dq_shares_segments(num_heads: int, dk: int, dv: int, dtype: torch.dtype) -> bool:
+def _dq_shares_segments(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the backward's dq scan (K and V swapped) plans the forward's segments: as many programs each."""
-    return scan_programs_per_segment(num_heads, dk, dv, dtype) == scan_programs_per_segment(num_heads, dv, dk, dtype)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    programs = functools.partial(scan_programs_per_segment, H, dtype=q.dtype, device=q.device)
+    return programs(K, V) == programs(V, K)
 
 
 ENGINE = TritonChunkEngine()

@@ -47,7 +47,9 @@ from lightning_attention.engines.triton._common import (
     store_state_block,
     tf32_operand,
 )
+from lightning_attention.engines.triton import tuning
 from lightning_attention.engines.triton.chunk_state import LocalStates
+from lightning_attention.engines.triton.options import options
 
 #: Largest padded K * V the fused kernel takes. Measured on H100 (benchmarks/results/chunk_candidates2_h100.log):
 #: at 64 x 64 it ties with two scans; at 128 x 128 it spills and loses (1.47 vs 1.29 ms at 4x8192x32x128);
@@ -62,22 +64,17 @@ class DkDvConfig:
     chunk: int = CHUNK
 
 
-def dkdv_config(dk: int, dv: int, dtype: torch.dtype) -> DkDvConfig:
-    """The fused kernel's launch configuration, measured on H100 and fixed here."""
-    return DkDvConfig(8, 1) if dtype == torch.float32 else DkDvConfig(4, 3)
-
-
-#: Whether per-token gates take the fused kernel too. Its gated variant spills (152 bytes at 4 warps, 136 at 8,
-#: with 43 spill loads and stores per chunk; kernel_resources, sm_90) where the g_gamma one does not, while the
-#: paired scans of equal heads of 64 with gates are spill-free and tie with the fused kernel for g_gamma
-#: (benchmarks/results/h100/kernel_choices.md); so gated heads up to 64 take the scans.
-FUSED_DKDV_WITH_GATES = False
+@tuning.cached
+def dkdv_config(dtype: torch.dtype, device: torch.device) -> DkDvConfig:
+    """The fused kernel's launch configuration on ``device``'s card (tuning.py): cases "16bit" and "fp32"."""
+    return DkDvConfig(**tuning.lookup("dkdv", "fp32" if dtype == torch.float32 else "16bit", device))
 
 
 def use_fused_dkdv(dk: int, dv: int, gated: bool = False) -> bool:
     """Whether the fused kernel runs (else two scans of chunk_scan.py, which read q and do twice but run at the
-    forward kernel's efficiency; benchmarks/results/h100/kernel_choices.md); ``gated``: with per-token gates."""
-    return block_dim(dk) * block_dim(dv) <= FUSED_MAX_STATE and (FUSED_DKDV_WITH_GATES or not gated)
+    forward kernel's efficiency; benchmarks/results/h100/kernel_choices.md); ``gated``: with per-token gates,
+    which take the scans unless the options say otherwise (options.TritonOptions.fused_dkdv_with_gates)."""
+    return block_dim(dk) * block_dim(dv) <= FUSED_MAX_STATE and (options().fused_dkdv_with_gates or not gated)
 
 
 @triton.jit
@@ -194,7 +191,7 @@ def dkdv(
     if (gates is None) != (dots is None):
         raise ValueError("the fused dk/dv kernel writes row dots exactly when it has per-token gates")
     H, DK, DV = q.shape[1], q.shape[2], v.shape[2]
-    cfg = dkdv_config(DK, DV, q.dtype)
+    cfg = dkdv_config(q.dtype, q.device)
     precision = dot_precision(q.dtype)
 
     def launch(num_stages: int) -> None:

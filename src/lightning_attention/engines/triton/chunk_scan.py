@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +69,9 @@ from lightning_attention.engines.triton._common import (
     tile_positions,
     tma_chunk_rows,
 )
+from lightning_attention.engines.triton import tuning
 from lightning_attention.engines.triton.chunk_state import LocalStates
+from lightning_attention.engines.triton.options import interpreting, options
 
 
 #: Largest K the scan holds (two halves of 128). V is blocked, but the backward's dk scan uses V as its K.
@@ -78,68 +79,50 @@ MAX_DIM = 256
 
 
 @dataclass(frozen=True)
-class ScanConfig:
+class ScanLaunchConfig:
+    """How a scan launches (one entry of the card's table, tuning.py): V columns per program, warps and pipeline
+    stages of the pointer-load loop, and of the TMA loop where it runs (``tma_warps``, ``tma_stages``)."""
+
     block_v: int
     num_warps: int
     num_stages: int
+    tma_stages: int
+    tma_warps: int
     chunk: int = CHUNK
-    tma_stages: int = 4  # pipeline depth of the TMA loop (measured best on H100: 4 > 3 > 2)
-    tma_warps: int | None = None  # warps of the TMA path, where they differ from the pointer path's
 
     def warps(self, tma: bool) -> int:
-        return self.tma_warps if tma and self.tma_warps is not None else self.num_warps
+        return self.tma_warps if tma else self.num_warps
 
 
-#: Head sizes K whose scans load whole chunks through TMA tensor descriptors (uses_tma): faster at K = 128 and
-#: 256; at K = 64 no faster, for more host time per launch (the descriptors' scratch), so heads of 64 stay on
-#: pointer loads (benchmarks/results/h100/kernel_choices.md). LIGHTNING_ATTENTION_TMA=1 puts heads of 64 on TMA too, =0 turns TMA off.
-_TMA_SWITCH = os.environ.get("LIGHTNING_ATTENTION_TMA", "")
-TMA_HEAD_DIMS: tuple[int, ...] = {"1": (64, 128, 256), "0": ()}.get(_TMA_SWITCH, (128, 256))
-
-#: The same for fp32 heads: K = 64 and 128, faster under TF32 and 3xTF32 alike; a chunk's fp32 boxes of K = 256
-#: would not fit shared memory twice (benchmarks/results/h100/kernel_choices.md).
-TMA_FP32_HEAD_DIMS: tuple[int, ...] = () if _TMA_SWITCH == "0" else (64, 128)
-
-
-#: Whole chunks' outputs of a TMA scan leave through TMA stores too (the partial last chunk: masked pointer
-#: stores), a few percent faster than pointer stores (benchmarks/results/h100/kernel_choices.md).
-TMA_STORES = True
+def scan_case(dk: int, dtype: torch.dtype, precision: str, gated: bool) -> str:
+    """The table case of a scan (tuning.py): 16-bit inputs ("16bit"; with per-token gates "16bit-gated", whose
+    pointer-load tiles spill at 4 warps and not at 8), two K halves ("16bit-k256", K > 128), fp32 inputs ("fp32"),
+    and fp32 heads above 64 under one-pass TF32 ("fp32-tf32-k128": operands rounded to TF32 in registers,
+    _common.tf32_operand, which spill at one warpgroup)."""
+    if dtype == torch.float32:
+        return "fp32-tf32-k128" if precision == "tf32" and dk > 64 else "fp32"
+    if block_dim(dk) >= 256:
+        return "16bit-k256"
+    return "16bit-gated" if gated else "16bit"
 
 
-#: Warps of the 16-bit pointer-load scans with per-token gates: at the shipped 4 warps their 128-dim tiles spill
-#: (8 bytes forward, 150-200 with dg's row dots), at 8 none but the dk/dv launch's 8 bytes (kernel_resources,
-#: sm_90). Not timed.
-GATED_POINTER_WARPS = 8
-#: Warps of their TMA counterparts: one warpgroup, as the g_gamma scans (the forward spill-free; with dg's row dots
-#: 24-88 bytes, none at 8 warps): two warpgroups split every 64-row product and exchange the scores, which made the
-#: g_gamma scans slower (scan_config). The gated choice itself is not timed yet.
-GATED_TMA_WARPS = 4
-
-
+@tuning.cached
 def scan_config(
-    dk: int, dv: int, dtype: torch.dtype, precision: str | None = None, gated: bool = False
-) -> ScanConfig:
-    """The scan's launch configuration, measured on H100 and fixed here: nothing autotunes at run time.
+    dk: int, dv: int, dtype: torch.dtype, device: torch.device, precision: str | None = None, gated: bool = False
+) -> ScanLaunchConfig:
+    """The scan's launch configuration on ``device``'s card (tuning.py; nothing autotunes at run time).
     ``precision``: the products' (default _common.dot_precision(dtype)).
 
-    16-bit tiles run 4 warps (about 245 registers per thread, no spills) with 3 stages: as fast as 2 stages
-    (where two programs fit one SM) at 4x8192x32x128, faster on split sequences. Two K halves (K > 128) and fp32
-    tiles take 8 warps on pointer loads (fp32: one stage, to fit shared memory). Through TMA the tiles wait in
-    shared memory, not registers, and one warpgroup (4 warps) runs them faster than two despite 80-170 bytes of
-    spills: with two, each 64-row product is split into n32 instructions and the scores cross between the
-    warpgroups through shared memory every chunk. The exception: fp32 heads of 128 under one-pass TF32, whose
-    operands are rounded in registers (_common.tf32_operand; spills at 4 warps, none at 8), take two warpgroups
-    (benchmarks/results/h100/kernel_choices.md). Registers, spills and shared memory of these configurations are checked in CI
+    On H100: 16-bit tiles run 4 warps (about 245 registers per thread, no spills) with 3 stages: as fast as 2
+    stages (where two programs fit one SM), faster on split sequences. Two K halves and fp32 tiles take 8 warps on
+    pointer loads (fp32: one stage, to fit shared memory). Through TMA the tiles wait in shared memory, not
+    registers, and one warpgroup runs them faster than two despite 80-170 bytes of spills: with two, each 64-row
+    product is split into n32 instructions and the scores cross between the warpgroups through shared memory
+    every chunk; fp32 heads of 128 under one-pass TF32 are the exception (benchmarks/results/h100/
+    kernel_choices.md). Registers, spills and shared memory of the shipped configurations are checked in CI
     (testing/kernel_resources.py)."""
-    if dtype == torch.float32:
-        precision = precision or dot_precision(dtype)
-        tma_warps = 8 if precision == "tf32" and dk > 64 else 4
-        return ScanConfig(64, 8, 1, tma_stages=2, tma_warps=tma_warps)  # 176-224 KiB through TMA
-    if block_dim(dk) >= 256:
-        return ScanConfig(64, 8, 2, tma_stages=2, tma_warps=4)  # two K halves: 72 KiB of boxes per TMA stage
-    if gated:
-        return ScanConfig(64, GATED_POINTER_WARPS, 3, tma_warps=GATED_TMA_WARPS)
-    return ScanConfig(64, 4, 3)
+    case = scan_case(dk, dtype, precision or dot_precision(dtype), gated)
+    return ScanLaunchConfig(**tuning.lookup("scan", case, device))
 
 
 @triton.jit
@@ -231,7 +214,7 @@ def _row_dots(
 def _tma_chunk(
     q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask, k_scale, scale, i_v,
     o_v, m_v, H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr, STORE_TMA: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
     gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT: tl.constexpr,
     HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
@@ -239,7 +222,7 @@ def _tma_chunk(
     halves with TWO_K; ``state1`` is returned unchanged otherwise) and the row dots' running sum (DOTS).
     PARTIAL: the segment's partial last chunk, whose box reaches outside the segment; its k and v rows there are
     zeroed (q's rows there only make outputs that are not stored: its output rows go through masked pointer
-    stores, whole chunks' through ``o_desc`` when STORE_TMA)."""
+    stores, whole chunks' through ``o_desc``)."""
     if HAS_G:
         row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
         q_decay, k_decay, block_decay, b_hi, b_lo = chunk_gate_decays(
@@ -276,7 +259,7 @@ def _tma_chunk(
             b_o, diag, b_v, x_desc.load([row, i_v * BV]), running, offset, dot_out, dot_in, rows, valid, scale, i_v,
             i_h, role, R, H, used, DOTS, NDOT_IN, REVERSE, C, PRECISION,
         )  # fmt: skip
-    if STORE_TMA and not PARTIAL:
+    if not PARTIAL:
         o_desc.store([row, i_v * BV], (b_o * scale).to(o_desc.dtype))
     else:
         store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
@@ -292,7 +275,7 @@ def _scan_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, STORE_TMA: tl.constexpr, LOCALS_T: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, LOCALS_T: tl.constexpr,
     HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
     # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
@@ -359,18 +342,17 @@ def _scan_kernel(
     elif DOTS == 1:
         dot_x = dot_x + i_h * DV
     if USE_TMA:
-        # Chunks through TMA (exact head dims; faster loop body: kernel_choices.md). A box holds a chunk's rows in
-        # memory order, so
-        # a reverse scan's tile is flipped against its scan order (FLIP decays and mask). Whole chunks need no
-        # masks; a partial last chunk is peeled off the loop (_tma_chunk's PARTIAL) so that the loop stays one
-        # straight body for the pipeliner.
+        # Chunks through TMA (exact head dims; a faster loop body: kernel_choices.md). A box holds a chunk's rows
+        # in memory order, so a reverse scan's tile is flipped against its scan order (FLIP decays and mask). Whole
+        # chunks need no masks, and leave through TMA stores; a partial last chunk is peeled off the loop
+        # (_tma_chunk's PARTIAL) so that the loop stays one straight body for the pipeliner.
         # Descriptors are built per program in Triton's global scratch (descriptor_scratch), from this role's
         # pointers (a paired twin's k and v are swapped): host-built descriptors made the eager call host-bound
         # (kernel_choices.md). One head per descriptor, so a box never reaches into the next head.
         q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, BKH])
         k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
         v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
-        o_desc = tl.make_tensor_descriptor(o, [R, DV], [H * DV, 1], [C, BV]) if STORE_TMA else v_desc
+        o_desc = tl.make_tensor_descriptor(o, [R, DV], [H * DV, 1], [C, BV])
         x_desc = tl.make_tensor_descriptor(dot_x, [R, DV], [H * DV, 1], [C, BV]) if DOTS != 0 else v_desc
         if HAS_G:
             mask_tma = g  # (unused: the gated mask is made per chunk)
@@ -380,14 +362,14 @@ def _scan_kernel(
         for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
             state0, state1, running = _tma_chunk(
                 q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask_tma,
-                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False, STORE_TMA,
+                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False,
                 gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
                 NDOT_IN, K_SCALED,
             )  # fmt: skip
         if n_whole * C < length:
             state0, state1, running = _tma_chunk(
                 q_desc, k_desc, v_desc, o_desc, o, state0, state1, n_whole, start, end, length, shift, g, mask_tma,
-                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True, STORE_TMA,
+                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True,
                 gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
                 NDOT_IN, K_SCALED,
             )  # fmt: skip
@@ -536,7 +518,7 @@ def scan(
         raise ValueError("a paired launch reads its local states untransposed")
     q_b, out_b = transposed if transposed is not None else (None, None)
     precision = dot_precision(q.dtype)
-    cfg = scan_config(DK, DV, q.dtype, precision, gated=gates is not None)
+    cfg = scan_config(DK, DV, q.dtype, q.device, precision, gated=gates is not None)
     nv = cdiv(DV, cfg.block_v)
     # (A twin has q's dtype and head size, so only its rows' alignment is left to check; outputs leave through
     # TMA stores, so theirs too.)
@@ -561,7 +543,7 @@ def scan(
                 REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
                 SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
                 USE_SLOTS=slot_ids is not None, PRECISION=precision, PAIRED=transposed is not None,
-                USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages, STORE_TMA=use_tma and TMA_STORES,
+                USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages,
                 LOCALS_T=bool(local_states_transposed), HAS_G=gates is not None, DOTS=d.mode,
                 NDOT_IN=0 if d.inputs is None else d.inputs.shape[0], K_SCALED=float(k_scale) != 1.0,
                 num_warps=num_warps, num_stages=num_stages,
@@ -571,7 +553,7 @@ def scan(
     launch_fitting(key, launch_variants(cfg, tma), launch)
 
 
-def launch_variants(cfg: ScanConfig, tma: bool) -> list[tuple[bool, int, int]]:
+def launch_variants(cfg: ScanLaunchConfig, tma: bool) -> list[tuple[bool, int, int]]:
     """(TMA, warps, pipeline stages) to launch a scan with, in order: the configuration tuned on H100, then ones
     needing less shared memory per block, for GPUs that have less (_common.launch_fitting). The tuned TMA scans
     need 184-224 KiB on H100, 120-160 KiB on consumer Blackwell (sm_120, 99 KiB per block) and 289 KiB for fp32
@@ -588,27 +570,30 @@ def _capability(index: int) -> int:
 
 
 def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a scan of these rows loads through TMA: a head size in TMA_HEAD_DIMS (16-bit inputs) or
-    TMA_FP32_HEAD_DIMS (fp32), DV a multiple of the V-block (the tiles measured and tested), 16-byte aligned
+    """Whether a scan of these rows loads (and stores whole chunks) through TMA: a head size in the options'
+    ``tma_head_dims`` (16-bit inputs) or ``tma_fp32_head_dims`` (fp32; options.py), DV a multiple of the V-block (the tiles measured and tested), 16-byte aligned
     contiguous rows (TMA's rule for a descriptor's base and row stride), and a Hopper-class GPU (or the CPU
     interpreter, which runs the same path)."""
     DK, DV = q.shape[2], v.shape[2]
-    head_dims = TMA_FP32_HEAD_DIMS if q.dtype == torch.float32 else TMA_HEAD_DIMS
+    routes = options()
+    head_dims = routes.tma_fp32_head_dims if q.dtype == torch.float32 else routes.tma_head_dims
     if DK not in head_dims or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if DV % scan_config(DK, DV, q.dtype).block_v:
+    if DV % scan_config(DK, DV, q.dtype, q.device).block_v:
         return False
     if not (_tma_aligned(q) and _tma_aligned(k) and _tma_aligned(v)):
         return False
     if q.device.type == "cuda":
         return _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= 9
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreting()
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and t.is_contiguous()
 
 
-def scan_programs_per_segment(num_heads: int, dk: int, dv: int, dtype: torch.dtype, paired: bool = False) -> int:
+def scan_programs_per_segment(
+    num_heads: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device, paired: bool = False
+) -> int:
     """Programs of one segment (``paired``: with the transposed twin scan)."""
-    return num_heads * cdiv(dv, scan_config(dk, dv, dtype).block_v) * (2 if paired else 1)
+    return num_heads * cdiv(dv, scan_config(dk, dv, dtype, device).block_v) * (2 if paired else 1)

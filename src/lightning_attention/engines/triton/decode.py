@@ -29,9 +29,6 @@ way before it runs (:func:`prefill_into_slots`). serving.py turns the word into 
 
 from __future__ import annotations
 
-import functools
-import re
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +36,13 @@ import triton
 import triton.language as tl
 
 from lightning_attention.engines.base import tokens_per_sequence
-from lightning_attention.engines.triton import recurrent
+from lightning_attention.engines.triton import recurrent, tuning
 from lightning_attention.engines.triton._common import SegmentPlan, cdiv, next_power_of_2, sm_count
 from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan
 
 __all__ = [
     "DecodeConfig",
-    "DECODE_TILES",
-    "card_model",
+    "DecodeConfig",
     "decode_config",
     "ErrorKind",
     "ERROR_WORD",
@@ -76,51 +72,12 @@ class DecodeConfig:
     programs_per_sm: int = 4
 
 
-#: Decode tiles by device name (torch.cuda.get_device_name) and cache dtype. H100: benchmarks/bench_decode.py
-#: --sweep (benchmarks/results/decode_sweep_h100.md): fp32 (128, 64, 8) ran at 1.055x / 1.021x its floor at
-#: N = 64 / 256, bf16 (128, 128, 4) at 1.10x / 1.03x. Another card's entry is what the sweep suggests (the least
-#: summed ratio to the floor at N = 64 and 256; it prints the dict line to add here).
-DECODE_TILES: dict[str, dict[torch.dtype, DecodeConfig]] = {
-    "NVIDIA H100 80GB HBM3": {
-        torch.float32: DecodeConfig(block_v=128, block_k=64, num_warps=8),
-        torch.bfloat16: DecodeConfig(block_v=128, block_k=128, num_warps=4),
-    },
-}
-
-#: The card whose tiles serve a card without an entry of its own model, and the CPU interpreter.
-DEFAULT_CARD = "NVIDIA H100 80GB HBM3"
-
-
-def card_model(card: str) -> str | None:
-    """The model in a device name: "H100" in "NVIDIA H100 80GB HBM3" and "NVIDIA H100 PCIe"."""
-    match = re.search(r"\b[A-Z]+\d{2,}\b", card)
-    return match.group(0) if match else None
-
-
-@functools.cache
-def _tiles_for(card: str) -> str:
-    """The DECODE_TILES entry serving ``card``: its own, else one of the same model, else DEFAULT_CARD (with a
-    warning, once per card)."""
-    if card in DECODE_TILES:
-        return card
-    model = card_model(card)
-    same_model = [known for known in DECODE_TILES if model is not None and card_model(known) == model]
-    chosen = same_model[0] if same_model else DEFAULT_CARD
-    warnings.warn(
-        f"lightning_attention: no decode tiles measured on {card!r}; using those of {chosen!r} "
-        "(benchmarks/bench_decode.py --sweep measures them)",
-        stacklevel=3,
-    )
-    return chosen
-
-
-@functools.cache
+@tuning.cached
 def decode_config(cache_dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """The decode tiles for a cache of ``cache_dtype`` on ``device`` (DECODE_TILES; DEFAULT_CARD's on the CPU).
-    Cached: a change to DECODE_TILES takes effect after ``decode_config.cache_clear()``."""
-    if device.type != "cuda":
-        return DECODE_TILES[DEFAULT_CARD][cache_dtype]
-    return DECODE_TILES[_tiles_for(torch.cuda.get_device_name(device))][cache_dtype]
+    """The decode tiles for a cache of ``cache_dtype`` on ``device``'s card (tuning.py, cases "float32" and
+    "bfloat16"; on H100 within 1.02-1.10x of the bandwidth floor at N = 64 and 256: benchmarks/results/h100/
+    decode.md). ``python -m lightning_attention tune`` measures them for the present card."""
+    return DecodeConfig(**tuning.lookup("decode", str(cache_dtype).removeprefix("torch."), device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,7 +351,7 @@ def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_id
 
     One admission launch checks cu_seqlens and the slots (reported to ``errors``; a rejected sequence's slot is not
     touched, a bad cu_seqlens rejects every sequence) and writes the segment table, then one scan launch: the
-    chunked engine's scan (chunk_scan.py) for long prompts (mean length above recurrent.RECURRENT_TRITON_MAX_T,
+    chunked engine's scan (chunk_scan.py) for long prompts (mean length above recurrent.ENGINE.max_tokens,
     the recurrent op's routing rule; heads up to MAX_DIM), else the fused recurrent kernel's slot mode. The table
     has one segment per sequence: splitting a long prompt over several programs needs its length on the host.
     """
@@ -409,7 +366,7 @@ def prefill_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_id
         cu_seqlens, slot_ids, use_initial_state, segments, safe_slots, slot_used, errors.word, errors.doorbell,
         state_cache.shape[0], N, T, errors.call, BN=min(1024, next_power_of_2(N + 1)),
     )  # fmt: skip
-    if tokens_per_sequence(q, cu_seqlens) <= recurrent.RECURRENT_TRITON_MAX_T or max(K, V) > MAX_DIM:
+    if tokens_per_sequence(q, cu_seqlens) <= recurrent.ENGINE.max_tokens or max(K, V) > MAX_DIM:
         return recurrent.recurrent_into_slots(
             q, k, v, g_gamma, scale, cu_seqlens, state_cache, safe_slots, slot_used, g=gates
         )

@@ -29,12 +29,13 @@ import triton.language as tl
 
 from lightning_attention.engines.base import LengthRoutedEngine, ScanEngine, engine_keywords
 from lightning_attention.engines.cpu._common import compute_dtype
-from lightning_attention.engines.triton import chunk
+from lightning_attention.engines.triton import chunk, tuning
 from lightning_attention.engines.triton._common import cdiv, next_power_of_2
 
 __all__ = [
     "RECURRENT_TRITON_MAX_T",
-    "RECURRENT_CONFIG",
+    "TOKEN_LOOP",
+    "recurrent_config",
     "recurrent_scan",
     "recurrent_into_slots",
     "ENGINE",
@@ -42,16 +43,19 @@ __all__ = [
 
 #: Mean tokens per sequence above which the Triton recurrent op runs the chunked engine (engines/triton/chunk.py)
 #: instead of the token loop. Measured on H100 (benchmarks/bench_recurrent.py, K = V = 128, bf16;
-#: benchmarks/results/recurrent_h100.md): the loop does ~K * BV dependent multiply-adds per token (0.6 us per
+#: benchmarks/results/h100/recurrent.md): the loop does ~K * BV dependent multiply-adds per token (0.6 us per
 #: token at B=4, H=16) and ties with the one-chunk chunked kernel at T = 16 (1.04x; 0.60x at B=16, H=32), but is
 #: 1.5-1.9x slower at T = 32 and 12-18x at T = 8192. So the loop only serves very short inputs (a few decode
 #: tokens per sequence, short prefills), where its single launch without a segment plan wins.
 RECURRENT_TRITON_MAX_T = 16
 
-#: (state tile elements K x BV per program, num_warps). 4096 fp32 elements at 4 warps is ~32 registers per
-#: thread for the state; more columns per program means fewer re-reads of q, k but fewer programs.
-#: Tuned on H100 (bench_recurrent.py --sweep, B=4, H=16, T=256): 0.128 ms, best of six (0.143-0.264 ms).
-RECURRENT_CONFIG = (4096, 4)
+@tuning.cached
+def recurrent_config(device: torch.device) -> tuple[int, int]:
+    """(state tile elements K x BV per program, num_warps) on ``device``'s card (tuning.py). On H100 4096 fp32
+    elements at 4 warps, ~32 registers per thread for the state: more columns per program re-read q and k less
+    often but make fewer programs (benchmarks/results/h100/recurrent.md, the sweep)."""
+    entry = tuning.lookup("recurrent", "any", device)
+    return entry["state_tile"], entry["num_warps"]
 
 
 def _block_v(K: int, V: int, state_tile: int) -> int:
@@ -171,7 +175,7 @@ def _launch(
     q, k, v = (x.contiguous() for x in (q, k, v))
     o = torch.empty_like(v, dtype=q.dtype)
     acc = tl.float64 if compute_dtype(q, k, v, h0) == torch.float64 else tl.float32
-    state_tile, num_warps = RECURRENT_CONFIG
+    state_tile, num_warps = recurrent_config(q.device)
     BK, BV = next_power_of_2(K), _block_v(K, V, state_tile)
     if N * H == 0:
         return o
@@ -262,8 +266,7 @@ class TokenLoopEngine(ScanEngine):
         return super().backward(q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht)
 
 
-_RECURRENT = TokenLoopEngine(recurrent_scan)
+TOKEN_LOOP = TokenLoopEngine(recurrent_scan)
 
-
-# The chunked engine above RECURRENT_TRITON_MAX_T tokens per sequence (read at call time, so it can be tuned).
-ENGINE = LengthRoutedEngine(_RECURRENT, chunk.ENGINE, lambda: RECURRENT_TRITON_MAX_T)
+#: The recurrent op's engine: the token loop up to ``ENGINE.max_tokens`` tokens per sequence, chunked above.
+ENGINE = LengthRoutedEngine(TOKEN_LOOP, chunk.ENGINE, RECURRENT_TRITON_MAX_T)

@@ -9,14 +9,17 @@ class). The values depend on the card, so they live in one table per card:
   preference to the shipped one (``python -m lightning_attention check`` prints which table is in use).
 
 Nothing is tuned implicitly at run time. A card with no table of its own uses the shipped table of the nearest card
-(same compute capability, then the closest multiprocessor count; else the first table) and says so once.
+(the same model, e.g. another H100 variant; else the same compute capability with the closest multiprocessor
+count; else the first table) and says so once.
 
 A table maps ``kernel -> case -> {field: value}``; the kernel modules turn the fields into their config dataclasses
-and own the meaning of each case (e.g. ``chunk_scan.scan_case``).
+and own the meaning of each case (``chunk_scan.scan_case``, ``chunk_bwd.dkdv_case``, ``decode.decode_config``,
+``recurrent.recurrent_config``). A user's table may hold only some cases: the others come from the shipped table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -27,7 +30,19 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CardTable", "SHIPPED", "table_for", "lookup", "user_table_path", "card_slug", "write_user_table"]
+__all__ = [
+    "CardTable",
+    "SHIPPED",
+    "table_for",
+    "lookup",
+    "user_table_path",
+    "card_slug",
+    "card_model",
+    "write_user_table",
+    "using",
+    "cached",
+    "describe",
+]
 
 #: Environment variable naming the folder of user tables (default ~/.cache/lightning_attention/tuning).
 TUNING_DIR_VARIABLE = "LIGHTNING_ATTENTION_TUNING_DIR"
@@ -47,6 +62,12 @@ class CardTable:
         return self.entries.get(kernel, {}).get(case)
 
 
+def card_model(card: str) -> str | None:
+    """The model in a device name: "H100" in "NVIDIA H100 80GB HBM3" and "NVIDIA H100 PCIe"."""
+    match = re.search(r"\b[A-Z]+\d{2,}\b", card)
+    return match.group(0) if match else None
+
+
 def card_slug(card: str) -> str:
     """A file-name form of a card name: "NVIDIA H100 80GB HBM3" -> "nvidia_h100_80gb_hbm3"."""
     return re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")
@@ -63,7 +84,7 @@ def write_user_table(table: CardTable) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"card": table.card, "capability": list(table.capability), "sms": table.sms, "entries": table.entries}
     path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    _table_for_card.cache_clear()
+    _tables_changed()
     return path
 
 
@@ -78,25 +99,28 @@ def _read_user_table(card: str) -> CardTable | None:
 
 
 def _nearest(card: str, capability: tuple[int, int], sms: int) -> CardTable:
-    same = [t for t in SHIPPED.values() if t.capability == capability]
-    pool = same or list(SHIPPED.values())
-    return min(pool, key=lambda t: abs(t.sms - sms))
+    model = card_model(card)
+    same_model = [t for t in SHIPPED.values() if model is not None and card_model(t.card) == model]
+    if same_model:
+        return same_model[0]
+    same_capability = [t for t in SHIPPED.values() if t.capability == capability]
+    if not same_capability:
+        return next(iter(SHIPPED.values()))
+    return min(same_capability, key=lambda t: abs(t.sms - sms))
 
 
 @functools.lru_cache(maxsize=None)
-def _table_for_card(card: str, capability: tuple[int, int], sms: int) -> CardTable:
-    user = _read_user_table(card)
-    if user is not None:
-        return user
-    if card in SHIPPED:
-        return SHIPPED[card]
-    nearest = _nearest(card, capability, sms)
-    warnings.warn(
-        f"lightning_attention has no launch table for {card!r}: using the one measured on {nearest.card!r}. "
-        f"`python -m lightning_attention tune` measures this card's own ({user_table_path(card)}).",
-        stacklevel=3,
-    )
-    return nearest
+def _tables_for_card(card: str, capability: tuple[int, int], sms: int) -> tuple[CardTable | None, CardTable]:
+    """(the user's table for ``card`` or None, the shipped table serving it)."""
+    shipped = SHIPPED.get(card)
+    if shipped is None:
+        shipped = _nearest(card, capability, sms)
+        warnings.warn(
+            f"lightning_attention has no launch table for {card!r}: using the one measured on {shipped.card!r}. "
+            f"`python -m lightning_attention tune` measures this card's own ({user_table_path(card)}).",
+            stacklevel=4,
+        )
+    return _read_user_table(card), shipped
 
 
 @functools.cache
@@ -105,20 +129,124 @@ def _device_facts(index: int) -> tuple[str, tuple[int, int], int]:
     return props.name, (props.major, props.minor), props.multi_processor_count
 
 
+def _tables(device: torch.device) -> tuple[CardTable | None, CardTable]:
+    if device.type != "cuda":
+        return None, next(iter(SHIPPED.values()))
+    return _tables_for_card(*_device_facts(_index(device)))
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def table_for(device: torch.device) -> CardTable:
     """The table in use for ``device``: the user's for its card, else the shipped one, else the nearest shipped one
     (a warning, once per card). On the CPU interpreter: the first shipped table."""
-    if device.type != "cuda":
-        return next(iter(SHIPPED.values()))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _table_for_card(*_device_facts(index))
+    user, shipped = _tables(device)
+    return user if user is not None else shipped
 
 
-def lookup(kernel: str, case: str, device: torch.device) -> dict | None:
-    """Field values for ``kernel``'s ``case`` on ``device``'s card, or None where its table has no entry (then
-    the kernel's own default applies)."""
-    return table_for(device).get(kernel, case)
+def describe(device: torch.device) -> str:
+    """Which table serves ``device``, in words (printed by ``python -m lightning_attention check``)."""
+    user, shipped = _tables(device)
+    card = _device_facts(_index(device))[0] if device.type == "cuda" else "the CPU interpreter"
+    served = f"shipped, measured on {shipped.card}" + ("" if shipped.card == card else f" (serving {card})")
+    if user is None:
+        return f"{served}; none of this card's own at {user_table_path(card)}" if device.type == "cuda" else served
+    return f"this card's own, {user.source}; cases it lacks: {served}"
 
 
-#: Tables measured on each card (benchmarks/results/<card>/tuning.md). Filled by the kernel modules' entries below.
-SHIPPED: dict[str, CardTable] = {}
+#: Config functions whose results depend on the tables (:func:`cached`): cleared whenever a table changes.
+_CACHED: list = []
+
+
+def cached(config_function):
+    """Cache a kernel module's config function (a few microseconds saved per launch); its results are dropped
+    when the tables change (a user table written, a tune candidate in or out)."""
+    wrapped = functools.cache(config_function)
+    _CACHED.append(wrapped)
+    return wrapped
+
+
+def _tables_changed() -> None:
+    _tables_for_card.cache_clear()
+    for function in _CACHED:
+        function.cache_clear()
+
+
+#: A table that takes precedence over every other while the tune command measures its candidates (:func:`using`).
+_OVERRIDE: CardTable | None = None
+
+
+@contextlib.contextmanager
+def using(table: CardTable):
+    """Launch with ``table``'s entries first (the tune command's candidates); other cases as usual."""
+    global _OVERRIDE
+    saved, _OVERRIDE = _OVERRIDE, table
+    _tables_changed()
+    try:
+        yield table
+    finally:
+        _OVERRIDE = saved
+        _tables_changed()
+
+
+def lookup(kernel: str, case: str, device: torch.device) -> dict:
+    """Field values for ``kernel``'s ``case`` on ``device``'s card: from the tune command's candidate, the user's
+    table, the shipped table serving the card, or the complete first table, first that has the case."""
+    if _OVERRIDE is not None and (entry := _OVERRIDE.get(kernel, case)) is not None:
+        return entry
+    user, shipped = _tables(device)
+    if user is not None and (entry := user.get(kernel, case)) is not None:
+        return entry
+    entry = shipped.get(kernel, case) or _complete_table().get(kernel, case)
+    if entry is None:
+        raise KeyError(f"no launch table has a {kernel!r} entry for case {case!r}")
+    return entry
+
+
+def _complete_table() -> CardTable:
+    """The table that holds every case (the first shipped one): it fills the cases another card's table lacks."""
+    return next(iter(SHIPPED.values()))
+
+
+#: Tables measured on each card, the first complete (every case); another card's table holds the cases measured on
+#: it, the rest come from the first. Each entry's measurements: benchmarks/results/<card>/ (kernel_choices.md,
+#: serving.md, recurrent.md, tuning.md).
+SHIPPED: dict[str, CardTable] = {
+    table.card: table
+    for table in (
+        CardTable(
+            card="NVIDIA H100 80GB HBM3",
+            capability=(9, 0),
+            sms=132,
+            entries={
+                # chunk_scan.scan_case: 16-bit inputs; their gated scans; two K halves (K > 128); fp32 inputs;
+                # fp32 heads above 64 under one-pass TF32 (operands rounded in registers: two warpgroups).
+                "scan": {
+                    "16bit": dict(block_v=64, num_warps=4, num_stages=3, tma_stages=4, tma_warps=4),
+                    "16bit-gated": dict(block_v=64, num_warps=8, num_stages=3, tma_stages=4, tma_warps=4),
+                    "16bit-k256": dict(block_v=64, num_warps=8, num_stages=2, tma_stages=2, tma_warps=4),
+                    "fp32": dict(block_v=64, num_warps=8, num_stages=1, tma_stages=2, tma_warps=4),
+                    "fp32-tf32-k128": dict(block_v=64, num_warps=8, num_stages=1, tma_stages=2, tma_warps=8),
+                },
+                "dkdv": {"16bit": dict(num_warps=4, num_stages=3), "fp32": dict(num_warps=8, num_stages=1)},
+                "decode": {
+                    "float32": dict(block_v=128, block_k=64, num_warps=8),
+                    "bfloat16": dict(block_v=128, block_k=128, num_warps=4),
+                },
+                "recurrent": {"any": dict(state_tile=4096, num_warps=4)},
+            },
+        ),
+        CardTable(
+            card="NVIDIA H200",
+            capability=(9, 0),
+            sms=132,
+            entries={
+                # benchmarks/results/h200/serving.md, the decode tile sweep: 1.33-1.35x faster than the H100's
+                # (128, 64, 8) at N = 64 and 256.
+                "decode": {"float32": dict(block_v=128, block_k=128, num_warps=4)},
+            },
+        ),
+    )
+}
