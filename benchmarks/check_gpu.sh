@@ -14,11 +14,14 @@ dir=${1:-benchmarks/results/$(echo "$card" | grep -oiE '\b[a-z][0-9]{2,4}\b' | h
 mkdir -p "$dir"
 workers=${WORKERS:-8}
 start=$(date +%s)
-timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --runslow -n "$workers" tests \
+# -v: every result is logged with its name as it comes, so that a run cut by the time limit still names its
+# failures (xdist's summary comes only at the end).
+timeout "${PYTEST_TIMEOUT:-900}" python3 -m pytest -v -p no:cacheprovider --runslow -n "$workers" tests \
   >"$dir/pytest.log" 2>&1
 pytest_rc=$?
 timeout "${CHECK_TIMEOUT:-300}" python3 benchmarks/check_chunk.py >"$dir/check_chunk.log" 2>&1
 check_rc=$?
+summary=$(grep -E '^=+ .*(passed|failed|error)' "$dir/pytest.log" | tail -1)
 {
   echo "# GPU check: $card"
   echo
@@ -27,8 +30,8 @@ check_rc=$?
   echo
   echo "\`bash benchmarks/check_gpu.sh\` at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(( $(date +%s) - start )) s"
   echo
-  echo "- pytest (whole suite, --runslow, $workers workers): $(tail -1 "$dir/pytest.log") (exit $pytest_rc)"
-  grep -E "^(FAILED|ERROR) " "$dir/pytest.log" | sed 's/^/  - /'
+  echo "- pytest (whole suite, --runslow, $workers workers): ${summary:-no summary (stopped by the time limit)} (exit $pytest_rc)"
+  grep -E " (FAILED|ERROR) " "$dir/pytest.log" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //; s/^/  - /' | sort -u
   echo "- check_chunk.py: $(grep -c ' ok$' "$dir/check_chunk.log") checks ok, $(tail -1 "$dir/check_chunk.log") (exit $check_rc)"
   grep -v " ok$" "$dir/check_chunk.log" | grep -E "FAIL" | sed 's/^/  - /'
 } >"$dir/check_gpu.md"
