@@ -53,7 +53,7 @@ MULTI_TOKENS = (1, 2, 4, 8)
 PREFILL_CASES = ((256, 16), (64, 128), (8, 2048))  # (sequences, tokens each)
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: (block_v, block_k, num_warps) tried by --sweep: every V-block width with the K walks and warps that ran best on
-#: H100 (benchmarks/results/decode_sweep_h100.md; 16 warps and 32-row K blocks lost everywhere there).
+#: H100 (benchmarks/results/h100/decode.md; 16 warps and 32-row K blocks lost everywhere there).
 SWEEP_CANDIDATES = [(bv, bk, w) for bv in (16, 32, 64, 128) for bk, w in ((64, 4), (64, 8), (128, 4))] + [(128, 128, 8)]
 SLOTS_PER_ROW = 4  # cache slots per decode row
 GRAPH_STEPS = 16

@@ -15,7 +15,7 @@ it does for its own layer, and ``output_attentions`` / ``_can_record_outputs`` r
 the stock layer. The computation never reads those buffers: the decay comes from the config
 (:func:`lightning_attention.decay.g_gamma`, float32 whatever the model dtype).
 
-Differences from transformers' own layer (README, "Hugging Face transformers"): states, and the per-layer
+Differences from transformers' own layer (docs/transformers.md): states, and the per-layer
 ``attentions`` output (which for linear attention is the layer's final state ``[B, H, D, D]``, as in transformers),
 are float32 whatever the model dtype; padding never reaches the state (transformers zeroes padded tokens, which
 still decay a cached state).
