@@ -6,13 +6,14 @@ Run under torchrun, one process per GPU (benchmarks/gpu/context_parallel.sh runs
     python benchmarks/bench_context_parallel.py --report OUT      # -> OUT/context_parallel.md
 
 Per launch (P = world size):
-  check   B=1, T=--check-tokens, H=32, D=128, bf16, with h0 and final state, one sequence and packed documents
-          (1 to T/4 tokens, one empty): every rank's shard of o, dq, dk, dv and the final states / dh0 against the
-          float64 torch engine on the full axis, judged against the single-GPU op in bf16 on the same inputs (the
-          library's tolerance rule: err <= 2 x baseline + 1e-6).
-  bench   forward+backward at each T: one sequence (--tokens with the 'tnl' decay, --no-decay-tokens with g = 0)
-          and packed documents (--packed-tokens: lengths drawn uniformly from --doc-lengths, seeded, crossing the
-          shard boundaries). For each: the single-GPU op on this rank's shard alone (its documents only; no
+  check   B=1, T=--check-tokens, H=32, D=128, bf16, with h0 and final state, one sequence, packed documents
+          (1 to T/4 tokens, one empty), and the packed documents with per-token gates g (float32 log-sigmoid
+          gates plus 'tnl' g_gamma): every rank's shard of o, dq, dk, dv (dg) and the final states / dh0 against
+          the float64 torch engine on the full axis, judged against the single-GPU op in bf16 on the same inputs
+          (the library's tolerance rule: err <= 2 x baseline + 1e-6).
+  bench   forward+backward at each T: one sequence (--tokens with the 'tnl' decay, --no-decay-tokens with g = 0,
+          --gates-tokens with per-token gates as in the check) and packed documents (--packed-tokens: lengths
+          drawn uniformly from --doc-lengths, seeded, crossing the shard boundaries). For each: the single-GPU op on this rank's shard alone (its documents only; no
           communication: the ideal), then context parallelism over the P ranks; median over --iters, the
           slowest rank. With P = 1 the first is the single-GPU baseline. Out-of-memory is caught and reported.
   costs   the call-signature exchange (collectives.agree: the check that ranks agree, once per forward) and one
@@ -105,10 +106,18 @@ def global_rel_errs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
     return out
 
 
-def check(T: int, backend: str, rank: int, world: int, packed: bool) -> dict:
-    """Correctness of o, dq, dk, dv, final state, dh0 at B=1, T, H, D bf16 (see module docstring); ``packed``:
-    documents of 1 to T/4 tokens and one empty, across the shard boundaries."""
+def gate_values(T: int, seed: int) -> torch.Tensor:
+    """Per-token log gates ``[1, T, H]`` float32: log-sigmoid of a unit normal (between about -4 and 0)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.nn.functional.logsigmoid(torch.randn(1, T, H, device=DEVICE, generator=gen))
+
+
+def check(T: int, backend: str, rank: int, world: int, packed: bool, gated: bool = False) -> dict:
+    """Correctness of o, dq, dk, dv (dg), final state, dh0 at B=1, T, H, D bf16 (see module docstring);
+    ``packed``: documents of 1 to T/4 tokens and one empty, across the shard boundaries; ``gated``: per-token
+    gates too."""
     g = decay.g_gamma(H, LAYER_IDX, NUM_LAYERS, device=DEVICE)
+    gates = gate_values(T, 3) if gated else None
     bounds = packed_documents(T, 1, T // 4) if packed else (0, T)
     if packed:
         bounds = (*bounds[:2], bounds[1], *bounds[2:])  # an empty document after the first
@@ -123,25 +132,30 @@ def check(T: int, backend: str, rank: int, world: int, packed: bool) -> dict:
     def full(dtype, engine):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
         leaves.append(h0.detach().to(torch.float64 if dtype == torch.float64 else h0.dtype).requires_grad_(True))
+        if gated:
+            leaves.append(gates.to(torch.float64 if dtype == torch.float64 else gates.dtype).requires_grad_(True))
         o, final = chunk_simple_gla(
-            *leaves[:3], g_gamma=g, initial_state=leaves[3], output_final_state=True, cu_seqlens=cu, backend=engine
-        )
+            *leaves[:3], leaves[4] if gated else None, g, initial_state=leaves[3], output_final_state=True,
+            cu_seqlens=cu, backend=engine,
+        )  # fmt: skip
         grads = torch.autograd.grad((o, final), leaves, (do.to(dtype), dfinal.sum(0).to(final.dtype)))
         return o.detach(), final.detach(), grads
 
     shard = [t[:, start:end].clone().requires_grad_(True) for t in (q, k, v)]  # q, k, v: no grad
     my_h0 = h0.clone().requires_grad_(True)
+    my_gates = gates[:, start:end].clone().requires_grad_(True) if gated else None
     o, final = context_parallel_simple_gla(
-        *shard, g_gamma=g, initial_state=my_h0, output_final_state=True, cu_seqlens=cu, backend=backend
+        *shard, my_gates, g, initial_state=my_h0, output_final_state=True, cu_seqlens=cu, backend=backend
     )
-    grads = torch.autograd.grad((o, final), (*shard, my_h0), (do[:, start:end], dfinal[rank]))
+    leaves = (*shard, my_h0) + ((my_gates,) if gated else ())
+    grads = torch.autograd.grad((o, final), leaves, (do[:, start:end], dfinal[rank]))
     dh0 = grads[3].clone()
     dist.all_reduce(dh0)  # the parts sum to the full gradient
     o_one, final_one, g_one = full(torch.bfloat16, backend)
     o_ref, final_ref, g_ref = full(torch.float64, "torch")  # last: the largest
     sl = slice(start, end)
     pairs = {"o": (o, o_ref[:, sl], o_one[:, sl])}
-    for i, name in enumerate(("dq", "dk", "dv")):
+    for i, name in ((0, "dq"), (1, "dk"), (2, "dv"), (4, "dg"))[: 4 if gated else 3]:
         pairs[name] = (grads[i], g_ref[i][:, sl], g_one[i][:, sl])
     errs = global_rel_errs(pairs, None)
     replicated = (("final", final, final_ref, final_one), ("dh0 (sum over ranks)", dh0, g_ref[3], g_one[3]))
@@ -159,13 +173,15 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a - ref).norm().item() / den if den > 0 else (a - ref).norm().item()
 
 
-def time_fwd_bwd(fn, q, k, v, do, iters: int, collective: bool) -> float:
-    """Median seconds of fn + backward on this rank (2 warm-ups first). ``collective``: fn communicates, so
-    the ranks start each step together (a barrier); a local fn never waits for other ranks."""
+def time_fwd_bwd(fn, q, k, v, do, iters: int, collective: bool, gates=None) -> float:
+    """Median seconds of fn + backward on this rank (2 warm-ups first; with ``gates``, fn(q, k, v, gates) and dg
+    too). ``collective``: fn communicates, so the ranks start each step together (a barrier); a local fn never
+    waits for other ranks."""
+    inputs = (q, k, v) if gates is None else (q, k, v, gates)
 
     def step():
-        o = fn(q, k, v)
-        torch.autograd.grad(o, (q, k, v), do)
+        o = fn(*inputs)
+        torch.autograd.grad(o, inputs, do)
 
     for _ in range(2):
         step()
@@ -197,7 +213,8 @@ DECAYS = {
 
 
 def bench(T: int, layout: str, backend: str, rank: int, world: int, iters: int, doc_lengths) -> dict:
-    """``layout``: "tnl" / "none" (one sequence, that decay) or "packed" (documents, 'tnl' decay)."""
+    """``layout``: "tnl" / "none" (one sequence, that decay), "gates" (one sequence, 'tnl' decay and per-token
+    gates) or "packed" (documents, 'tnl' decay)."""
     g = DECAYS["none" if layout == "none" else "tnl"]()
     start, end = shard_bounds(T, rank, world)
     out = {"tokens": T, "layout": layout}
@@ -212,25 +229,26 @@ def bench(T: int, layout: str, backend: str, rank: int, world: int, iters: int, 
         q, k, v, do = (torch.randn(1, end - start, H, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_(True)
+        gates = gate_values(end - start, rank).requires_grad_(True) if layout == "gates" else None
     except torch.cuda.OutOfMemoryError:
-        q = k = v = do = None
+        q = k = v = do = gates = None
 
     def timed(fn, run: bool, collective: bool) -> float | None:
         """Slowest rank's median seconds, None if out of memory on any rank (or not run)."""
         seconds = None
         if run:
             try:
-                seconds = time_fwd_bwd(fn, q, k, v, do, iters, collective)
+                seconds = time_fwd_bwd(fn, q, k, v, do, iters, collective, gates)
             except torch.cuda.OutOfMemoryError:
                 seconds = None
             empty_cache()
         return slowest(seconds)
 
-    def local_fn(*x):  # 1) the single-GPU op on this rank's shard alone: the ideal
-        return chunk_simple_gla(*x, g_gamma=g, cu_seqlens=local_cu, backend=backend)[0]
+    def local_fn(q, k, v, gates=None):  # 1) the single-GPU op on this rank's shard alone: the ideal
+        return chunk_simple_gla(q, k, v, gates, g, cu_seqlens=local_cu, backend=backend)[0]
 
-    def cp_fn(*x):  # 2) context parallel over the group
-        return context_parallel_simple_gla(*x, g_gamma=g, cu_seqlens=cu, backend=backend)[0]
+    def cp_fn(q, k, v, gates=None):  # 2) context parallel over the group
+        return context_parallel_simple_gla(q, k, v, gates, g, cu_seqlens=cu, backend=backend)[0]
 
     out["local_s"] = timed(local_fn, q is not None, False)
     room = memory_room()
@@ -279,7 +297,7 @@ def exchange_costs(world: int, rank: int, iters: int) -> dict:
     signature = collectives.Signature(
         tokens=524288 // world, batch=1, heads=H, k_dim=D, v_dim=D, dtype=torch.bfloat16, device_type=DEVICE.type,
         initial_state=False, output_final_state=False, reverse=False, chunk_size=64, scale=D**-0.5, num_seqs=-1,
-        cu_seqlens=0, needs_grad=True,
+        cu_seqlens=0, needs_grad=True, gates=None,
     )  # fmt: skip
     state = torch.randn(1, H, D, D, device=DEVICE)
     agree = lambda: collectives.agree(signature, g, DEVICE, None, world, rank)  # noqa: E731
@@ -335,15 +353,16 @@ def run_launch(args) -> None:
     if args.check_tokens:
         result["check_tokens"] = args.check_tokens
         result["check"] = {}
-        for layout in ("one sequence", "packed documents"):
+        for layout in ("one sequence", "packed documents", "packed documents, gates"):
             t0 = time.time()
-            errs = check(args.check_tokens, backend, rank, world, packed=layout != "one sequence")
+            errs = check(args.check_tokens, backend, rank, world, layout != "one sequence", layout.endswith("gates"))
             result["check"].update({f"{layout}: {name}": e for name, e in errs.items()})
             if rank == 0:
                 print(f"[P={world}] check {layout} T={args.check_tokens} in {time.time() - t0:.1f}s: {errs}", flush=True)
             empty_cache()
             save()
     runs = [(T, "tnl") for T in args.tokens] + [(T, "none") for T in args.no_decay_tokens]
+    runs += [(T, "gates") for T in args.gates_tokens]
     runs += [(T, "packed") for T in args.packed_tokens]
     for T, layout in runs:
         t0 = time.time()
@@ -386,6 +405,7 @@ def gpu_lines() -> list[str]:
 LAYOUT_NAMES = {
     "tnl": "one sequence, 'tnl' decay",
     "none": "one sequence, no decay",
+    "gates": "one sequence, 'tnl' decay and per-token gates",
     "packed": "packed documents, 'tnl' decay",
 }
 
@@ -425,7 +445,8 @@ def report(out_dir: str) -> str:
     lines += [
         "",
         f"Decay 'tnl' = layer {LAYER_IDX} of {NUM_LAYERS} (head 0 undecayed, the rest decaying); 'no decay' = g = 0 "
-        f"for every head (worst case of the local-state pass); packed documents: lengths uniform in [{low}, {high}] "
+        f"for every head (worst case of the local-state pass); gates: float32 log-sigmoid gates per token added to "
+        "'tnl' (fwd+bwd includes dg); packed documents: lengths uniform in [{low}, {high}] "
         "(seeded), across the shard boundaries. Times: median fwd+bwd of the slowest rank. 'shard alone' = the "
         "single-GPU op on one rank's shard (its documents) alone, no communication: the ideal for P GPUs. "
         "Speedup = tokens/s of CP on P GPUs / tokens/s of the single-GPU op on 1 GPU at the same T and layout. "
@@ -436,9 +457,9 @@ def report(out_dir: str) -> str:
         "| Mtokens/s | speedup vs 1 GPU | peak GiB (rank 0) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {"tnl": 0, "packed": 1, "none": 2}
+    order = {"tnl": 0, "gates": 1, "packed": 2, "none": 3}
     keys = {
-        key: (order.get(r.get("layout", r.get("decay")), 3), r["tokens"])
+        key: (order.get(r.get("layout", r.get("decay")), len(order)), r["tokens"])
         for data in launches.values()
         for key, r in data["bench"].items()
     }
@@ -481,6 +502,9 @@ def main() -> int:
     parser.add_argument("--out", default="cp.json", help="JSON file for this launch (rank 0 writes it)")
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS, help="sequence lengths to time")
     parser.add_argument("--no-decay-tokens", type=int, nargs="*", default=[524288], help="also time these with g = 0")
+    parser.add_argument(
+        "--gates-tokens", type=int, nargs="*", default=[524288], help="also time these with per-token gates g"
+    )
     parser.add_argument(
         "--packed-tokens", type=int, nargs="*", default=[524288, 1048576], help="packed-document batches to time"
     )

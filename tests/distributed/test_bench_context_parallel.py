@@ -23,6 +23,7 @@ def test_benchmark_runs_at_tiny_size_and_reports(tmp_path):
     tiny = [
         "--device", "cpu", "--tokens", "300", "--no-decay-tokens", "200", "--packed-tokens", "400",
         "--doc-lengths", "16", "120", "--heads", "2", "--head-dim", "16", "--check-tokens", "96", "--iters", "1",
+        "--gates-tokens", "250",
         "--exchange-iters", "3",
     ]  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
@@ -34,8 +35,11 @@ def test_benchmark_runs_at_tiny_size_and_reports(tmp_path):
     assert result["world_size"] == 2 and result["backend"] == "torch"
     assert result["signature_s"] > 0 and result["state_allgather_s"] > 0
     assert all(e["ok"] for e in result["check"].values()), result["check"]
-    assert {name.split(": ")[0] for name in result["check"]} == {"one sequence", "packed documents"}
-    assert set(result["bench"]) == {"300-tnl", "200-none", "400-packed"}
+    assert {name.split(": ")[0] for name in result["check"]} == {
+        "one sequence", "packed documents", "packed documents, gates"
+    }
+    assert "packed documents, gates: dg" in result["check"]
+    assert set(result["bench"]) == {"300-tnl", "200-none", "250-gates", "400-packed"}
     for key, r in result["bench"].items():
         assert r["local_s"] > 0 and r["cp_s"] > 0, (key, r)
     assert result["bench"]["400-packed"]["documents"] >= 4

@@ -34,6 +34,10 @@ def _h0():
     return make_inputs(1, 1, H, K, initial_state=True)[3]
 
 
+def _gates(dtype=torch.float32):
+    return torch.nn.functional.logsigmoid(torch.randn(1, T, H, generator=torch.Generator().manual_seed(2))).to(dtype)
+
+
 # name -> (arguments of the rank that deviates, of the others, what the error must say: the field, and the deviant
 # rank's value where one is shown). Built per world size: cu_seqlens covers all ranks' tokens.
 def _disagreements(P: int) -> dict:
@@ -54,6 +58,11 @@ def _disagreements(P: int) -> dict:
         "output-final-state": (_args(output_final_state=True), _args(), "output_final_state", "True"),
         "initial-state": (_args(), _args(initial_state=_h0()), "whether initial_state is given", "False"),
         "g-gamma": ({**_args(), "g_gamma": decay.g_gamma(H, 1, 2)}, _args(), "g_gamma's values", None),
+        "g-presence": (_args(g=_gates()), _args(), "whether g (per-token gates) is given", "float32"),
+        "g-dtype": (_args(g=_gates(torch.bfloat16)), _args(g=_gates()), "g (per-token gates)", "bfloat16"),
+        "g-gamma-passed-as-g": (
+            {**_args(), "g": decay.g_gamma(H, 0, 2)}, _args(), "a constant per-head log-decay [H] is g_gamma", None
+        ),  # fmt: skip
         "cu-seqlens-values": (_args(cu_seqlens=torch.tensor([0, 6, total])), _args(cu_seqlens=cu), "cu_seqlens", None),
         "cu-seqlens-presence": (_args(), _args(cu_seqlens=cu), "cu_seqlens", "-1/0"),
         "needs-grad": ("no grad", _args(), "whether the inputs require grad", "False"),

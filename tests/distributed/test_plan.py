@@ -113,4 +113,3 @@ def test_one_sequence_per_row_is_one_document_over_all_tokens():
     assert [plan.head(r).open for r in range(5)] == [False, False, True, True, False]
     assert [plan.tail(r).open for r in range(5)] == [False, True, True, False, False]
     assert plan.chain_to(3) == [1, 2] and plan.chain_from(1) == [3, 2]
-    assert plan.tokens_before(3) == 5

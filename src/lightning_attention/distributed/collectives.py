@@ -1,10 +1,11 @@
 """Every collective of context-parallel attention, each failing with a message that says what happened.
 
 Per forward call: one all-gather of a few integers per rank (the *call signature*: shard length, shapes, dtype,
-options, fingerprints of ``g_gamma`` and ``cu_seqlens``, one read on the host), then one all-gather of one
-``[R, H, K, V]`` state per rank. Per backward: one all-gather of one state gradient per rank (plus the
-final-state gradients when ``final_state`` was returned). Packed sequences with ``output_final_state=True`` add
-one all-reduce of the ``[N, H, K, V]`` final states in the forward.
+options, whether per-token gates ``g`` are given and their dtype, fingerprints of ``g_gamma`` and ``cu_seqlens``,
+one read on the host), then one all-gather of one ``[R, H, K, V]`` state per rank (with ``g``: and the ``[R, H]``
+decay over the run it stands for). Per backward: one all-gather of one state gradient per rank (with ``g``: and its
+``[R, H]`` decay; plus the final-state gradients when ``final_state`` was returned). Packed sequences with
+``output_final_state=True`` add one all-reduce of the ``[N, H, K, V]`` final states in the forward.
 
 The signature exchange comes first so that ranks that disagree never enter a collective whose size depends on
 what they disagree on (that would hang, or silently mix tensors): every rank compares the same gathered table
@@ -33,7 +34,7 @@ __all__ = ["Signature", "agree", "all_gather_rows", "all_reduce_sum", "collectiv
 
 #: Bumped whenever the signature layout or the exchange protocol changes: ranks running different versions of
 #: the library are told so instead of misreading each other's fields.
-PROTOCOL = 1
+PROTOCOL = 2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -129,14 +130,16 @@ class Signature:
     num_seqs: int  # -1: no cu_seqlens
     cu_seqlens: int  # fingerprint of the values (0 without)
     needs_grad: bool
+    gates: torch.dtype | None  # g's dtype, None: no per-token gates
 
     def row(self) -> list[int]:
         dtype = _DTYPES.index(self.dtype) if self.dtype in _DTYPES else -2
         device = _DEVICE_TYPES.index(self.device_type) if self.device_type in _DEVICE_TYPES else -2
+        gates = -1 if self.gates is None else (_DTYPES.index(self.gates) if self.gates in _DTYPES else -2)
         return [
             PROTOCOL, 0, self.tokens, self.batch, self.heads, self.k_dim, self.v_dim, dtype, device,
             int(self.initial_state), int(self.output_final_state), int(self.reverse), self.chunk_size,
-            _float_bits(self.scale), self.num_seqs, self.cu_seqlens, int(self.needs_grad),
+            _float_bits(self.scale), self.num_seqs, self.cu_seqlens, int(self.needs_grad), gates,
         ]  # fmt: skip
 
 
@@ -154,16 +157,19 @@ _FIELDS = {
     "scale": (13, "scale"),
     "cu_seqlens": ((14, 15), "cu_seqlens (the number of sequences, then a fingerprint of the values)"),
     "needs_grad": (16, "whether the inputs require grad (every rank must run the backward, or none)"),
-    "g_gamma": ((17, 18), "g_gamma's values (a fingerprint of its bits)"),
+    "gates": (17, "whether g (per-token gates) is given, and its dtype"),
+    "g_gamma": ((18, 19), "g_gamma's values (a fingerprint of its bits)"),
 }
-_STATUS, _TOKENS, _ROW_LENGTH = 1, 2, 19
+_STATUS, _TOKENS, _ROW_LENGTH = 1, 2, 20
 
 
 def _show(field: str, cols, row: list[int]) -> str:
     if field == "shape":
         return "[" + ", ".join(str(row[c]) for c in cols) + "]"
-    if field == "dtype":
+    if field in ("dtype", "gates"):
         i = row[cols]
+        if field == "gates" and i == -1:
+            return "no g"
         return str(_DTYPES[i]).replace("torch.", "") if 0 <= i < len(_DTYPES) else "other"
     if field == "device":
         i = row[cols]
@@ -225,7 +231,7 @@ def agree(signature: Signature | None, g_gamma: torch.Tensor | None, device: tor
         raise ValueError(
             "context parallel attention: the ranks of the group disagree on "
             + "; ".join(problems)
-            + ". Every rank must pass the same B, H, K, V, dtype, g_gamma, scale, options, initial_state presence and "
-            "cu_seqlens; only the shard length (q.shape[1]) may differ."
+            + ". Every rank must pass the same B, H, K, V, dtype, g_gamma, scale, options, initial_state presence, g "
+            "presence and dtype, and cu_seqlens; only the shard length (q.shape[1] and g.shape[1]) may differ."
         )
     return [row[_TOKENS] for row in gathered]

@@ -2,30 +2,45 @@
 
 Rank r holds tokens ``[start_r, start_r + L_r)`` of the token axis: of every batch row (each row one sequence),
 or of the packed axis of ``cu_seqlens`` (documents that may start, end or span any number of shards). Where the
-scan crosses from one shard into the next it carries one ``[K, V]`` state per (sequence, head), and with
-``lam = exp(g)`` per head that state is linear in the shards it passed through (plan.py names the runs)::
+scan crosses from one shard into the next it carries one ``[K, V]`` state per (sequence, head). With
+``x_t = g[t] + g_gamma`` the log decay of token t (``g`` the per-token gates, or absent: ``x_t = g_gamma``) and
+``Lam(run) = exp(sum of x over the run)`` the decay across a run of tokens, that state is linear in the shards it
+passed through (plan.py names the runs)::
 
-    A_r       = sum_j lam^(n - 1 - j) k_j^T v_j       local state of the shard's tail run (n tokens, j 0-based
-                                                      in scan order), from zero
-    S_out(r)  = lam^n X + A_r                         X = S_out(previous shard) if the sequence spans shard r,
-                                                      else the sequence's initial state (or 0)
-    o (shard) = scan(q, k, v, initial state S_out(previous) for the head run, initial_state for the others)
+    A_r       = sum_j exp(x_(j+1) + ... + x_(n-1)) k_j^T v_j   local state of the shard's tail run (n tokens, j
+                                                               0-based in scan order), from zero
+    S_out(r)  = Lam(tail run) X + A_r                          X = S_out(previous shard) if the sequence spans
+                                                               shard r, else the sequence's initial state (or 0)
+    o (shard) = scan(q, k, v, g, initial state S_out(previous) for the head run, initial_state for the others)
 
-so the forward is: exchange the call signature (collectives.py) -> A_r (local_state.py: one read of the tail
-run's k, v, or of its last ~110/|g| tokens for a decaying head) -> all-gather the A's (one state per rank) ->
-the chain above (a few tiny steps, redundantly on every rank) -> the engine's scan of the shard. The backward
-is the mirror image, against the scan direction (engines/base.py names D, the state gradient)::
+(a constant decay lam = exp(g_gamma): A_r = sum_j lam^(n - 1 - j) k_j^T v_j, Lam = lam^n). So the forward is:
+exchange the call signature (collectives.py) -> A_r (local_state.py: one read of the tail run's k, v, or with a
+constant decay of its last ~110/|g_gamma| tokens) -> all-gather the A's (one state per rank; with gates each with
+its Lam, ``[R, H]``) -> the chain above (a few tiny steps, redundantly on every rank) -> the engine's scan of the
+shard. The backward is the mirror image, against the scan direction (engines/base.py names D, the state
+gradient)::
 
-    Bhat_r    = scale * sum_t lam^t q_t^T do_t        the head run's own state gradient (t 1-based in scan order)
-    D(r)      = lam^n Z + Bhat_next                   gradient of S_out(r), n = head run of the next shard;
-                                                      Z = D(next) if the sequence spans it, else its final-state
-                                                      gradient summed over the ranks (or 0)
-    dq, dk, dv = engine backward with the forward's initial states and dht = D(r) for the tail run
+    Bhat_r    = scale * sum_t exp(x_1 + ... + x_t) q_t^T do_t  the head run's own state gradient (t 1-based in scan
+                                                               order)
+    D(r)      = Lam(head run of the next shard) Z + Bhat_next  gradient of S_out(r); Z = D(next) if the sequence
+                                                               spans it, else its final-state gradient summed over
+                                                               the ranks (or 0)
+    dq, dk, dv, dg = engine backward with the forward's initial states and dht = D(r) for the tail run
 
 Each direction makes one all-gather of one state per rank, whatever T or the number of documents (packed
 documents: only the one crossing each boundary carries a state; no collective per document); the forward also
 exchanges the call signature first, and with packed documents and ``output_final_state`` all-reduces the
 documents' final states (collectives.py).
+
+Gates need no term beyond the engine's dg. Shard r's gates act only inside its own scan, the map
+``(S_in, q, k, v, g of the shard) -> (o of the shard, S_out(r))``: A_r and Lam(tail run) are parts of S_out(r),
+and everything later sees the gates only through S_out(r). So for a token t of the shard
+``dL/dg_t = d/dg_t [ loss of o (shard) + <S_out(r), D(r)> ]`` at fixed S_in, and that is what the engine's backward
+returns given S_in as the initial state and D(r) as dht: its dg includes ``<S_T, dht>`` and the pairs of dht with
+the shard's tokens (docs/DESIGN.md, "Accuracy of dg"), i.e. the gradient through A_r and Lam(tail run). Bhat_r
+and Lam(head run) are parts of D(r - 1), an adjoint, not a function the gates of shard r feed forward into.
+tests/distributed/test_context_parallel.py checks dg against autograd through the float64 reference on the whole
+sequence.
 
 Overlap. The exchange is not overlapped with compute. Forward: the shard's scan needs S_in for its first token;
 splitting it into a scan from zero plus ``lam^t q_t S_in`` added afterwards costs a third pass over q and o for
@@ -38,12 +53,12 @@ Replicated tensors (``initial_state`` in, ``final_state`` out) follow autograd t
 gradients of ``final_state`` received on all ranks are summed, and each rank returns a part of the gradient of
 ``initial_state`` such that the parts summed over the group are the whole gradient (what data/context-parallel
 gradient reduction does for a replicated tensor). Without ``cu_seqlens`` rank r's part is the gradient of its own
-loss; with ``cu_seqlens`` a document's whole gradient is on the rank holding its first scanned token (a
-document without tokens: on the first rank of the scan). Chaining calls (``initial_state`` = an earlier call's
-``final_state``) is therefore exact.
+loss, ``Lam(tokens before the shard) Bhat_r + Lam(all tokens) dfinal_r``; with ``cu_seqlens`` a document's whole
+gradient is on the rank holding its first scanned token (a document without tokens: on the first rank of the scan).
+Chaining calls (``initial_state`` = an earlier call's ``final_state``) is therefore exact.
 
-Shapes per rank: q, k ``[B, L_r, H, K]``, v ``[B, L_r, H, V]``, states ``[N, H, K, V]`` float32 (float64 for
-float64 inputs), N = B, or the number of documents with ``cu_seqlens`` (then B = 1).
+Shapes per rank: q, k ``[B, L_r, H, K]``, v ``[B, L_r, H, V]``, g ``[B, L_r, H]``, states ``[N, H, K, V]`` float32
+(float64 for float64 inputs), N = B, or the number of documents with ``cu_seqlens`` (then B = 1).
 """
 
 from __future__ import annotations
@@ -56,9 +71,10 @@ import torch.distributed as dist
 from lightning_attention import _validation as val
 from lightning_attention import decay
 from lightning_attention.distributed import collectives
-from lightning_attention.distributed.local_state import decayed_outer_sum
+from lightning_attention.distributed.local_state import decayed_outer_sum, gated_outer_sum
 from lightning_attention.distributed.plan import Run, ShardPlan
 from lightning_attention.engines import get_engine, resolve_backend
+from lightning_attention.engines.base import engine_keywords
 
 __all__ = ["context_parallel_simple_gla", "context_parallel_lightning_attn"]
 
@@ -72,6 +88,7 @@ class _Call:
     group: object
     plan: ShardPlan
     local_cu_seqlens: torch.Tensor | None  # this shard's documents (packed), on q's device
+    local_cu_seqlens_cpu: torch.Tensor | None  # the same offsets on the host (the engines plan from it)
 
     @property
     def rows(self) -> int | None:
@@ -79,19 +96,69 @@ class _Call:
         return 1 if self.plan.packed else None
 
 
-def _decay(g: torch.Tensor, tokens: int) -> torch.Tensor:
-    """``lam^tokens`` per head as ``[1, H, 1, 1]``, to multiply ``[R, H, K, V]`` states."""
-    return torch.exp(g * float(tokens))[None, :, None, None]
+def _log_decays(g: torch.Tensor | None, g_gamma: torch.Tensor) -> torch.Tensor | None:
+    """Per-token log decays ``x = g + g_gamma`` ``[B, L, H]`` in float64 (the engines sum gates in float64 too,
+    engines/cpu/_common.py), or None without gates."""
+    return None if g is None else g.to(torch.float64) + g_gamma.to(torch.float64)
 
 
-def _run_sum(a: torch.Tensor, c: torch.Tensor, g: torch.Tensor, run: Run, reverse: bool, head: bool) -> torch.Tensor:
-    """Decay-weighted ``sum a^T c`` over a run at one end of the shard, in scan order (module docstring):
-    the head run weighs its j-th scanned token (0-based) lam^(j + 1), the tail run lam^(n - 1 - j)."""
-    n, L = run.length, a.shape[1]
-    ascending = head != reverse  # weights grow along the token axis
-    rows = slice(0, n) if ascending else slice(L - n, L)
+def _run_rows(run: Run, L: int, reverse: bool, head: bool) -> tuple[slice, bool]:
+    """The shard rows of a run at one end, and whether the scan enters it along the token axis (``ascending``:
+    the head run's weights accumulate from the shard's first token, the tail run's from its last, in scan order)."""
+    ascending = head != reverse
+    return (slice(0, run.length) if ascending else slice(L - run.length, L)), ascending
+
+
+def _run_sum(a, c, g_gamma: torch.Tensor, log_decay, run: Run, reverse: bool, head: bool) -> torch.Tensor:
+    """Decay-weighted ``sum a^T c`` over a run at one end of the shard, in scan order (module docstring): the head
+    run weighs its t-th scanned token (1-based) exp(x_1 + ... + x_t), the tail run its j-th (0-based)
+    exp(x_(j+1) + ... + x_(n-1)); a constant decay makes those lam^t and lam^(n - 1 - j)."""
+    rows, ascending = _run_rows(run, a.shape[1], reverse, head)
+    if log_decay is not None:
+        return gated_outer_sum(a[:, rows], c[:, rows], log_decay[:, rows], ascending, inclusive=head)
+    n = run.length
     base = (1 if ascending else n) if head else (0 if ascending else n - 1)
-    return decayed_outer_sum(a[:, rows], c[:, rows], g, base, ascending)
+    return decayed_outer_sum(a[:, rows], c[:, rows], g_gamma, base, ascending)
+
+
+def _run_decay(log_decay: torch.Tensor, run: Run, reverse: bool, head: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Lam of a run at one end of the shard with gates: ``exp(sum of x over the run)`` ``[B, H]`` in ``dtype``."""
+    rows, _ = _run_rows(run, log_decay.shape[1], reverse, head)
+    return torch.exp(log_decay[:, rows].sum(1)).to(dtype)
+
+
+def _constant_decays(g_gamma: torch.Tensor, lengths: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Lam of runs of ``lengths`` tokens under the constant decay: ``lam^n`` per run and head, ``[P, 1, H]``."""
+    n = torch.tensor(lengths, dtype=torch.float64, device=g_gamma.device)
+    return torch.exp(n[:, None, None] * g_gamma.to(torch.float64)).to(dtype)
+
+
+def _gather(parts: list[torch.Tensor], call: _Call, step: str) -> list[torch.Tensor]:
+    """All-gather tensors of one dtype in one collective: each as ``[P, *its shape]`` (group rank order)."""
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    gathered = collectives.all_gather_rows(flat, call.group, call.plan.world_size, step)
+    out, offset = [], 0
+    for p in parts:
+        out.append(gathered[:, offset : offset + p.numel()].reshape(-1, *p.shape))
+        offset += p.numel()
+    return out
+
+
+def _exchange(call, state, log_decay, run: Run, head: bool, g_gamma, extra, step):
+    """All-gather each rank's run state ``[R, H, K, V]`` and, with gates, its run's Lam ``[R, H]`` (one collective,
+    with ``extra`` tensors appended). Returns ``(states [P, R, H, K, V], Lam [P, R or 1, H], extra gathered)``;
+    a constant decay's Lam comes from the run lengths, known everywhere."""
+    plan, sdt = call.plan, state.dtype
+    parts = [state, *extra]
+    if log_decay is not None:
+        parts.append(_run_decay(log_decay, run, call.cfg.reverse, head, sdt))
+    gathered = _gather(parts, call, step)
+    if log_decay is not None:
+        decays = gathered.pop()
+    else:
+        runs = plan.head if head else plan.tail
+        decays = _constant_decays(g_gamma, [runs(r).length for r in range(plan.world_size)], sdt)
+    return gathered[0], decays, gathered[1:]
 
 
 def _rows(state: torch.Tensor | None, seq: int | None, call: _Call) -> torch.Tensor | None:
@@ -101,11 +168,12 @@ def _rows(state: torch.Tensor | None, seq: int | None, call: _Call) -> torch.Ten
     return state[seq : seq + 1]
 
 
-def _chain(states, start, ranks, runs, g):
-    """``state <- lam^(run length) * state + states[r]`` over ``ranks``; ``start`` None stands for zero."""
+def _chain(states, start, ranks, decays):
+    """``state <- Lam_r * state + states[r]`` over ``ranks`` (decays ``[P, R or 1, H]``); ``start`` None stands for
+    zero."""
     state = start
     for r in ranks:
-        state = states[r] if state is None else _decay(g, runs(r).length) * state + states[r]
+        state = states[r] if state is None else decays[r][:, :, None, None] * state + states[r]
     return state
 
 
@@ -129,13 +197,14 @@ def _shard_states(call: _Call, per_seq, crossing, L: int, head: bool):
 
 
 class _ContextParallelScan(torch.autograd.Function):
-    """forward(q, k, v, initial_state, g, call) -> (o, final_state or None); engines pick their own precision,
-    so an enclosing ``torch.autocast`` region is switched off inside (it would round the fp32 states)."""
+    """forward(q, k, v, initial_state, g, g_gamma, call) -> (o, final_state or None); g ``[B, L, H]`` in the state
+    dtype or None. Engines pick their own precision, so an enclosing ``torch.autocast`` region is switched off
+    inside (it would round the fp32 states)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, initial_state, g, call: _Call):
+    def forward(ctx, q, k, v, initial_state, g, g_gamma, call: _Call):
         with torch.autocast(q.device.type, enabled=False):
-            return _ContextParallelScan._forward(ctx, q, k, v, initial_state, g, call)
+            return _ContextParallelScan._forward(ctx, q, k, v, initial_state, g, g_gamma, call)
 
     @staticmethod
     def backward(ctx, do, dfinal):
@@ -143,31 +212,30 @@ class _ContextParallelScan(torch.autograd.Function):
             return _ContextParallelScan._backward(ctx, do, dfinal)
 
     @staticmethod
-    def _forward(ctx, q, k, v, initial_state, g, call: _Call):
+    def _forward(ctx, q, k, v, initial_state, g, g_gamma, call: _Call):
         plan, cfg = call.plan, call.cfg
-        rank, P, rev = plan.rank, plan.world_size, cfg.reverse
+        rank, rev = plan.rank, cfg.reverse
         B, L, H, K = q.shape
         V = v.shape[-1]
         sdt = val.state_dtype(q)
-        gs = g.to(sdt)
         head, tail = plan.head(rank), plan.tail(rank)
         rows = call.rows or B
         final_by_chain = cfg.output_final_state and not plan.packed
+        log_decay = _log_decays(g, g_gamma)
 
         # A_r, where a later shard needs it (and, one sequence per row, for the final state).
         if tail.open or final_by_chain:
-            tail_state = _run_sum(k, v, g, tail, rev, head=False)
+            tail_state = _run_sum(k, v, g_gamma, log_decay, tail, rev, head=False)
         else:
             tail_state = q.new_zeros(rows, H, K, V, dtype=sdt)
-        states = collectives.all_gather_rows(tail_state, call.group, P, "forward state all-gather")
-        states = states.view(P, rows, H, K, V)
+        states, decays, _ = _exchange(call, tail_state, log_decay, tail, False, g_gamma, [], "forward state all-gather")
 
         # The state entering the shard's head run: from where its sequence began, through every shard it spans.
         state_in = None
         if head.open:
             chain = plan.chain_to(rank)
             start = _rows(initial_state, plan.tail(chain[0]).seq, call)
-            state_in = _chain(states, None if start is None else start.to(sdt), chain, plan.tail, gs)
+            state_in = _chain(states, None if start is None else start.to(sdt), chain, decays)
 
         local_h0 = _shard_states(call, initial_state, state_in, L, head=True)
 
@@ -178,7 +246,10 @@ class _ContextParallelScan(torch.autograd.Function):
         else:
             engine = get_engine(call.backend, "chunk")
             local_cfg = replace(cfg, output_final_state=cfg.output_final_state and plan.packed)
-            scan_args = dict(g_gamma=g, cfg=local_cfg, initial_state=local_h0, cu_seqlens=call.local_cu_seqlens)
+            scan_args = dict(
+                g_gamma=g_gamma, cfg=local_cfg, initial_state=local_h0, cu_seqlens=call.local_cu_seqlens,
+                **engine_keywords(g, call.local_cu_seqlens_cpu),
+            )  # fmt: skip
             if hasattr(engine, "forward_saving"):
                 o, local_final, saved = engine.forward_saving(q, k, v, **scan_args)
             else:
@@ -187,27 +258,26 @@ class _ContextParallelScan(torch.autograd.Function):
         final = None
         if final_by_chain:
             start = None if initial_state is None else initial_state.to(sdt)
-            final = _chain(states, start, plan.scan_order(), plan.tail, gs)
+            final = _chain(states, start, plan.scan_order(), decays)
             if final is initial_state:  # no tokens at all: a new tensor, not the input
                 final = final.clone()
         elif cfg.output_final_state:
             final = _packed_finals(call, local_final, initial_state, q, V, tail)
 
-        ctx.save_for_backward(q, k, v, g, local_h0, saved)
+        ctx.save_for_backward(q, k, v, g, g_gamma, local_h0, saved)
         ctx.call = call
         ctx.has_initial_state = initial_state is not None
         return o, final
 
     @staticmethod
     def _backward(ctx, do, dfinal):
-        q, k, v, g, local_h0, saved = ctx.saved_tensors
+        q, k, v, g, g_gamma, local_h0, saved = ctx.saved_tensors
         call = ctx.call
         plan, cfg = call.plan, call.cfg
-        rank, P, rev = plan.rank, plan.world_size, cfg.reverse
+        rank, rev = plan.rank, cfg.reverse
         B, L, H, K = q.shape
         V = v.shape[-1]
         sdt = val.state_dtype(q)
-        gs = g.to(sdt)
         do = do.contiguous()
         head, tail = plan.head(rank), plan.tail(rank)
         rows = call.rows or B
@@ -216,16 +286,18 @@ class _ContextParallelScan(torch.autograd.Function):
         wants_dh0 = ctx.has_initial_state and ctx.needs_input_grad[3]
         if has_final and dfinal is None:
             dfinal = q.new_zeros(N, H, K, V, dtype=sdt)
+        log_decay = _log_decays(g, g_gamma)
 
         # Bhat_r, where an earlier shard needs it (and, one sequence per row, for this rank's part of dh0).
         if head.open or (wants_dh0 and not plan.packed):
-            head_grad = cfg.scale * _run_sum(q, do, g, head, rev, head=True)
+            head_grad = cfg.scale * _run_sum(q, do, g_gamma, log_decay, head, rev, head=True)
         else:
             head_grad = q.new_zeros(rows, H, K, V, dtype=sdt)
-        parts = [head_grad.flatten()] + ([dfinal.to(sdt).flatten()] if has_final else [])
-        gathered = collectives.all_gather_rows(torch.cat(parts), call.group, P, "backward state-gradient all-gather")
-        head_grads = gathered[:, : head_grad.numel()].view(P, rows, H, K, V)
-        dfinal_sum = gathered[:, head_grad.numel() :].sum(0).view(N, H, K, V) if has_final else None
+        extra = [dfinal.to(sdt)] if has_final else []
+        head_grads, decays, dfinals = _exchange(
+            call, head_grad, log_decay, head, True, g_gamma, extra, "backward state-gradient all-gather"
+        )
+        dfinal_sum = dfinals[0].sum(0) if has_final else None
 
         # The gradient reaching the shard's tail run: from where its sequence ends, back through every shard
         # it spans.
@@ -233,30 +305,34 @@ class _ContextParallelScan(torch.autograd.Function):
         if tail.open:
             chain = plan.chain_from(rank)
             start = _rows(dfinal_sum, plan.head(chain[0]).seq, call)
-            dstate = _chain(head_grads, start, chain, plan.head, gs)
+            dstate = _chain(head_grads, start, chain, decays)
 
         dht = _shard_states(call, dfinal_sum, dstate, L, head=False)
 
+        dg = None
         if L == 0:
             dq, dk, dv, local_dh0 = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+            dg = None if g is None else torch.zeros_like(g)
         else:
             engine = get_engine(call.backend, "chunk")
             reuse = {} if saved is None else {"saved": saved}
-            dq, dk, dv, local_dh0 = engine.backward(
-                q, k, v, g_gamma=g, cfg=cfg, initial_state=local_h0, cu_seqlens=call.local_cu_seqlens, do=do,
-                dht=dht, **reuse,
-            )[:4]  # fmt: skip
+            dq, dk, dv, local_dh0, dg = engine.backward(
+                q, k, v, g_gamma=g_gamma, cfg=cfg, initial_state=local_h0, cu_seqlens=call.local_cu_seqlens, do=do,
+                dht=dht, **engine_keywords(g, call.local_cu_seqlens_cpu), **reuse,
+            )  # fmt: skip
 
         dh0 = None
         if wants_dh0 and not plan.packed:
-            # This rank's loss sees h0 through lam^(tokens scanned before the shard) S_in, and through its copy of
-            # the final state, lam^T h0.
-            dh0 = _decay(gs, plan.tokens_before(rank)) * head_grad
+            # This rank's loss sees h0 through Lam(tokens scanned before the shard) S_in, and through its copy of
+            # the final state, Lam(all tokens) h0. One sequence per row: every shard is one run, head = tail.
+            order = plan.scan_order()
+            before = decays[order[: order.index(rank)]].prod(0)
+            dh0 = before[:, :, None, None] * head_grad
             if has_final:
-                dh0 = dh0 + _decay(gs, plan.num_tokens) * dfinal.to(sdt)
+                dh0 = dh0 + decays.prod(0)[:, :, None, None] * dfinal.to(sdt)
         elif wants_dh0:
             dh0 = _packed_dh0(call, local_dh0, dfinal_sum, q, V, head)
-        return dq, dk, dv, dh0, None, None
+        return dq, dk, dv, dh0, dg, None, None
 
 
 def _packed_finals(call: _Call, local_final, initial_state, q, V, tail: Run) -> torch.Tensor:
@@ -328,15 +404,18 @@ def _exchange_device(q, group) -> torch.device:
 
 
 def _context_parallel(
-    q, k, v, decay_of, initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size, backend
+    q, k, v, g, decay_of, initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size, backend
 ):  # fmt: skip
     """Validate (every rank takes part in the signature exchange, even with invalid arguments), plan, run.
-    ``decay_of()`` -> ``(g_gamma, scale or None)``, called inside the validation."""
+    ``decay_of()`` -> ``(g_gamma or None, scale or None)``, called inside the validation."""
     rank, world_size = _check_group(group, q.device if isinstance(q, torch.Tensor) else None)
-    error = signature = g = None
+    error = signature = fingerprinted = None
     try:
         g_gamma, scale = decay_of()
-        g, scale, chunk_size = val.check_scan_inputs(q, k, v, g_gamma, scale, None, None, chunk_size)
+        checked_g_gamma, scale, chunk_size = val.check_scan_inputs(q, k, v, g_gamma, scale, None, None, chunk_size, g=g)
+        # The caller's g_gamma, not its validated copy: its fingerprint is kept per tensor (a layer passes the same
+        # one). None is no constant decay, the same as zeros.
+        fingerprinted = checked_g_gamma if g_gamma is None else g_gamma
         num_seqs, cu_host, cu_fingerprint = q.shape[0], None, 0
         if cu_seqlens is not None:
             num_seqs = val.check_cu_seqlens_layout(cu_seqlens, q)
@@ -345,19 +424,19 @@ def _context_parallel(
         val.check_initial_state(initial_state, q, v, num_seqs)
         backend = resolve_backend(backend, q.device)
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, initial_state)
+            t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
         )
         signature = collectives.Signature(
             tokens=q.shape[1], batch=q.shape[0], heads=q.shape[2], k_dim=q.shape[3], v_dim=v.shape[3],
             dtype=q.dtype, device_type=q.device.type, initial_state=initial_state is not None,
             output_final_state=bool(output_final_state), reverse=bool(reverse), chunk_size=chunk_size, scale=scale,
             num_seqs=num_seqs if cu_seqlens is not None else -1, cu_seqlens=cu_fingerprint, needs_grad=needs_grad,
+            gates=None if g is None else g.dtype,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:
         error = exc
     device = _exchange_device(q, group)
-    # The caller's g_gamma, not its validated copy: its fingerprint is kept per tensor (a layer passes the same one).
-    lengths = collectives.agree(signature, g_gamma if error is None else None, device, group, world_size, rank, error)
+    lengths = collectives.agree(signature, fingerprinted, device, group, world_size, rank, error)
 
     bounds = None
     if cu_seqlens is not None:  # equal on every rank (the exchange compared fingerprints): any error is too
@@ -366,19 +445,23 @@ def _context_parallel(
         except ValueError as exc:
             raise ValueError(f"{exc} [context parallel: T is the whole axis, the shard lengths {lengths} summed]") from None
     plan = ShardPlan(tuple(lengths), bounds, bool(reverse), rank)
-    local_cu = None
+    local_cu = local_cu_cpu = None
     if plan.packed and q.shape[1] > 0:
-        local_cu = torch.tensor(plan.local_bounds(rank), dtype=torch.int32).to(q.device)
+        local_cu_cpu = torch.tensor(plan.local_bounds(rank), dtype=torch.int32)
+        local_cu = local_cu_cpu.to(q.device)
     cfg = val.ScanConfig(scale, bool(reverse), chunk_size, bool(output_final_state))
-    call = _Call(cfg, backend, group, plan, local_cu)
-    return _ContextParallelScan.apply(q, k, v, initial_state, g, call)
+    call = _Call(cfg, backend, group, plan, local_cu, local_cu_cpu)
+    if g is not None:  # outside the Function, so that autograd hands dg back in g's own dtype
+        g = g.to(val.state_dtype(q)).contiguous()
+    return _ContextParallelScan.apply(q, k, v, initial_state, g, checked_g_gamma, call)
 
 
 def context_parallel_simple_gla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g_gamma: torch.Tensor,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -399,7 +482,12 @@ def context_parallel_simple_gla(
         q, k: ``[B, L_r, H, K]``; v: ``[B, L_r, H, V]``: this rank's shard. ``L_r`` may differ between ranks
             (even 0); everything else must be the same on all ranks: it is checked, and a mismatch raises the
             same ValueError on every rank.
-        g_gamma: ``[H]`` log decay per head, ``<= 0``.
+        g: ``[B, L_r, H]`` per-token natural-log forget gates of this rank's tokens, any floating dtype,
+            differentiable (``dg`` in g's dtype), or None; given on every rank or on none, in one dtype. As for
+            :func:`lightning_attention.chunk_simple_gla` (fla's order: ``g`` 4th, ``g_gamma`` 5th); a ``[H]``
+            tensor here is an error pointing to ``g_gamma=``.
+        g_gamma: ``[H]`` constant log decay per head, ``<= 0``, the same on every rank; adds to ``g``. None: no
+            constant decay.
         scale: default ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` float32 (float64 for float64 inputs), the state before each sequence,
             identical on every rank. Gradient: a part on each rank, summing over the group to the whole
@@ -419,11 +507,12 @@ def context_parallel_simple_gla(
         ``(o [B, L_r, H, V] in q's dtype, final_state [N, H, K, V] or None)``.
 
     Collectives per call: a signature exchange and one state all-gather forward, one all-gather backward, and
-    with ``cu_seqlens`` and ``output_final_state`` one all-reduce of the final states (collectives.py).
+    with ``cu_seqlens`` and ``output_final_state`` one all-reduce of the final states (collectives.py). ``g`` adds
+    no collective: each all-gather carries one ``[R, H]`` decay per rank more.
     """
     return _context_parallel(
-        q, k, v, lambda: (g_gamma, scale), initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size,
-        backend,
+        q, k, v, g, lambda: (g_gamma, scale), initial_state, output_final_state, group, cu_seqlens, reverse,
+        chunk_size, backend,
     )  # fmt: skip
 
 
@@ -457,5 +546,5 @@ def context_parallel_lightning_attn(
         return g, decay.default_scale(schedule, q.shape[-1]) if scale is None else scale
 
     return _context_parallel(
-        q, k, v, decay_of, initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size, backend
+        q, k, v, None, decay_of, initial_state, output_final_state, group, cu_seqlens, reverse, chunk_size, backend
     )

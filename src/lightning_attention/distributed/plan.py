@@ -100,10 +100,6 @@ class ShardPlan:
         i = order.index(rank)
         return order[i + 1] if i + 1 < len(order) else None
 
-    def tokens_before(self, rank: int) -> int:
-        """Tokens the scan processes before this rank's shard."""
-        return sum(self.lengths[r] for r in self.scan_order()[: self.scan_order().index(rank)])
-
     def _seq_at(self, token: int) -> int:
         """The (non-empty) sequence holding ``token``."""
         lo, hi = 0, self.num_seqs - 1
