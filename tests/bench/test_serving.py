@@ -1,4 +1,4 @@
-"""The serving benchmark's script (lightning_attention.bench_serving through benchmarks/bench_decode.py) at tiny
+"""The serving benchmark's script (lightning_attention.bench.serving through benchmarks/bench_decode.py) at tiny
 shapes on the CPU (--smoke: the Triton interpreter, host timers), so that a GPU run does not find its bugs: every
 section and the sweep run and the results file has a row for every case."""
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode.py"
 
 
 def test_smoke_run_writes_every_section(tmp_path):
@@ -19,8 +19,10 @@ def test_smoke_run_writes_every_section(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (folder,) = tmp_path.iterdir()  # one folder, named after the card
+    assert folder.name == "cpu"
     text = (folder / "serving.md").read_text()
-    assert "triton" in text.splitlines()[2] and "command: `python benchmarks/bench_decode.py --smoke" in text
+    assert text.splitlines()[2].startswith("card: CPU") and "triton: " in text.splitlines()[2]
+    assert re.search(r"command: `python \S*bench_decode\.py --smoke --sweep --out ", text)
     lines = text.splitlines()
     decode = [r for r in lines if re.match(r"\| \d+ \| (fp32|bf16) \| [\d.]+ \|", r) and r.count("|") == 11]
     multi = [r for r in lines if re.match(r"\| \d+ \| (fp32|bf16) \| \d \|", r) and r.count("|") == 13]
@@ -29,3 +31,14 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert (len(decode), len(multi), len(prefill), len(sweep)) == (4, 4, 2, 4), text
     assert "Suggested DECODE_TILES entry" in text and "nan" not in text
     assert (folder / "serving.json").exists()
+
+
+def test_accuracy_run_writes_its_table_in_the_cards_folder(tmp_path, capsys):
+    """--accuracy at a few steps on the CPU (the torch path): one row per schedule and cache dtype, errors finite."""
+    from lightning_attention.bench import serving
+
+    serving.bench_accuracy(str(tmp_path), "cpu", steps=12)
+    text = (tmp_path / "cpu" / "decode_bf16_accuracy.md").read_text()
+    rows = [r for r in text.splitlines() if re.match(r"\| (tnl|minimax) \| (fp32|bf16) \|", r)]
+    assert len(rows) == 4 and "nan" not in text, text
+    assert (tmp_path / "cpu" / "decode_bf16_accuracy.json").exists()
