@@ -23,7 +23,7 @@ import time
 import torch
 
 from lightning_attention import decay
-from lightning_attention.bench.environment import environment, header, load_average, write_results
+from lightning_attention.bench.environment import environment, header, load_average, publish
 from lightning_attention.ops import chunk_simple_gla
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import make_inputs, rel_err
@@ -108,10 +108,7 @@ def main(argv=None) -> int:
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     rows = [row for threads in args.threads for row in run(threads, args.repeats, args.loop_repeats, shapes)]
     lines = to_markdown(rows, args.repeats, args.loop_repeats, load_before, load_average())
-    print("\n".join(lines))
-    if args.out:
-        print(f"written: {write_results(args.out, 'chunk', environment('cpu'), lines)}")
-    return 0
+    return publish(args.out, "chunk", environment("cpu"), lines)
 
 
 if __name__ == "__main__":

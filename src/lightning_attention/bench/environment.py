@@ -4,7 +4,7 @@
 - :func:`copy_bandwidth`: the device's measured copy bandwidth, the denominator of every bandwidth floor.
 - :func:`card_folder`: a result's folder, one per card ("h200" for "NVIDIA H200", "h100x4" for four of them,
   "cpu"), so that results live at ``benchmarks/results/<card>/<topic>.md``, one file per card and topic.
-- :class:`Table`, :func:`header`, :func:`write_results`: the markdown (and JSON) of a result.
+- :class:`Table`, :func:`header`, :func:`write_results`, :func:`publish`: the markdown (and JSON) of a result.
 
 From a shell (benchmarks/check_gpu.sh, benchmarks/context_parallel.sh)::
 
@@ -36,6 +36,7 @@ __all__ = [
     "command_line",
     "header",
     "write_results",
+    "publish",
     "Table",
 ]
 
@@ -170,6 +171,17 @@ def write_results(root: str, topic: str, env: dict, lines: list[str], payload: d
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def publish(root: str | None, topic: str, env: dict, lines: list[str], payload: dict | None = None,
+            echo: bool = True) -> int:
+    """The end of a benchmark's run: print ``lines`` (unless ``echo`` is False: a :class:`Table` printed them as
+    they came) and, with ``root``, write them (:func:`write_results`) and say where. Returns 0, the exit code."""
+    if echo:
+        print("\n".join(lines))
+    if root:
+        print(f"written: {write_results(root, topic, env, lines, payload)}")
+    return 0
 
 
 class Table(list):
