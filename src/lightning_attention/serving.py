@@ -57,7 +57,7 @@ bfloat16 cache: half the memory traffic of a decode step. The state is read into
 to bfloat16 once per call when stored, so each call adds one rounding error (2^-9 relative) of the *state*.
 Those errors add up like a random walk over the head's memory (about 1 / (1 - exp(g)) tokens), so the cost
 depends on the decay. Measured over 10,000 steps (``benchmarks/bench_decode.py --accuracy``,
-benchmarks/results/decode_bf16_accuracy_*.md; rel err vs the float64 recurrence; float32 cache: <= 2e-6):
+benchmarks/results/<card>/decode_bf16_accuracy.md; rel err vs the float64 recurrence; float32 cache: <= 2e-6):
 
 * heads with g <= -1: state error ~1.7e-3 (about one rounding), flat in the step count;
 * MiniMax layer 0: state error from 2e-3 (fastest head, g = -0.5) to 1.9e-2 (slowest, g = -2^-8, a memory of
