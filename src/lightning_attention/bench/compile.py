@@ -176,7 +176,7 @@ def to_markdown(rows: list[dict], env: dict, args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<card>/compile.md ('' for none)")
+    parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<card>/compile.md ('': none)")
     parser.add_argument("--backend", default="auto", help="engine backend of the layer: auto, torch, triton")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune...)")
     parser.add_argument("--precisions", nargs="*", default=None, help="subset of fp32, bf16, autocast")

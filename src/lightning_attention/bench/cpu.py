@@ -67,12 +67,12 @@ def run(threads: int, repeats: int, loop_repeats: int, shapes=SHAPES):
         t_loop = _median_seconds(loop, loop_repeats)
         rows.append((threads, (B, T, H, D), t_chunk, t_loop, err))
         print(f"threads={threads} B={B} T={T} H={H} D={D}: chunk {t_chunk[0] * 1e3:.1f} ms, token loop "
-              f"{t_loop[0] * 1e3:.1f} ms, speed-up {t_loop[0] / t_chunk[0]:.1f}x (CPU time: {t_loop[1] / t_chunk[1]:.1f}x), "
-              f"rel. difference {err:.1e}", flush=True)
+              f"{t_loop[0] * 1e3:.1f} ms, speed-up {t_loop[0] / t_chunk[0]:.1f}x "
+              f"(CPU time: {t_loop[1] / t_chunk[1]:.1f}x), rel. difference {err:.1e}", flush=True)  # fmt: skip
     return rows
 
 
-def to_markdown(rows, repeats: int, loop_repeats: int, load_before: float, load_after: float) -> list[str]:
+def to_markdown(rows, env: dict, repeats: int, loop_repeats: int, load_before: float, load_after: float) -> list[str]:
     notes = (
         f"load average (1 min) before / after the run: {load_before:.1f} / {load_after:.1f}; threads = "
         f"torch.set_num_threads; median of {repeats} runs (token loop: {loop_repeats}) after one warm-up.",
@@ -82,7 +82,7 @@ def to_markdown(rows, repeats: int, loop_repeats: int, load_before: float, load_
         "and dq between the two. wall = median wall-clock time; CPU = median process CPU time (all threads), which "
         "a busy shared machine distorts less than wall-clock time.",
     )
-    lines = header(TITLE, environment("cpu"), *notes) + [
+    lines = header(TITLE, env, *notes) + [
         "| threads | B | T | H | D | chunk wall (ms) | token loop wall (ms) | speed-up wall | chunk CPU (ms) "
         "| token loop CPU (ms) | speed-up CPU | rel. difference |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -107,8 +107,9 @@ def main(argv=None) -> int:
     load_before = load_average()
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     rows = [row for threads in args.threads for row in run(threads, args.repeats, args.loop_repeats, shapes)]
-    lines = to_markdown(rows, args.repeats, args.loop_repeats, load_before, load_average())
-    return publish(args.out, "chunk", environment("cpu"), lines)
+    env = environment("cpu")
+    lines = to_markdown(rows, env, args.repeats, args.loop_repeats, load_before, load_average())
+    return publish(args.out, "chunk", env, lines)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ TRAIN_FROM_T = 1024  # forward + backward timed from this T on
 SHAPES = ((4, 16), (16, 32))  # (B, H)
 TILE_SWEEP = [(4096, 4), (2048, 2), (2048, 4), (4096, 8), (8192, 8), (1024, 1)]
 TILE_SHAPE = (4, 16, 256)  # (B, H, T) of the tile sweep
-PREFILL_CASES = ((8, 2048, 32), (64, 128, 32), (128, 64, 32), (128, 32, 32), (256, 16, 32))  # (sequences, tokens each, H)
+#: (sequences, tokens each, H)
+PREFILL_CASES = ((8, 2048, 32), (64, 128, 32), (128, 64, 32), (128, 32, 32), (256, 16, 32))
 
 
 def smoke_mode() -> None:
@@ -66,7 +67,8 @@ def _fwd_bwd(op, q, k, v, h0, g_gamma):
 
 def bench_t_sweep(rows, table):
     chunk_engine = recurrent.chunk.ENGINE
-    table.add("| B | H | T | loop fwd ms | chunked fwd ms | loop / chunked | recurrent op fwd ms | op / chunked op fwd+bwd |",
+    table.add("| B | H | T | loop fwd ms | chunked fwd ms | loop / chunked | recurrent op fwd ms "
+              "| op / chunked op fwd+bwd |",
               "|---|---|---|---|---|---|---|---|")
     for B, H in SHAPES:
         g = decay.g_gamma(H, 0, 24, device=common.DEVICE)
@@ -86,7 +88,8 @@ def bench_t_sweep(rows, table):
                     for op_fn in times:
                         times[op_fn].append(_ms(lambda: _fwd_bwd(op_fn, qg, kg, vg, hg, g)))
                 ratio_train = min(times[fused_recurrent_simple_gla]) / min(times[chunk_simple_gla])
-            rows.append(dict(B=B, H=H, T=T, loop_ms=loop, chunk_ms=chunked, op_ms=op, op_over_chunk_fwd_bwd=ratio_train))
+            rows.append(dict(B=B, H=H, T=T, loop_ms=loop, chunk_ms=chunked, op_ms=op,
+                             op_over_chunk_fwd_bwd=ratio_train))
             train = "" if ratio_train is None else f"{ratio_train:.2f}"
             table.add(f"| {B} | {H} | {T} | {loop:.3f} | {chunked:.3f} | {loop / chunked:.2f} | {op:.3f} | {train} |")
         same = [r for r in rows if r.get("B") == B and r.get("H") == H]
@@ -100,7 +103,8 @@ def bench_tile_sweep(rows, table):
     cfg = ScanConfig(K**-0.5, False, 64, True)
     q, k, v, h0 = _inputs(B, T, H)
     default = recurrent.RECURRENT_CONFIG
-    table.add("", f"recurrent kernel tile sweep, B={B} H={H} T={T}", "", "| state tile | warps | fwd ms |", "|---|---|---|")
+    table.add("", f"recurrent kernel tile sweep, B={B} H={H} T={T}", "", "| state tile | warps | fwd ms |",
+              "|---|---|---|")
     try:
         for config in TILE_SWEEP:
             recurrent.RECURRENT_CONFIG = config
@@ -112,7 +116,8 @@ def bench_tile_sweep(rows, table):
 
 
 def bench_prefill(rows, table):
-    table.add("", "prefill into slots vs chunk_simple_gla (initial_state + final state tensors), bf16 inputs, fp32 cache",
+    table.add("", "prefill into slots vs chunk_simple_gla (initial_state + final state tensors), bf16 inputs, "
+              "fp32 cache",
               "", "| sequences x tokens | H | prefill ms | chunked op ms | ratio |", "|---|---|---|---|---|")
     dev = common.DEVICE
     for N, L, H in PREFILL_CASES:
@@ -124,7 +129,8 @@ def bench_prefill(rows, table):
         use = torch.ones(N, dtype=torch.bool, device=dev)
         h0 = torch.randn(N, H, K, V, device=dev)
         prefill = _ms(lambda: serving.lightning_attn_prefill(q, k, v, cu, cache, slots, g, None, use))
-        chunked = _ms(lambda: chunk_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True, cu_seqlens=cu))
+        chunked = _ms(lambda: chunk_simple_gla(q, k, v, g_gamma=g, initial_state=h0, output_final_state=True,
+                                               cu_seqlens=cu))
         rows.append(dict(prefill_N=N, L=L, H=H, prefill_ms=prefill, chunk_ms=chunked))
         table.add(f"| {N} x {L} | {H} | {prefill:.3f} | {chunked:.3f} | {prefill / chunked:.2f} |")
 
