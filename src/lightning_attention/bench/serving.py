@@ -44,6 +44,7 @@ from lightning_attention.ops import chunk_simple_gla
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import rel_err
 
+TITLE = "Serving: decode, multi-token decode and prefill into cache slots against the bandwidth floor"
 H, K, V = 64, 128, 128
 DECODE_BATCHES = (1, 16, 64, 256, 1024)
 MULTI_BATCHES = (64, 256)
@@ -55,7 +56,6 @@ CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SWEEP_CANDIDATES = [(bv, bk, w) for bv in (16, 32, 64, 128) for bk, w in ((64, 4), (64, 8), (128, 4))] + [(128, 128, 8)]
 SLOTS_PER_ROW = 4  # cache slots per decode row
 GRAPH_STEPS = 16
-TITLE = "Serving: decode, multi-token decode and prefill into cache slots against the bandwidth floor"
 L2_BYTES = 1 << 28  # graph replays rotate over caches until the touched states exceed this (any L2 today)
 #: "cuda", or "cpu" for a --smoke run through the Triton interpreter at tiny shapes.
 DEVICE = "cuda"
