@@ -1,13 +1,11 @@
-"""Serving benchmark: ``python benchmarks/bench_decode.py [--sweep] [--out DIR] [--smoke]``.
+"""Serving benchmark: ``python benchmarks/bench_decode.py [--sweep] [--out DIR] [--smoke] [--accuracy]``.
 
-Thin wrapper over :mod:`lightning_attention.bench_serving` (also ``python -m lightning_attention bench --serving``):
-decode steps, multi-token decode and prefill against the bandwidth floor, the decode tile sweep, and
-``--accuracy`` (bf16 vs fp32 cache over many steps). Results: benchmarks/results/<card>/serving.md.
+:mod:`lightning_attention.bench.serving` (also ``python -m lightning_attention bench --serving``): decode steps,
+multi-token decode and prefill against the bandwidth floor, the decode tile sweep, and ``--accuracy`` (bf16 vs fp32
+cache over many steps). Results: benchmarks/results/<card>/serving.md and decode_bf16_accuracy.md.
 """
 
-import sys
-
-from lightning_attention import bench_serving
+from lightning_attention.bench.serving import main
 
 if __name__ == "__main__":
-    sys.exit(bench_serving.main())
+    raise SystemExit(main())

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
 # Results folder per card: "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100.
-dir=${1:-benchmarks/results/$(echo "$card" | grep -oiE '\b[a-z][0-9]{2,4}\b' | head -1 | tr 'A-Z' 'a-z')}
+dir=${1:-benchmarks/results/$(python3 -m lightning_attention.bench.environment --device cuda --folder)}
 mkdir -p "$dir"
 workers=${WORKERS:-8}
 start=$(date +%s)
@@ -25,8 +25,7 @@ summary=$(grep -E '^=+ .*(passed|failed|error)' "$dir/pytest.log" | tail -1)
 {
   echo "# GPU check: $card"
   echo
-  python3 -c "import torch, triton; print(f'card: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}')"
-  nvidia-smi --query-gpu=driver_version --format=csv,noheader | sed 's/^/driver: /'
+  python3 -m lightning_attention.bench.environment --device cuda  # card | driver | torch | triton | python
   echo
   echo "\`bash benchmarks/check_gpu.sh\` at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(( $(date +%s) - start )) s"
   echo

@@ -9,7 +9,7 @@ the op itself); its results are judged against the float64 reference relative to
 (lightning_attention.testing's policy).
 
 Compile tests are few and small (CI has 2 cores): aot_eager everywhere except one inductor test. The same tests
-run on CUDA (``-m gpu``; benchmarks/gpu/compile_check.py) for both backends there.
+run on CUDA (``-m gpu``; benchmarks/check_gpu.sh runs them with the whole suite) for both backends there.
 """
 
 from __future__ import annotations

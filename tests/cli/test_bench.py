@@ -13,6 +13,6 @@ def test_bench_on_cpu_times_the_torch_engine_against_the_token_loop(tmp_path, ca
     args = _args(device="cpu", out=str(tmp_path))
     args.shapes = ["1x130x2x16"]
     assert bench.run(args) == 0
-    table = (tmp_path / "cpu.md").read_text()
+    table = (tmp_path / "cpu" / "chunk.md").read_text()
     assert "| 130 | 2 | 16 |" in table  # the row of the requested shape
     assert "speed-up" in capsys.readouterr().out

@@ -230,7 +230,7 @@ def run(args) -> int:
         lines += ["", f"Written to {path}; `python -m lightning_attention check` reports the table in use."]
         print(lines[-1])
     if args.out:
-        from lightning_attention.bench_serving import card_folder
+        from lightning_attention.bench.environment import card_folder
 
         folder = os.path.join(args.out, card_folder(card))
         os.makedirs(folder, exist_ok=True)

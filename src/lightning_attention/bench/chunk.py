@@ -1,4 +1,4 @@
-"""Benchmark of the chunked op (``python -m lightning_attention bench``; benchmarks/bench_chunk.py wraps it).
+"""Benchmark of the chunked op on CUDA (``python -m lightning_attention bench``, ``python benchmarks/bench_chunk.py``).
 
 For each shape ``B x T x H x D`` (K = V = D) it times, with ``triton.testing.do_bench`` (median, ms):
 forward and forward+backward of this library's Triton engine, fla's ``chunk_lightning_attn`` and
@@ -8,22 +8,22 @@ computed too): this library's op with ``g`` ("ours_g") and fla's ``chunk_simple_
 It reports the bandwidth floor (forward: q, k, v read + o written = 4 tensor passes;
 forward+backward: 11 passes) at the card's measured copy bandwidth, and the peak memory of forward+backward
 above the inputs. Each call is timed as called (eager) and replayed as a CUDA graph (GPU time). Outputs: one
-printed table, and ``chunk.md`` + ``chunk.png`` (GPU time vs T) in ``out_dir``, headed by the card, driver, torch
-and triton versions.
+printed table, and ``<out_dir>/<card>/chunk.md`` + ``chunk.png`` (GPU time vs T), stamped with the card, driver,
+torch and triton versions (:mod:`lightning_attention.bench.environment`).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from lightning_attention import decay
+from lightning_attention.bench.environment import copy_bandwidth, environment, header, write_results
 
-__all__ = ["SHAPES", "run", "copy_bandwidth"]
+__all__ = ["SHAPES", "run", "parse_shape"]
 
 #: (B, T, H, D, dtype) -- the issue's shapes.
 SHAPES = [
@@ -57,16 +57,6 @@ class Row:
     floor_fwd_ms: float
     floor_fwdbwd_ms: float
     results: list[Result] = field(default_factory=list)
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    import triton.testing
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
 
 
 #: Providers that take the per-token gates (their forward+backward also computes dg).
@@ -217,42 +207,16 @@ def _measure_provider(name, fn, x: Inputs, precision: str | None) -> Result:
     return res
 
 
-def environment() -> dict[str, str]:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        driver = "unknown"
-    return {
-        "card": f"{props.name} ({props.multi_processor_count} SMs)",
-        "driver": driver or "unknown",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-    }
-
-
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-_HEADER_LINES = 8  # lines of to_markdown before the first table row
+TITLE = "Chunked Lightning Attention: forward / forward+backward (ms, median of triton.testing.do_bench)"
 
 
-def to_markdown(rows: list[Row], env: dict[str, str], bandwidth: float) -> str:
+def table(rows: list[Row]) -> list[str]:
+    """The markdown table of ``rows``: column heads, then per shape its floor and one line per provider."""
     lines = [
-        "# Chunked Lightning Attention: forward / forward+backward (ms, median of triton.testing.do_bench)",
-        "",
-        " | ".join(f"{k}: {v}" for k, v in env.items()) + f" | copy bandwidth: {bandwidth / 1e12:.2f} TB/s",
-        "",
-        f"Decay: 'tnl' layer {LAYER_IDX} of {NUM_LAYERS}; *_g rows: per-token gates g [B, T, H] fp32 (log-sigmoid of "
-        "N(0, 1)), dg computed too. Floor = bytes / copy bandwidth (fwd 4 passes, fwd+bwd 11). "
-        "Peak MiB = peak memory of fwd+bwd above the inputs. Eager columns include the host's Python and launch "
-        "cost per call; (graph) columns replay the call as a CUDA graph (GPU time).",
-        "",
         "| shape BxTxHxD | dtype | provider | fwd ms | fwd+bwd ms | fwd / floor | fwd+bwd / floor | "
         "fwd ms (graph) | fwd+bwd ms (graph) | peak MiB | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -270,7 +234,19 @@ def to_markdown(rows: list[Row], env: dict[str, str], bandwidth: float) -> str:
             graph = [_fmt(r.fwd_graph_ms), _fmt(r.fwdbwd_graph_ms)]
             cells = [shape, dt, r.provider, _fmt(r.fwd_ms), _fmt(r.fwdbwd_ms), rf, rb, *graph, peak, r.note]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def to_markdown(rows: list[Row], env: dict[str, str], bandwidth: float) -> list[str]:
+    """The result: its header (environment, command, copy bandwidth, what the columns mean), then the table."""
+    notes = (
+        f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s",
+        f"Decay: 'tnl' layer {LAYER_IDX} of {NUM_LAYERS}; *_g rows: per-token gates g [B, T, H] fp32 (log-sigmoid of "
+        "N(0, 1)), dg computed too. Floor = bytes / copy bandwidth (fwd 4 passes, fwd+bwd 11). "
+        "Peak MiB = peak memory of fwd+bwd above the inputs. Eager columns include the host's Python and launch "
+        "cost per call; (graph) columns replay the call as a CUDA graph (GPU time).",
+    )
+    return header(TITLE, env, *notes) + table(rows)
 
 
 def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
@@ -319,20 +295,20 @@ def plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
     plt.close(fig)
 
 
-def write_results(rows: list[Row], out_dir: str, env: dict[str, str], bandwidth: float, plot_too: bool = True) -> None:
-    """chunk.md (and chunk.png) of ``rows`` in ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "chunk.md"), "w") as f:
-        f.write(to_markdown(rows, env, bandwidth))
+def _write(rows: list[Row], root: str, env: dict[str, str], bandwidth: float, plot_too: bool = True) -> str:
+    """``root/<card>/chunk.md`` (and ``chunk.png`` beside it) of ``rows``; returns the markdown's path."""
+    path = write_results(root, "chunk", env, to_markdown(rows, env, bandwidth))
     if plot_too:
         try:
-            plot(rows, os.path.join(out_dir, "chunk.png"), env)
+            plot(rows, os.path.join(os.path.dirname(path), "chunk.png"), env)
         except ImportError:
             print("matplotlib missing: no plot written")
+    return path
 
 
 def run(out_dir: str | None = "benchmarks/results", shapes=None, providers: list[str] | None = None) -> list[Row]:
-    """Run the benchmark, print the table, and write chunk.md / chunk.png into ``out_dir`` (if not None)."""
+    """Run the benchmark, print the table, and write ``<out_dir>/<card>/chunk.md`` and ``chunk.png`` (if
+    ``out_dir``)."""
     if not torch.cuda.is_available():
         raise RuntimeError("the benchmark needs a CUDA device")
     env = environment()
@@ -340,14 +316,14 @@ def run(out_dir: str | None = "benchmarks/results", shapes=None, providers: list
     all_providers = _providers()
     chosen = {k: v for k, v in all_providers.items() if providers is None or k in providers}
     rows = []
+    print("\n".join(to_markdown(rows, env, bandwidth)), flush=True)
     for B, T, H, D, dtype in shapes or SHAPES:
         rows.append(run_shape(B, T, H, D, dtype, chosen, bandwidth))
-        print("\n".join(to_markdown(rows[-1:], env, bandwidth).splitlines()[_HEADER_LINES:]), flush=True)
+        print("\n".join(table(rows[-1:])[2:]), flush=True)
         if out_dir:  # after every shape, so that a run cut off by a time limit still leaves its rows
-            write_results(rows, out_dir, env, bandwidth, plot_too=False)
-    print(to_markdown(rows, env, bandwidth))
+            _write(rows, out_dir, env, bandwidth, plot_too=False)
     if out_dir:
-        write_results(rows, out_dir, env, bandwidth)
+        print(f"written: {_write(rows, out_dir, env, bandwidth)}")
     return rows
 
 

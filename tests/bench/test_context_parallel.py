@@ -1,5 +1,6 @@
-"""benchmarks/bench_context_parallel.py at tiny size on CPU (gloo, 2 processes under torchrun), then its report:
-the GPU run must not be the first to find a broken path. Bounded by a hard timeout."""
+"""benchmarks/bench_context_parallel.py (lightning_attention.bench.context_parallel) at tiny size on CPU (gloo, 2
+processes under torchrun), then its report: the GPU run must not be the first to find a broken path. Bounded by a
+hard timeout."""
 
 from __future__ import annotations
 
@@ -44,12 +45,15 @@ def test_benchmark_runs_at_tiny_size_and_reports(tmp_path):
         assert r["local_s"] > 0 and r["cp_s"] > 0, (key, r)
     assert result["bench"]["400-packed"]["documents"] >= 4
 
+    results = tmp_path / "results"
     report = subprocess.run(
-        [sys.executable, str(SCRIPT), "--report", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
-    )
+        [sys.executable, str(SCRIPT), "--report", str(tmp_path), "--results", str(results)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert report.returncode == 0, report.stderr[-4000:]
     text = (tmp_path / "context_parallel.md").read_text()
-    assert "call-signature exchange" in text and "torch 2." in text
+    assert (results / "cpux2" / "context_parallel.md").read_text() == text  # the card and the most GPUs launched
+    assert "call-signature exchange" in text and "torch 2." in text and "card seen by torch: CPU (" in text
     rows = [line for line in text.splitlines() if line.startswith("| 400 | packed documents")]
     assert len(rows) == 1 and "documents)" in rows[0], text
     assert text.count("| yes |") == len(result["check"]), text

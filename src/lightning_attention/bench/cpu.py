@@ -6,25 +6,24 @@ attention recurrence is usually written in plain PyTorch) on the same float32 in
 threads. Each time is the median of several runs after a warm-up run, which also checks the two results against
 each other (relative error of o and dq), so a fast wrong engine cannot post a number.
 
-    python -m lightning_attention bench --device cpu     (or benchmarks/bench_cpu.py [--threads 2 1] [--out DIR])
+    python -m lightning_attention bench --device cpu     (or python benchmarks/bench_cpu.py [--threads 2 1] [--out DIR])
 
-Writes ``cpu.md`` in ``--out`` with the machine (CPU model, cores, load average while it ran), torch version and
-the table. On a shared machine the load average matters: the token loop issues ~10 tiny ops per token, and with
-more torch threads than idle cores every one of them can wait for a descheduled thread.
+Writes ``<out>/cpu/chunk.md`` (the chunked op on the CPU) with the machine (CPU model, cores, load average while it
+ran), the versions and the table. On a shared machine the load average matters: the token loop issues ~10 tiny ops
+per token, and with more torch threads than idle cores every one of them can wait for a descheduled thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import statistics
 import time
 
 import torch
 
 from lightning_attention import decay
+from lightning_attention.bench.environment import environment, header, load_average, publish
 from lightning_attention.ops import chunk_simple_gla
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import make_inputs, rel_err
@@ -32,6 +31,7 @@ from lightning_attention.testing import make_inputs, rel_err
 #: (B, T, H, D): the headline shape first.
 SHAPES = [(1, 4096, 4, 64), (1, 1024, 4, 64), (2, 2048, 8, 64), (1, 8192, 2, 128)]
 LAYER_IDX, NUM_LAYERS = 2, 8  # "tnl" decay of layer 2 of 8
+TITLE = "CPU benchmark: chunked torch engine vs token loop (forward + backward, float32)"
 
 
 def _fwd_bwd(fn, q, k, v, h0, g):
@@ -53,17 +53,6 @@ def _median_seconds(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(threads: int, repeats: int, loop_repeats: int, shapes=SHAPES):
     torch.set_num_threads(threads)
     rows = []
@@ -78,26 +67,22 @@ def run(threads: int, repeats: int, loop_repeats: int, shapes=SHAPES):
         t_loop = _median_seconds(loop, loop_repeats)
         rows.append((threads, (B, T, H, D), t_chunk, t_loop, err))
         print(f"threads={threads} B={B} T={T} H={H} D={D}: chunk {t_chunk[0] * 1e3:.1f} ms, token loop "
-              f"{t_loop[0] * 1e3:.1f} ms, speed-up {t_loop[0] / t_chunk[0]:.1f}x (CPU time: {t_loop[1] / t_chunk[1]:.1f}x), "
-              f"rel. difference {err:.1e}", flush=True)
+              f"{t_loop[0] * 1e3:.1f} ms, speed-up {t_loop[0] / t_chunk[0]:.1f}x "
+              f"(CPU time: {t_loop[1] / t_chunk[1]:.1f}x), rel. difference {err:.1e}", flush=True)  # fmt: skip
     return rows
 
 
-def to_markdown(rows, repeats: int, loop_repeats: int, load_before, load_after) -> str:
-    lines = [
-        "# CPU benchmark: chunked torch engine vs token loop (forward + backward, float32)",
-        "",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible; threads = torch.set_num_threads",
-        f"- load average (1 min) before / after the run: {load_before:.1f} / {load_after:.1f}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- median of {repeats} runs (token loop: {loop_repeats}) after one warm-up; `python benchmarks/bench_cpu.py`",
-        "- chunk: `chunk_simple_gla(backend=\"torch\")`, chunk_size 64, with h0 and the final state's gradient;",
-        "  token loop: autograd through `lightning_attention.reference.recurrent_reference`, same inputs",
-        f"- decay: \"tnl\", layer {LAYER_IDX} of {NUM_LAYERS}; K = V = D; rel. difference = max relative error "
-        "of o and dq between the two",
-        "- wall = median wall-clock time; CPU = median process CPU time (all threads), which a busy shared machine",
-        "  distorts less than wall-clock time",
-        "",
+def to_markdown(rows, env: dict, repeats: int, loop_repeats: int, load_before: float, load_after: float) -> list[str]:
+    notes = (
+        f"load average (1 min) before / after the run: {load_before:.1f} / {load_after:.1f}; threads = "
+        f"torch.set_num_threads; median of {repeats} runs (token loop: {loop_repeats}) after one warm-up.",
+        "chunk: `chunk_simple_gla(backend=\"torch\")`, chunk_size 64, with h0 and the final state's gradient; "
+        "token loop: autograd through `lightning_attention.reference.recurrent_reference`, same inputs. "
+        f"Decay: \"tnl\", layer {LAYER_IDX} of {NUM_LAYERS}; K = V = D; rel. difference = max relative error of o "
+        "and dq between the two. wall = median wall-clock time; CPU = median process CPU time (all threads), which "
+        "a busy shared machine distorts less than wall-clock time.",
+    )
+    lines = header(TITLE, env, *notes) + [
         "| threads | B | T | H | D | chunk wall (ms) | token loop wall (ms) | speed-up wall | chunk CPU (ms) "
         "| token loop CPU (ms) | speed-up CPU | rel. difference |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -108,7 +93,7 @@ def to_markdown(rows, repeats: int, loop_repeats: int, load_before, load_after) 
             f"{t_loop[0] / t_chunk[0]:.1f}x | {t_chunk[1] * 1e3:.1f} | {t_loop[1] * 1e3:.1f} | "
             f"{t_loop[1] / t_chunk[1]:.1f}x | {err:.1e} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
@@ -117,18 +102,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of the chunked engine")
     parser.add_argument("--loop-repeats", type=int, default=3, help="timed runs of the (slow) token loop")
     parser.add_argument("--shapes", nargs="+", default=None, help="BxTxHxD each (default: SHAPES)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for cpu.md ('' for none)")
+    parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/cpu/chunk.md ('' for none)")
     args = parser.parse_args(argv)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     rows = [row for threads in args.threads for row in run(threads, args.repeats, args.loop_repeats, shapes)]
-    text = to_markdown(rows, args.repeats, args.loop_repeats, load_before, os.getloadavg()[0])
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "cpu.md"), "w") as f:
-            f.write(text)
-    return 0
+    env = environment("cpu")
+    lines = to_markdown(rows, env, args.repeats, args.loop_repeats, load_before, load_average())
+    return publish(args.out, "chunk", env, lines)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 # decay, 512k with per-token gates, and packed documents of 8k-64k tokens at 512k and 1M, on 1, 2 and 4 GPUs (NCCL,
 # one torchrun launch per GPU count, as many as the host has), then a markdown report.
 # Results: $OUT (default ./gpu_out): cp_P{1,2,4}.json, context_parallel.log, context_parallel.md, and the report
-# copied to benchmarks/results/<card>x<GPUs>/context_parallel.md (card from nvidia-smi, e.g. h200x4).
-# Usage, from the repository root:  bash benchmarks/gpu/context_parallel.sh      (under 10 minutes)
+# copied to benchmarks/results/<card>x<GPUs>/context_parallel.md (e.g. h200x4: the card and the most GPUs run).
+# Usage, from the repository root:  bash benchmarks/context_parallel.sh      (under 10 minutes)
 set -o pipefail
 # NVLink multicast stays off (it can take a shared host's GPUs out of service): NCCL, PyTorch and NVSHMEM.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,10 +17,7 @@ START=$SECONDS
 
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' \
-  | sed -e 's/^nvidia //' -e 's/ .*//')
-[ "$NGPU" -gt 1 ] && CARD="${CARD}x$NGPU"  # e.g. h200x4, as results/h100x4/
-"$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>&1 | tee -a "$LOG"
+"$PY" -m lightning_attention.bench.environment 2>&1 | tee -a "$LOG"  # card, driver, torch, triton, python
 
 # The local-state Triton kernel on this GPU against float64 (seconds; the CP tests themselves are CPU/gloo).
 timeout -k 5 60 "$PY" -m pytest -q -p no:cacheprovider tests/distributed/test_local_state.py 2>&1 | tail -15 \
@@ -41,9 +38,5 @@ for P in 1 2 4; do
   [ "$rc" -eq 0 ] || echo "launch P=$P exited with $rc (124: hit its ${LIMIT[$P]}s limit); partial results kept" \
     | tee -a "$LOG"
 done
-"$PY" benchmarks/bench_context_parallel.py --report "$OUT" 2>&1 | tee -a "$LOG"
-if [ -n "$CARD" ]; then
-  mkdir -p "benchmarks/results/$CARD" && cp "$OUT/context_parallel.md" "benchmarks/results/$CARD/context_parallel.md"
-  echo "report copied to benchmarks/results/$CARD/context_parallel.md" | tee -a "$LOG"
-fi
+"$PY" benchmarks/bench_context_parallel.py --report "$OUT" --results benchmarks/results 2>&1 | tee -a "$LOG"
 echo "total $((SECONDS - START))s" | tee -a "$LOG"

@@ -21,31 +21,30 @@ attainable bandwidth. Sections:
    the best per N, and the decode entry they suggest for this card's launch table (engines/triton/tuning.py).
 
 Output: a markdown table printed as it grows, and ``<out>/<card>/serving.md`` + ``serving.json`` stamped with
-the card, driver, torch and triton versions (card: h100, h200, ... from the device name).
+the card, driver, torch and triton versions (:mod:`lightning_attention.bench.environment`; card: h100, h200, ...).
 
 ``--accuracy`` (CPU by default): 10,000 decode steps from a zero state, float32 vs bfloat16 cache, against the
-float64 recurrence; rel err of o per step and of the final state (``decode_bf16_accuracy_<device>.md``).
+float64 recurrence; rel err of o per step and of the final state (``<out>/<card>/decode_bf16_accuracy.md``).
 ``--smoke``: every section at tiny shapes on the CPU through the Triton interpreter (host timers, numbers
-meaningless): checks the script (tests/test_bench_serving.py).
+meaningless): checks the script (tests/bench/test_serving.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import re
-import sys
 import time
 
 import torch
 
 from lightning_attention import decay, serving
+from lightning_attention.bench.environment import Table, copy_bandwidth, environment, header, write_results
+from lightning_attention.ops import chunk_simple_gla
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import rel_err
 
+TITLE = "Serving: decode, multi-token decode and prefill into cache slots against the bandwidth floor"
 H, K, V = 64, 128, 128
 DECODE_BATCHES = (1, 16, 64, 256, 1024)
 MULTI_BATCHES = (64, 256)
@@ -53,7 +52,7 @@ MULTI_TOKENS = (1, 2, 4, 8)
 PREFILL_CASES = ((256, 16), (64, 128), (8, 2048))  # (sequences, tokens each)
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: (block_v, block_k, num_warps) tried by --sweep: every V-block width with the K walks and warps that ran best on
-#: H100 (benchmarks/results/h100/decode.md; 16 warps and 32-row K blocks lost everywhere there).
+#: H100 (benchmarks/results/h100/serving.md; 16 warps and 32-row K blocks lost everywhere there).
 SWEEP_CANDIDATES = [(bv, bk, w) for bv in (16, 32, 64, 128) for bk, w in ((64, 4), (64, 8), (128, 4))] + [(128, 128, 8)]
 SLOTS_PER_ROW = 4  # cache slots per decode row
 GRAPH_STEPS = 16
@@ -135,65 +134,6 @@ def host_us(fn, reps: int = 50) -> float:
     return elapsed * 1e6 / reps
 
 
-def environment() -> dict:
-    """Card, driver and library versions recorded with every number."""
-    if DEVICE == "cuda":
-        from lightning_attention import bench
-
-        return bench.environment()
-    import triton
-
-    card = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"card": card, "driver": "-", "torch": torch.__version__, "triton": triton.__version__}
-
-
-def card_folder(card: str) -> str:
-    """Results folder of a card: its model in lower case ("h200" for "NVIDIA H200 (132 SMs)"), else the name."""
-    from lightning_attention.engines.triton.tuning import card_model
-
-    model = card_model(card)
-    return model.lower() if model else re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy, counting bytes read plus bytes written."""
-    if DEVICE == "cuda":
-        from lightning_attention import bench
-
-        return bench.copy_bandwidth()
-    src = torch.randn(1 << 20)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
-
-
-class Table(list):
-    """Markdown lines, printed as they are added (a run cut short by its time limit still shows them)."""
-
-    def add(self, *lines: str) -> None:
-        for line in lines:
-            print(line, flush=True)
-            self.append(line)
-
-
-def write_results(out_dir: str | None, name: str, payload: dict, table: list[str], command: str = "") -> str | None:
-    """With ``out_dir``, write ``name.json`` (payload) and ``name.md`` (the table under the environment and the
-    command); returns the markdown path."""
-    if not out_dir:
-        return None
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-    env = payload["environment"]
-    header = f"# {name}\n\n{env['card']} | driver {env.get('driver')} | torch {env['torch']} | triton {env['triton']}\n"
-    if command:
-        header += f"\ncommand: `{command}`\n"
-    path = os.path.join(out_dir, f"{name}.md")
-    with open(path, "w") as f:
-        f.write(header + "\n" + "\n".join(table) + "\n")
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Problems
 
@@ -231,17 +171,23 @@ def _ring(N: int, cache_dtype: torch.dtype) -> int:
 # Sections
 
 
-def bench_decode(bw: float, rows: list, table: Table) -> None:
-    from lightning_attention.engines.triton import decode
+def _section(table: Table, title: str, columns: str) -> None:
+    """A section's heading and the column heads of its table (``columns``: "a | b | c")."""
+    table.add("", f"## {title}", "", f"| {columns} |", "|" + "---|" * (columns.count("|") + 1))
 
-    table.add(
-        "",
-        f"## Decode step (H={H}, K=V={K}, {str(IN_DTYPE)[6:]} q/k/v, slot ids on the GPU, default call)",
-        "",
-        "| N | cache | floor us | eager us | x floor | graph us/step | x floor | host us/call | no repeat check us | tiles (BV, BK, warps) |",  # noqa: E501
-        "|---|---|---|---|---|---|---|---|---|---|",
-    )
-    g_gamma = decay.g_gamma(H, 0, 24, device=DEVICE)
+
+def _record(rows: list, table: Table, row: dict, *cells) -> None:
+    """One measurement: ``row`` for the JSON, ``cells`` as a line of the markdown table."""
+    rows.append(row)
+    table.add("| " + " | ".join(map(str, cells)) + " |")
+
+
+def bench_decode(bw: float, g_gamma: torch.Tensor, rows: list, table: Table) -> None:
+    from lightning_attention.engines.triton import decode  # here: --smoke sets TRITON_INTERPRET before Triton loads
+
+    title = f"Decode step (H={H}, K=V={K}, {str(IN_DTYPE)[6:]} q/k/v, slot ids on the GPU, default call)"
+    _section(table, title, "N | cache | floor us | eager us | x floor | graph us/step | x floor | host us/call | "
+                           "no repeat check us | tiles (BV, BK, warps)")  # fmt: skip
     for N in DECODE_BATCHES:
         for name, dtype in CACHE_DTYPES.items():
             q, k, v = (x[:, 0] for x in _tokens(N, 1, seed=N))
@@ -260,26 +206,20 @@ def bench_decode(bw: float, rows: list, table: Table) -> None:
             )
             block_v = decode._fill_block_v(config, N * H, V, caches[0].device)
             tiles = (block_v, min(config.block_k, K), config.num_warps)
-            rows.append(dict(section="decode", N=N, cache=name, floor_us=floor_us, eager_us=eager_us, graph_us=graph_us,
-                             host_us=call_host_us, no_repeat_check_us=unchecked_us, tiles=tiles))  # fmt: skip
-            table.add(
-                f"| {N} | {name} | {floor_us:.1f} | {eager_us:.1f} | {eager_us / floor_us:.3f} | {graph_us:.1f} | "
-                f"{graph_us / floor_us:.3f} | {call_host_us:.1f} | {unchecked_us:.1f} | {tiles} |"
-            )
+            _record(
+                rows, table,
+                dict(section="decode", N=N, cache=name, floor_us=floor_us, eager_us=eager_us, graph_us=graph_us,
+                     host_us=call_host_us, no_repeat_check_us=unchecked_us, tiles=tiles),
+                N, name, f"{floor_us:.1f}", f"{eager_us:.1f}", f"{eager_us / floor_us:.3f}", f"{graph_us:.1f}",
+                f"{graph_us / floor_us:.3f}", f"{call_host_us:.1f}", f"{unchecked_us:.1f}", tiles,
+            )  # fmt: skip
             del caches
-    serving.check_errors()
 
 
-def bench_multi(bw: float, rows: list, table: Table) -> None:
-    table.add(
-        "",
-        "## Multi-token decode (CUDA graph, us per call; ratio to one single-token step of the same N and cache)",
-        "",
-        "| N | cache | L | 1 step us | decode_multi us | x step | read-only us | x step | commit us | x step | "
-        "read-only + commit x step | floor us (read + write) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    )
-    g_gamma = decay.g_gamma(H, 0, 24, device=DEVICE)
+def bench_multi(bw: float, g_gamma: torch.Tensor, rows: list, table: Table) -> None:
+    title = "Multi-token decode (CUDA graph, us per call; ratio to one single-token step of the same N and cache)"
+    _section(table, title, "N | cache | L | 1 step us | decode_multi us | x step | read-only us | x step | commit us | "
+                           "x step | read-only + commit x step | floor us (read + write)")  # fmt: skip
     for N in MULTI_BATCHES:
         for name, dtype in CACHE_DTYPES.items():
             caches = _caches(N, dtype, _ring(N, dtype))
@@ -299,28 +239,19 @@ def bench_multi(bw: float, rows: list, table: Table) -> None:
                     lambda c: serving.lightning_attn_commit(k, v, c, slots, g_gamma, accepted, backend=BACKEND),
                 ]
                 times = [1e3 * graph_ms([lambda c=c, call=call: call(c) for c in ring]) for call in calls]
-                rows.append(dict(section="multi", N=N, cache=name, L=L, step_us=step_us, multi_us=times[0],
-                                 read_only_us=times[1], commit_us=times[2], floor_us=floor_us))  # fmt: skip
-                ratios = " | ".join(f"{t:.1f} | {t / step_us:.2f}" for t in times)
-                table.add(
-                    f"| {N} | {name} | {L} | {step_us:.1f} | {ratios} | {(times[1] + times[2]) / step_us:.2f} | "
-                    f"{floor_us:.1f} |"
-                )
+                ratios = [cell for t in times for cell in (f"{t:.1f}", f"{t / step_us:.2f}")]
+                _record(
+                    rows, table,
+                    dict(section="multi", N=N, cache=name, L=L, step_us=step_us, multi_us=times[0],
+                         read_only_us=times[1], commit_us=times[2], floor_us=floor_us),
+                    N, name, L, f"{step_us:.1f}", *ratios, f"{(times[1] + times[2]) / step_us:.2f}", f"{floor_us:.1f}",
+                )  # fmt: skip
             del caches
-    serving.check_errors()
 
 
-def bench_prefill(bw: float, rows: list, table: Table) -> None:
-    from lightning_attention.ops import chunk_simple_gla
-
-    table.add(
-        "",
-        "## Prefill into slots vs the chunked op (fp32 cache, initial states from the slots; ms)",
-        "",
-        "| sequences x tokens | prefill eager | prefill graph | chunked op eager | prefill / chunked (eager) |",
-        "|---|---|---|---|---|",
-    )
-    g_gamma = decay.g_gamma(H, 0, 24, device=DEVICE)
+def bench_prefill(bw: float, g_gamma: torch.Tensor, rows: list, table: Table) -> None:
+    _section(table, "Prefill into slots vs the chunked op (fp32 cache, initial states from the slots; ms)",
+             "sequences x tokens | prefill eager | prefill graph | chunked op eager | prefill / chunked (eager)")
     for N, L in PREFILL_CASES:
         q, k, v = (x.reshape(1, N * L, H, -1) for x in _tokens(N, L, seed=3))
         cu = torch.arange(0, N * L + 1, L, device=DEVICE, dtype=torch.int32)
@@ -335,23 +266,19 @@ def bench_prefill(bw: float, rows: list, table: Table) -> None:
         graph = graph_ms([prefill] * 4)
         chunked = bench_ms(lambda: chunk_simple_gla(q, k, v, g_gamma=g_gamma, initial_state=h0, output_final_state=True,
                                                     cu_seqlens=cu, backend=BACKEND))  # fmt: skip
-        rows.append(dict(section="prefill", N=N, L=L, prefill_ms=eager, prefill_graph_ms=graph, chunk_ms=chunked))
-        table.add(f"| {N} x {L} | {eager:.3f} | {graph:.3f} | {chunked:.3f} | {eager / chunked:.2f} |")
+        _record(
+            rows, table, dict(section="prefill", N=N, L=L, prefill_ms=eager, prefill_graph_ms=graph, chunk_ms=chunked),
+            f"{N} x {L}", f"{eager:.3f}", f"{graph:.3f}", f"{chunked:.3f}", f"{eager / chunked:.2f}",
+        )  # fmt: skip
         del cache
-    serving.check_errors()
 
 
-def bench_sweep(bw: float, rows: list, table: Table) -> None:
-    from lightning_attention.engines.triton import decode
+def bench_sweep(bw: float, g_gamma: torch.Tensor, rows: list, table: Table) -> None:
+    from lightning_attention.engines.triton import decode  # here: --smoke sets TRITON_INTERPRET before Triton loads
 
-    table.add(
-        "",
-        "## Decode tile sweep (kernel us, do_bench; block_v as given, no grid filling)",
-        "",
-        "| cache | N | " + " | ".join(f"{c}" for c in SWEEP_CANDIDATES) + " | best | x floor |",
-        "|---|---|" + "---|" * (len(SWEEP_CANDIDATES) + 2),
-    )
-    g_gamma = decay.g_gamma(H, 0, 24, device=DEVICE)
+    tiles = " | ".join(map(str, SWEEP_CANDIDATES))
+    _section(table, "Decode tile sweep (kernel us, do_bench; block_v as given, no grid filling)",
+             f"cache | N | {tiles} | best | x floor")
     for name, dtype in CACHE_DTYPES.items():
         for N in DECODE_BATCHES:
             q, k, v = _tokens(N, 1, seed=N)
@@ -367,12 +294,13 @@ def bench_sweep(bw: float, rows: list, table: Table) -> None:
                 ))  # fmt: skip
             i = min(range(len(times)), key=times.__getitem__)
             floor_us = _state_bytes(N, dtype) * 2 / bw * 1e6
-            rows.append(dict(section="sweep", cache=name, N=N, times_us=dict(zip(map(str, SWEEP_CANDIDATES), times)),
-                             best=SWEEP_CANDIDATES[i], floor_us=floor_us))  # fmt: skip
-            table.add(f"| {name} | {N} | " + " | ".join(f"{t:.1f}" for t in times)
-                      + f" | {SWEEP_CANDIDATES[i]} | {times[i] / floor_us:.3f} |")  # fmt: skip
+            _record(
+                rows, table,
+                dict(section="sweep", cache=name, N=N, times_us=dict(zip(map(str, SWEEP_CANDIDATES), times)),
+                     best=SWEEP_CANDIDATES[i], floor_us=floor_us),
+                name, N, *(f"{t:.1f}" for t in times), SWEEP_CANDIDATES[i], f"{times[i] / floor_us:.3f}",
+            )  # fmt: skip
             del cache
-    serving.check_errors()
     # The entry: the tile with the least sum of x-floor ratios over the targets' batches (N = 64 and 256).
     target_ns = [n for n in DECODE_BATCHES if n in (64, 256)] or [max(DECODE_BATCHES)]
     entries = []
@@ -387,22 +315,25 @@ def bench_sweep(bw: float, rows: list, table: Table) -> None:
                   f"`\"decode\": {{{', '.join(entries)}}}`")  # fmt: skip
 
 
-def run(out_dir: str | None = "benchmarks/results", sweep: bool = False, command: str = "") -> str | None:
-    """All sections (the sweep with ``sweep``); writes ``<out_dir>/<card>/serving.md``. Returns its path."""
+def run(out_dir: str | None = "benchmarks/results", sweep: bool = False) -> str | None:
+    """All sections (the sweep with ``sweep``); writes ``<out_dir>/<card>/serving.md`` and ``serving.json``.
+    Returns the markdown's path."""
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the serving benchmark needs a CUDA device (or --smoke)")
-    env = environment()
-    bw = copy_bandwidth()
+    env = environment(DEVICE)
+    bw = copy_bandwidth(DEVICE)
     rows: list = []
     table = Table()
-    table.add(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
+    table.add(*header(TITLE, env, f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s"))
     payload = dict(environment=env, copy_bandwidth_Bps=bw, H=H, K=K, V=V, rows=rows)
-    folder = None if not out_dir else os.path.join(out_dir, card_folder(env["card"]))
     sections = [bench_decode, bench_multi, bench_prefill] + ([bench_sweep] if sweep else [])
     path = None
+    g_gamma = decay.g_gamma(H, 0, 24, device=DEVICE)  # layer 0 of 24 ("tnl"): every head but the first decays
     for section in sections:
-        section(bw, rows, table)
-        path = write_results(folder, "serving", payload, table, command)  # after every section
+        section(bw, g_gamma, rows, table)
+        serving.check_errors()  # a bad index in a section's calls raises here, before its numbers are written
+        if out_dir:  # after every section, so that a run cut off by a time limit still leaves its rows
+            path = write_results(out_dir, "serving", env, table, payload)
     return path
 
 
@@ -411,10 +342,13 @@ def bench_accuracy(out_dir: str | None, device: str, steps: int) -> None:
     N, heads, dim = 4, 8, 32
     backend = "triton" if device == "cuda" else "torch"
     checkpoints = [t for t in (1, 10, 100, 1000) if t < steps] + [steps]
+    env = environment(device)
     table = Table()
     table.add(
-        f"{steps} decode steps, N={N}, H={heads}, K=V={dim}, unit-normal q, k, v, scale K^-0.5, backend {backend}",
-        "",
+        *header(
+            "Decode accuracy: float32 vs bfloat16 state cache against the float64 recurrence", env,
+            f"{steps} decode steps, N={N}, H={heads}, K=V={dim}, unit-normal q, k, v, scale K^-0.5, backend {backend}",
+        ),
         "| schedule | cache | " + " | ".join(f"rel err o @{t}" for t in checkpoints)
         + " | rel err final state | worst head (state) |",
         "|---|---|" + "---|" * (len(checkpoints) + 2),
@@ -441,8 +375,8 @@ def bench_accuracy(out_dir: str | None, device: str, steps: int) -> None:
             worst = max(per_head)
             table.add(f"| {schedule} | {name} | " + " | ".join(f"{e:.2e}" for e in errs)
                       + f" | {rel_err(state, s_ref):.2e} | {worst:.2e} (head {per_head.index(worst)}) |")  # fmt: skip
-    payload = dict(environment=environment(), steps=steps, rows=rows)
-    write_results(out_dir, f"decode_bf16_accuracy_{device}", payload, table)
+    if out_dir:
+        write_results(out_dir, "decode_bf16_accuracy", env, table, dict(environment=env, steps=steps, rows=rows))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -457,12 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy", action="store_true", help="bf16 vs fp32 cache error over many steps")
     parser.add_argument("--device", default="cpu", help="device for --accuracy (cpu: torch path, cuda: Triton)")
     parser.add_argument("--steps", type=int, default=10_000, help="decode steps of --accuracy")
-    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.smoke:
         smoke_mode()
     if args.accuracy:
         bench_accuracy(args.out or None, args.device, args.steps)
     else:
-        run(args.out or None, args.sweep, command=" ".join(["python benchmarks/bench_decode.py", *argv]))
+        run(args.out or None, args.sweep)
     return 0
