@@ -3,8 +3,8 @@
 Each Triton kernel has a small configuration (tiles, warps, pipeline stages, ...) per *case* (a dtype and head-size
 class). The values depend on the card, so they live in one table per card:
 
-* shipped tables (:data:`SHIPPED`), measured with ``python -m lightning_attention tune`` on the cards named there
-  (the measurements: benchmarks/results/<card>/tuning.md);
+* shipped tables (:data:`SHIPPED`), measured on the cards named there (benchmarks/results/<card>/: the sweeps of
+  kernel_choices.md, serving.md, recurrent.md, or ``python -m lightning_attention tune``'s tuning.md);
 * a user's own table for the present card, written by the same command to :func:`user_table_path` and used in
   preference to the shipped one (``python -m lightning_attention check`` prints which table is in use).
 
@@ -13,8 +13,9 @@ Nothing is tuned implicitly at run time. A card with no table of its own uses th
 count; else the first table) and says so once.
 
 A table maps ``kernel -> case -> {field: value}``; the kernel modules turn the fields into their config dataclasses
-and own the meaning of each case (``chunk_scan.scan_case``, ``chunk_bwd.dkdv_case``, ``decode.decode_config``,
-``recurrent.recurrent_config``). A user's table may hold only some cases: the others come from the shipped table.
+and own the meaning of each case (``chunk_scan.scan_case``, ``chunk_bwd.dkdv_config``, ``decode.decode_config``,
+``recurrent.recurrent_config``). A table may hold only some cases: a user's falls back to the shipped table serving
+the card, and a shipped one to the first, complete table.
 """
 
 from __future__ import annotations
