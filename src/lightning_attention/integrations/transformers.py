@@ -23,6 +23,8 @@ still decay a cached state).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
@@ -83,8 +85,12 @@ class MiniMaxLightningAttentionAdapter(MiniMaxLightningAttention, LightningAtten
         """transformers' checkpoint buffers by transformers' own methods (so the numbers are its, bit for bit):
         ``slope_rate [H, 1, 1]``, ``query_decay`` and ``key_decay [H, block_size, 1]``,
         ``diagonal_decay [1, H, block_size, block_size]``."""
-        slope_rate = self.get_slope_rate(device=device)
-        return (slope_rate, *self.decay_factors(slope_rate))
+        if "device" in inspect.signature(self.get_slope_rate).parameters:
+            slope_rate = self.get_slope_rate(device=device)
+        else:  # older transformers (5.17) takes no device: its factors are computed on the CPU, then moved
+            slope_rate = self.get_slope_rate()
+        buffers = (slope_rate, *self.decay_factors(slope_rate))
+        return buffers if device is None else tuple(buffer.to(device) for buffer in buffers)
 
     def reset_parameters(self) -> None:
         """:meth:`LightningAttention.reset_parameters`, and the checkpoint buffers recomputed (after ``to_empty()``
