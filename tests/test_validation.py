@@ -203,14 +203,18 @@ def _as_if_on_the_device(monkeypatch):
         pytest.param(fused_recurrent_simple_gla, "torch", id="recurrent-torch"),
     ],
 )
-def test_cu_seqlens_is_checked_where_the_engine_reads_it(monkeypatch, triton_device_or_skip, op, backend, bounds, match):
+def test_cu_seqlens_is_checked_where_the_engine_reads_it(monkeypatch, request, op, backend, bounds, match):
     """Device-resident offsets are not checked up front (that would be a sync per call), but every engine that
-    reads them on the host checks them there, before a kernel runs."""
+    reads them on the host checks them there, before a kernel runs. On a GPU the tensors are CUDA tensors; on the
+    CPU the up-front check is made to see them as unreadable, as it sees CUDA tensors."""
     if backend == "triton":
-        triton_device_or_skip()
+        device = request.getfixturevalue("triton_device")
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     _as_if_on_the_device(monkeypatch)
+    args = {name: t.to(device) for name, t in _args(cu_seqlens=torch.tensor(bounds)).items()}
     with pytest.raises(ValueError, match=match):
-        op(**_args(cu_seqlens=torch.tensor(bounds)), backend=backend)
+        op(**args, backend=backend)
 
 
 @pytest.mark.parametrize("bounds, match", BAD_CU_SEQLENS)
@@ -227,14 +231,6 @@ def test_cu_seqlens_of_the_layer_and_prefill(monkeypatch, bounds, match):
     with pytest.raises(ValueError, match=match):
         lightning_attn_prefill(q, k, v, cu, cache, torch.arange(len(bounds) - 1), torch.tensor([0.0, -1.0]))
     assert not cache.any()
-
-
-@pytest.fixture
-def triton_device_or_skip(request):
-    def need():
-        request.getfixturevalue("triton_device")
-
-    return need
 
 
 def test_g_gamma_values_are_read_once_per_version(monkeypatch):
