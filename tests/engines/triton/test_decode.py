@@ -140,6 +140,24 @@ def test_multi_token_decode_equals_the_recurrence(triton_device, gated, config):
     assert torch.equal(after[[1, 2, 3, 4]], cache[[1, 2, 3, 4]]) and not word.any()
 
 
+@pytest.mark.parametrize("L", [2, 5, 8])
+def test_multi_token_decode_with_k_in_two_blocks_and_strong_gates(triton_device, L):
+    """K and V each in two blocks of 16, per-token gates from 0 to strongly negative (-20 per token plus g_gamma)
+    and per-row lengths: o and the final states vs the float64 recurrence."""
+    k_dim, v_dim = 32, 32
+    config = triton_decode.DecodeConfig(block_v=16, block_k=16, num_warps=2)
+    slots, lengths = torch.tensor([4, 1, 3]), torch.tensor([L, 1, L - 1])
+    q, k, v, _ = make_inputs(3, L, H, k_dim, v_dim, seed=L)
+    g = -torch.rand(3, L, H, generator=torch.Generator().manual_seed(L)) * torch.tensor([0.0, 1.0, 20.0, 3.0])
+    cache = torch.randn(NUM_SLOTS, H, k_dim, v_dim)
+    o, after, word, _ = _run(triton_device, q, k, v, cache, slots, 0.25, config, g=g, lengths=lengths)
+    o_ref, s_ref = decode_reference(q, k, v, cache[slots].double(), G_GAMMA, 0.25, g, lengths)
+    o_base, s_base = decode_reference(q, k, v, cache[slots], G_GAMMA, 0.25, g, lengths)
+    assert_matches_baseline(o, o_ref, o_base, "o")
+    assert_matches_baseline(after[slots], s_ref, s_base, "state")
+    assert torch.equal(o[1, 1:], torch.zeros(L - 1, H, v_dim)) and not word.any()
+
+
 def test_read_only_pass_and_commit_give_the_state_after_the_accepted_tokens(triton_device):
     """Speculative decoding: the read-only pass leaves the cache bit for bit, its outputs are those of the updating
     pass, and committing each row's accepted prefix writes the very state an updating pass of that many tokens
