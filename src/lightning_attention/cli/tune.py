@@ -8,8 +8,8 @@ which table is in use. Nothing is tuned implicitly at run time: only this comman
 
 Workloads (bf16 unless named): the chunked op's forward + backward for the scans (pointer loads at heads of 64,
 TMA loads at 128 and 256 where the card has them; gated ones with per-token gates; fp32 under "highest" and
-"high") and the fused dk/dv kernel, the decode step at N = 64 and 256 for each cache dtype, and the recurrent
-kernel's forward. A candidate that does not fit the card (a launch falling back to fewer stages) is skipped.
+"high") and the fused dk/dv kernel, the decode step at N = 64 and 256 for each cache dtype (one token per row,
+and four: the "-multi" cases), and the recurrent kernel's forward. A candidate that does not fit the card (a launch falling back to fewer stages) is skipped.
 ``--smoke`` runs every step at tiny sizes with one candidate each (on the CPU through the Triton interpreter:
 the timings mean nothing there; CI runs it to keep the command working).
 """
@@ -28,6 +28,7 @@ DECODE_CANDIDATES = [
     dict(block_v=bv, block_k=bk, num_warps=w) for bv in (32, 64, 128) for bk, w in ((64, 4), (64, 8), (128, 4), (128, 8))
 ]
 RECURRENT_CANDIDATES = [dict(state_tile=t, num_warps=w) for t in (2048, 4096, 8192) for w in (2, 4, 8)]
+MULTI_TOKENS = 4  # tokens per row of the multi-token decode workload
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class Workload:
     label: str
     candidates: list[dict]
     make: Callable[[bool], Callable[[], object]]
+    fallback_case: str | None = None  # the case whose entry is the starting one where no table has ``case``
 
 
 def _chunk_call(B, T, H, D, dtype_name, gated=False, precision="highest", tma=True):
@@ -78,7 +80,9 @@ def _chunk_call(B, T, H, D, dtype_name, gated=False, precision="highest", tma=Tr
     return make
 
 
-def _decode_call(N, cache_dtype_name):
+def _decode_call(N, cache_dtype_name, L=1):
+    """One decode step of N rows, or with ``L`` > 1 a multi-token decode of L tokens per row."""
+
     def make(smoke: bool):
         import torch
 
@@ -87,11 +91,13 @@ def _decode_call(N, cache_dtype_name):
         n, H, K, V = (2, 2, 16, 32) if smoke else (N, 64, 128, 128)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         gen = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(n, H, D, device=device, dtype=torch.bfloat16, generator=gen) for D in (K, K, V))
+        tokens = (n, L) if L > 1 else (n,)
+        q, k, v = (torch.randn(*tokens, H, D, device=device, dtype=torch.bfloat16, generator=gen) for D in (K, K, V))
         cache = serving.new_state_cache(4 * n, H, K, V, dtype=getattr(torch, cache_dtype_name), device=device)
         slots = torch.arange(0, 4 * n, 4, device=device)
         g_gamma = decay.g_gamma(H, 0, 24, device=device)
-        return lambda: serving.lightning_attn_decode(q, k, v, cache, slots, g_gamma, backend="triton")
+        run = serving.lightning_attn_decode_multi if L > 1 else serving.lightning_attn_decode
+        return lambda: run(q, k, v, cache, slots, g_gamma, backend="triton")
 
     return make
 
@@ -135,6 +141,9 @@ def workloads() -> list[Workload]:
     for dtype_name in ("float32", "bfloat16"):
         for N in (64, 256):
             out.append(Workload("decode", dtype_name, f"decode N={N}", DECODE_CANDIDATES, _decode_call(N, dtype_name)))
+        for N in (64, 256):
+            out.append(Workload("decode", f"{dtype_name}-multi", f"decode N={N} L={MULTI_TOKENS}", DECODE_CANDIDATES,
+                                _decode_call(N, dtype_name, MULTI_TOKENS), fallback_case=dtype_name))  # fmt: skip
     out.append(Workload("recurrent", "any", "token loop 4x16x16x128", RECURRENT_CANDIDATES, _recurrent_call()))
     return out
 
@@ -210,7 +219,12 @@ def run(args) -> int:
     for workload in workloads():
         if args.kernels and workload.kernel not in args.kernels:
             continue
-        base = chosen.get(workload.kernel, {}).get(workload.case) or tuning.lookup(workload.kernel, workload.case, device)
+        base = (
+            chosen.get(workload.kernel, {}).get(workload.case)
+            or tuning.find(workload.kernel, workload.case, device)
+            or chosen.get(workload.kernel, {}).get(workload.fallback_case)
+            or tuning.lookup(workload.kernel, workload.fallback_case or workload.case, device)
+        )
         results = measure(workload, dict(base), args.smoke)
         fitting = [(entry, ms) for entry, ms in results if ms is not None]
         if not fitting:

@@ -233,6 +233,24 @@ def test_small_batches_split_v_to_fill_the_gpu(rows, expected):
     assert triton_decode._fill_block_v(config, rows, 128, torch.device("cpu")) == expected
 
 
+@pytest.mark.parametrize("shape, multi", [((3, 1), False), ((3, 1, 1), False), ((3, 4, 1), True)])
+def test_rows_of_several_tokens_take_the_cards_multi_token_tiles(monkeypatch, shape, multi):
+    """decode_tokens launches rows of several tokens with the table's "-multi" case, one-token rows (either
+    layout) with the one-token case."""
+    from lightning_attention.engines.triton import tuning
+
+    one, several = dict(block_v=32, block_k=16, num_warps=2), dict(block_v=16, block_k=16, num_warps=2)
+    table = tuning.CardTable("test", (0, 0), 0, {"decode": {"float32": one, "float32-multi": several}})
+    launched = []
+    monkeypatch.setattr(triton_decode, "_launch", lambda *args, **kw: launched.append(args[8]))
+    q = torch.zeros(*shape[:-1], H, K)
+    v = torch.zeros(*shape[:-1], H, V)
+    with tuning.using(table):
+        triton_decode.decode_tokens(q, q, v, torch.zeros(NUM_SLOTS, H, K, V), torch.arange(3), G_GAMMA, 1.0,
+                                    errors=_sink("cpu"))  # fmt: skip
+    assert launched == [triton_decode.DecodeConfig(**(several if multi else one))]
+
+
 def _check_prefill(device, schedule, cache_dtype, lengths, slot_ids, cu_seqlens=None):
     """Varlen prefill from cached states (one fresh request, one empty sequence), strongest decays: o and the
     final states vs the float64 recurrence for the sequences admitted; slots not written are untouched (their NaN

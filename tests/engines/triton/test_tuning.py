@@ -61,7 +61,9 @@ def test_shipped_entries_are_configurations(card):
             CONFIGS[kernel](**entry)
     with tuning.using(table):
         for case in table.entries.get("decode", {}):
-            assert decode.decode_config(getattr(torch, case), CPU) == decode.DecodeConfig(**table.get("decode", case))
+            dtype, _, multi = case.partition("-")
+            config = decode.decode_config(getattr(torch, dtype), CPU, multi_token=bool(multi))
+            assert config == decode.DecodeConfig(**table.get("decode", case)), case
         chunk_bwd.dkdv_config(torch.float32, CPU)  # (cases it lacks: from the first table)
         recurrent.recurrent_config(CPU)
 
@@ -72,6 +74,9 @@ def test_cpu_interpreter_uses_the_first_table_silently():
         first = next(iter(tuning.SHIPPED.values()))
         assert tuning.table_for(CPU) is first
         assert decode.decode_config(torch.float32, CPU) == decode.DecodeConfig(**first.get("decode", "float32"))
+        # A table without a multi-token case: rows of several tokens take the one-token tiles.
+        assert first.get("decode", "float32-multi") is None
+        assert decode.decode_config(torch.float32, CPU, multi_token=True) == decode.decode_config(torch.float32, CPU)
 
 
 def test_unknown_cards_take_the_nearest_table_with_one_warning(tuning_dir, monkeypatch):

@@ -42,7 +42,6 @@ from lightning_attention.engines.triton.chunk_scan import MAX_DIM, scan
 
 __all__ = [
     "DecodeConfig",
-    "DecodeConfig",
     "decode_config",
     "ErrorKind",
     "ERROR_WORD",
@@ -73,11 +72,16 @@ class DecodeConfig:
 
 
 @tuning.cached
-def decode_config(cache_dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def decode_config(cache_dtype: torch.dtype, device: torch.device, multi_token: bool = False) -> DecodeConfig:
     """The decode tiles for a cache of ``cache_dtype`` on ``device``'s card (tuning.py, cases "float32" and
     "bfloat16"; on H100 within 1.02-1.10x of the bandwidth floor at N = 64 and 256: benchmarks/results/h100/
-    decode.md). ``python -m lightning_attention tune`` measures them for the present card."""
-    return DecodeConfig(**tuning.lookup("decode", str(cache_dtype).removeprefix("torch."), device))
+    serving.md). ``multi_token``: for rows of several tokens (each program chains one reduction over K per
+    token, so the best tiles can differ): the case "<dtype>-multi" where the card's table has one, else the
+    one-token tiles.
+    ``python -m lightning_attention tune`` measures both for the present card."""
+    case = str(cache_dtype).removeprefix("torch.")
+    entry = multi_token and tuning.find("decode", f"{case}-multi", device)
+    return DecodeConfig(**(entry or tuning.lookup("decode", case, device)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,7 +339,7 @@ def decode_tokens(
     Returns:
         o ``[N, L, H, V]`` (``[N, H, V]``) in q's dtype (None without ``write_o``).
     """
-    config = decode_config(state_cache.dtype, state_cache.device)
+    config = decode_config(state_cache.dtype, state_cache.device, multi_token=q.dim() == 4 and q.shape[1] > 1)
     return _launch(
         q, k, v, state_cache, slot_ids, g_gamma, scale, errors, config, g=g, lengths=lengths,
         update_cache=update_cache, write_o=write_o,

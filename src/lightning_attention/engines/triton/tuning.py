@@ -35,6 +35,7 @@ __all__ = [
     "CardTable",
     "SHIPPED",
     "table_for",
+    "find",
     "lookup",
     "user_table_path",
     "card_slug",
@@ -192,15 +193,21 @@ def using(table: CardTable):
         _tables_changed()
 
 
-def lookup(kernel: str, case: str, device: torch.device) -> dict:
+def find(kernel: str, case: str, device: torch.device) -> dict | None:
     """Field values for ``kernel``'s ``case`` on ``device``'s card: from the tune command's candidate, the user's
-    table, the shipped table serving the card, or the complete first table, first that has the case."""
+    table, the shipped table serving the card, or the complete first table, first that has the case; None when
+    none has it (a case that only some cards measure)."""
     if _OVERRIDE is not None and (entry := _OVERRIDE.get(kernel, case)) is not None:
         return entry
     user, shipped = _tables(device)
     if user is not None and (entry := user.get(kernel, case)) is not None:
         return entry
-    entry = shipped.get(kernel, case) or _complete_table().get(kernel, case)
+    return shipped.get(kernel, case) or _complete_table().get(kernel, case)
+
+
+def lookup(kernel: str, case: str, device: torch.device) -> dict:
+    """:func:`find` for a case that the complete table holds."""
+    entry = find(kernel, case, device)
     if entry is None:
         raise KeyError(f"no launch table has a {kernel!r} entry for case {case!r}")
     return entry
@@ -244,9 +251,13 @@ SHIPPED: dict[str, CardTable] = {
             capability=(9, 0),
             sms=132,
             entries={
-                # benchmarks/results/h200/serving.md, the decode tile sweep: 1.33-1.35x faster than the H100's
-                # (128, 64, 8) at N = 64 and 256.
-                "decode": {"float32": dict(block_v=128, block_k=128, num_warps=4)},
+                # benchmarks/results/h200/serving.md, the decode tile sweeps: one token, 1.33-1.35x faster than the
+                # H100's (128, 64, 8) at N = 64 and 256; several tokens (L = 2..8), 1.09-1.26x faster than the
+                # one-token tiles.
+                "decode": {
+                    "float32": dict(block_v=128, block_k=128, num_warps=4),
+                    "float32-multi": dict(block_v=64, block_k=128, num_warps=4),
+                },
             },
         ),
     )
