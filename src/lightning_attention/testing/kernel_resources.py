@@ -102,13 +102,14 @@ def scan_resources(
     cfg = chunk_scan.scan_config(dk, dv, dtype, _TABLE_DEVICE, precision, gated=gates is not None)
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
-        state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None,
-        USE_TMA=tma, TMA_STAGES=cfg.tma_stages, LOCALS_T=False,
-        DK=dk, DV=dv, BKH=min(_common.block_dim(dk), 128), TWO_K=_common.block_dim(dk) > 128, BV=cfg.block_v,
-        C=cfg.chunk, REVERSE=reverse, SHIFT=int(reverse), HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
-        USE_SLOTS=False, PRECISION=precision or _common.dot_precision(dtype), PAIRED=paired,
-        gate_totals=None, dot_totals=None, HAS_G=gates is not None, DOTS=mode, NDOT_IN=2 if mode == 2 else 0,
-        K_SCALED=reverse,  # (as SHIFT: the reverse-order scans stand for the backward's dk and dv, k_scale = scale)
+        state_in=None, state_out=None, local_states=None, slot_ids=None, slot_used=None, gate_totals=None,
+        dot_totals=None,
+        # The reverse-order scans stand for the backward's dk and dv: shifted gates, k_scale = scale.
+        **chunk_scan.scan_constexprs(
+            dk, dv, cfg, precision or _common.dot_precision(dtype), reverse=reverse, shift=int(reverse),
+            paired=paired, use_tma=tma, gated=gates is not None, dots_mode=mode, dot_inputs=2 if mode == 2 else 0,
+            k_scaled=reverse,
+        ),
         **({} if paired else dict(q_b=None, o_b=None)),
         **({} if gates else dict(gates=None)),
         **({} if mode else dict(dot_x=None, dot_out=None)),

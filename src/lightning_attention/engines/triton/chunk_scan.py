@@ -532,6 +532,12 @@ def scan(
 
     def launch(variant: tuple[bool, int, int]) -> None:
         use_tma, num_warps, num_stages = variant
+        constexprs = scan_constexprs(
+            DK, DV, cfg, precision, reverse=reverse, shift=shift, paired=transposed is not None, use_tma=use_tma,
+            has_state_in=state_in is not None, split=local_states is not None, store_state_out=state_out is not None,
+            use_slots=slot_ids is not None, locals_transposed=local_states_transposed, gated=gates is not None,
+            dots_mode=d.mode, dot_inputs=0 if d.inputs is None else d.inputs.shape[0], k_scaled=float(k_scale) != 1.0,
+        )  # fmt: skip
         with descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
             _scan_kernel[grid](
                 q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, locals_.states,
@@ -539,18 +545,28 @@ def scan(
                 float(scale), float(k_scale), q.shape[0], H,
                 *state_strides(state_in), *state_strides(state_out),
                 gates, locals_.totals, d.x, d.out, d.inputs, d.offset, d.totals,
-                DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
-                REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=state_in is not None,
-                SPLIT=local_states is not None, STORE_STATE_OUT=state_out is not None,
-                USE_SLOTS=slot_ids is not None, PRECISION=precision, PAIRED=transposed is not None,
-                USE_TMA=use_tma, TMA_STAGES=cfg.tma_stages,
-                LOCALS_T=bool(local_states_transposed), HAS_G=gates is not None, DOTS=d.mode,
-                NDOT_IN=0 if d.inputs is None else d.inputs.shape[0], K_SCALED=float(k_scale) != 1.0,
-                num_warps=num_warps, num_stages=num_stages,
+                **constexprs, num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
 
     key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma, gates is not None, d.mode)
     launch_fitting(key, launch_variants(cfg, tma), launch)
+
+
+def scan_constexprs(
+    DK: int, DV: int, cfg: ScanLaunchConfig, precision: str, *, reverse: bool, shift: int, paired: bool,
+    use_tma: bool, has_state_in: bool = False, split: bool = False, store_state_out: bool = False,
+    use_slots: bool = False, locals_transposed: bool = False, gated: bool = False, dots_mode: int = 0,
+    dot_inputs: int = 0, k_scaled: bool = False,
+) -> dict:  # fmt: skip
+    """The compile-time arguments of :func:`_scan_kernel` for one launch (what it is specialised on): the launch
+    of :func:`scan` and the sm_90 build check of testing/kernel_resources.py both take them from here."""
+    return dict(
+        DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
+        REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=has_state_in, SPLIT=split,
+        STORE_STATE_OUT=store_state_out, USE_SLOTS=use_slots, PRECISION=precision, PAIRED=paired, USE_TMA=use_tma,
+        TMA_STAGES=cfg.tma_stages, LOCALS_T=bool(locals_transposed), HAS_G=gated, DOTS=dots_mode,
+        NDOT_IN=dot_inputs, K_SCALED=k_scaled,
+    )  # fmt: skip
 
 
 def launch_variants(cfg: ScanLaunchConfig, tma: bool) -> list[tuple[bool, int, int]]:
