@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from unittest import mock
 
 import pytest
 import torch
@@ -235,7 +234,7 @@ def _triton_engine_baselines(case: ScanCase, op_name: str, inputs, do, dht, kwar
     """The same op on the torch engine with its compute dtype pinned to the inputs' (tests/engines/triton/
     test_chunk.py: like the kernels, it multiplies operands in the input dtype), and both forms of the definition
     in float32."""
-    with mock.patch.object(torch_engine_common, "compute_dtype", lambda *tensors: case.dtype):
+    with torch_engine_common.computing_in(case.dtype):
         same_dtype = _forward_backward(OPS[op_name](case), inputs, do, dht, backend="torch", **kwargs)
     return [same_dtype, *_definition_in_float32(case, inputs, do, dht, kwargs, lambda t: t.to(case.dtype))]
 

@@ -19,10 +19,8 @@ fails or errors.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from unittest import mock
 
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("torch", "triton")
@@ -81,15 +79,6 @@ def _backend_device(backend: str):
     return device, None
 
 
-@contextlib.contextmanager
-def _torch_engine_computes_in(dtype):
-    """Make the torch engine compute in ``dtype`` instead of float32 (for the low-precision baseline only)."""
-    from lightning_attention.engines.cpu import _common
-
-    with mock.patch.object(_common, "compute_dtype", lambda *tensors: dtype):
-        yield
-
-
 def _run(op, inputs, case: Case, backend, do, dht, g_gamma):
     """Run ``op`` (a public op or the reference) and return [o, final?, dq, dk, dv, dh0?]."""
     import torch
@@ -127,6 +116,7 @@ def _check_case(op, case: Case, backend: str, device: str, dtype):
 
     from lightning_attention import decay
     from lightning_attention.reference import recurrent_reference
+    from lightning_attention.engines.cpu._common import computing_in
     from lightning_attention.testing import make_inputs, rel_err
 
     num_seqs = None if case.cu_seqlens is None else len(case.cu_seqlens) - 1
@@ -141,7 +131,7 @@ def _check_case(op, case: Case, backend: str, device: str, dtype):
     if dtype == torch.float32:
         baseline = run_case(recurrent_reference, [q, k, v, h0], backend=None)
     else:
-        with _torch_engine_computes_in(dtype):
+        with computing_in(dtype):
             baseline = run_case(op, [q, k, v, h0], backend="torch")
     moved = [None if t is None else t.to(device) for t in (q, k, v, h0)]
     got = run_case(op, moved, backend=backend)

@@ -33,7 +33,7 @@ float64 for float64 inputs (the torch engines).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -43,6 +43,9 @@ __all__ = ["Scan", "Engine", "ScanEngine", "LengthRoutedEngine", "tokens_per_seq
 
 
 class Scan(Protocol):
+    """One scan of the module docstring's recurrence with ``state_offset`` 1 or 0 (what :class:`ScanEngine` is
+    built from): returns ``(o, final_state)``."""
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -100,7 +103,7 @@ class ScanEngine:
     so a host copy ``cu_seqlens_cpu`` can stand in for it. A scan that reads offsets on the device (a Triton kernel)
     keeps ``cu_seqlens``."""
 
-    def __init__(self, scan: Callable[..., tuple[torch.Tensor, torch.Tensor]], host_bounds: bool = False):
+    def __init__(self, scan: Scan, host_bounds: bool = False):
         self.scan = scan
         self.host_bounds = host_bounds
 

@@ -63,10 +63,9 @@ def _run(inputs, g, cu_seqlens, reverse, backend, with_dht=True):
     return (o, final, *grads, None) if h0 is None else (o, final, *grads)
 
 
-def _torch_same_dtype(inputs, g, cu_seqlens, reverse, with_dht, monkeypatch):
+def _torch_same_dtype(inputs, g, cu_seqlens, reverse, with_dht):
     """Plain torch in the inputs' dtype: the torch engine with its compute dtype pinned to that dtype."""
-    with monkeypatch.context() as m:
-        m.setattr(torch_engine_common, "compute_dtype", lambda *tensors: inputs[0].dtype)
+    with torch_engine_common.computing_in(inputs[0].dtype):
         return _run(inputs, g, cu_seqlens, reverse, "torch", with_dht)
 
 
@@ -81,11 +80,11 @@ def _reference(inputs64, g, cu_seqlens, reverse, with_dht):
     return (o, final, *grads, None) if h0 is None else (o, final, *grads)
 
 
-def _check_against_reference(inputs, g, cu_seqlens, reverse, monkeypatch, with_dht=True):
+def _check_against_reference(inputs, g, cu_seqlens, reverse, with_dht=True):
     device = inputs[0].device
     g = torch.tensor(g, dtype=torch.float32)
     got = _run(inputs, g.to(device), cu_seqlens, reverse, "triton", with_dht)
-    base = _torch_same_dtype(inputs, g.to(device), cu_seqlens, reverse, with_dht, monkeypatch)
+    base = _torch_same_dtype(inputs, g.to(device), cu_seqlens, reverse, with_dht)
     inputs64 = tuple(None if t is None else t.detach().double().cpu() for t in inputs)
     cu64 = None if cu_seqlens is None else cu_seqlens.cpu()
     ref = _reference(inputs64, g.double(), cu64, reverse, with_dht)
@@ -107,11 +106,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("B, T, K, V, reverse, cu, dtype", CASES)
-def test_matches_reference(triton_device, monkeypatch, B, T, K, V, reverse, cu, dtype):
+def test_matches_reference(triton_device, B, T, K, V, reverse, cu, dtype):
     num_seqs = None if cu is None else len(cu) - 1
     inputs = make_inputs(B, T, 2, K, V, dtype=dtype, device=triton_device, initial_state=True, num_seqs=num_seqs)
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=triton_device)
-    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+    _check_against_reference(inputs, G2, cu_seqlens, reverse)
 
 
 @pytest.mark.parametrize(
@@ -121,12 +120,12 @@ def test_matches_reference(triton_device, monkeypatch, B, T, K, V, reverse, cu, 
         pytest.param(1, 300, [0, 0, 130, 131, 300], True, id="varlen-empty-reverse"),
     ],
 )
-def test_split_sequences_match_reference(triton_device, monkeypatch, split_sequences, B, T, cu, reverse):
+def test_split_sequences_match_reference(triton_device, split_sequences, B, T, cu, reverse):
     """Segments of 64 tokens: local states, the scan across segments, and the per-segment scans."""
     num_seqs = None if cu is None else len(cu) - 1
     inputs = make_inputs(B, T, 2, 16, 24, device=triton_device, initial_state=True, num_seqs=num_seqs)
     cu_seqlens = None if cu is None else torch.tensor(cu, device=triton_device)
-    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+    _check_against_reference(inputs, G2, cu_seqlens, reverse)
 
 
 #: dk, dv routes of the backward: (fused kernel, paired scans). Small heads take the fused kernel, equal larger
@@ -149,7 +148,7 @@ def test_every_dkdv_route_matches_reference(triton_device, monkeypatch, route, s
     monkeypatch.setattr(chunk_engine, "scan", lambda *a, **kw: launches.append(kw["transposed"]) or real_scan(*a, **kw))
     cu = [0, 70, 70, 150]
     inputs = make_inputs(1, 150, 2, 40, 40, device=triton_device, initial_state=True, num_seqs=len(cu) - 1)
-    _check_against_reference(inputs, G2, torch.tensor(cu, device=triton_device), True, monkeypatch)
+    _check_against_reference(inputs, G2, torch.tensor(cu, device=triton_device), True)
     scans_with_twin = sum(t is not None for t in launches)
     expected = {"fused": (2, 0), "paired": (3, 1), "two-scans": (4, 0)}  # scans: forward, dq, then dk/dv's
     assert (len(launches), scans_with_twin) == expected[route]
@@ -198,7 +197,7 @@ def test_backward_reuses_the_forward_local_states(triton_device, monkeypatch, K,
     assert tuple(results["custom op"][-1]) == ((K, K, K) if reused else eager_passes)
     for name, a, b in zip(NAMES, results["eager"][:-1], results["custom op"][:-1]):
         assert torch.equal(a, b), name
-    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+    _check_against_reference(inputs, G2, cu_seqlens, reverse)
 
 
 def _intercept_launches(monkeypatch, module, name: str, hook) -> None:
@@ -257,7 +256,7 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, 
     B, T = (2, 150) if cu is None else (1, cu[-1])
     inputs = make_inputs(B, T, 2, dim, dim, dtype=dtype, device=triton_device, initial_state=True, num_seqs=num_seqs)
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=triton_device)
-    _check_against_reference(inputs, G2, cu_seqlens, reverse, monkeypatch)
+    _check_against_reference(inputs, G2, cu_seqlens, reverse)
     scans = 2 if dim == 64 else (3 if paired else 4)
     assert launches == [True] * scans  # every scan of the forward and backward went through TMA
 
@@ -324,7 +323,7 @@ def test_scan_falls_back_to_launches_that_fit_shared_memory(triton_device, monke
 
     _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", small_shared_memory)
     inputs = make_inputs(1, 150, 2, 128, 128, dtype=torch.bfloat16, device=triton_device, initial_state=True)
-    _check_against_reference(inputs, G2, None, False, monkeypatch)
+    _check_against_reference(inputs, G2, None, False)
     # forward, dq, and the paired dk/dv: the unpaired key tries TMA and 3 stages once, the paired key too
     assert launches == [(True, 3), (False, 3), (False, 2), (False, 2), (True, 3), (False, 3), (False, 2)]
 
@@ -347,7 +346,7 @@ def test_every_kernel_falls_back_to_one_stage(triton_device, monkeypatch):
     for module, name in kernels:
         _intercept_launches(monkeypatch, module, name, functools.partial(one_stage_only, name))
     inputs = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device, initial_state=True)
-    _check_against_reference(inputs, G2, None, False, monkeypatch)
+    _check_against_reference(inputs, G2, None, False)
     assert sorted(stages) == sorted(name for _, name in kernels)
     for name, tried in stages.items():
         assert tried[0] > 1 and tried[-1] == 1, (name, tried)  # the tuned depth first, one stage in the end
@@ -389,17 +388,17 @@ def test_large_heads(triton_device, monkeypatch, split, dv):
     if split:
         split_all_sequences(monkeypatch)
     inputs = make_inputs(1, 70, 2, 136, dv, device=triton_device, initial_state=True)
-    _check_against_reference(inputs, G2, None, False, monkeypatch)
+    _check_against_reference(inputs, G2, None, False)
 
 
-def test_head_dims_above_256_fall_back_to_torch(triton_device, monkeypatch):
+def test_head_dims_above_256_fall_back_to_torch(triton_device):
     inputs = make_inputs(1, 20, 1, 264, 16, device=triton_device, initial_state=True)
-    _check_against_reference(inputs, G2[:1], None, False, monkeypatch)
+    _check_against_reference(inputs, G2[:1], None, False)
 
 
-def test_without_initial_state_or_dht(triton_device, monkeypatch):
+def test_without_initial_state_or_dht(triton_device):
     q, k, v, _ = make_inputs(2, 65, 2, 16, 16, device=triton_device)
-    _check_against_reference((q, k, v, None), G2, None, False, monkeypatch, with_dht=False)
+    _check_against_reference((q, k, v, None), G2, None, False, with_dht=False)
 
 
 def test_final_state_under_strongest_decay_with_partial_chunk(triton_device):

@@ -18,6 +18,8 @@ here in closed form instead (never as S0 / lam, which overflows for a strong dec
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable
 
 import torch
@@ -27,8 +29,28 @@ from lightning_attention._validation import cu_seqlens_bounds
 DenseScan = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+#: The compute dtype set by :func:`computing_in` (None: the engine's own rule).
+_PINNED_DTYPE: torch.dtype | None = None
+
+
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 for float64 inputs, else float32 (or the dtype pinned by :func:`computing_in`)."""
+    if _PINNED_DTYPE is not None:
+        return _PINNED_DTYPE
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@contextlib.contextmanager
+def computing_in(dtype: torch.dtype):
+    """Within the context the torch engine computes in ``dtype`` (e.g. bfloat16) instead of float32: plain torch in
+    the inputs' dtype, the same-dtype baseline of the tolerance policy (lightning_attention.testing) that
+    ``python -m lightning_attention check`` and the tests judge the kernels by. Not thread-safe."""
+    global _PINNED_DTYPE
+    saved, _PINNED_DTYPE = _PINNED_DTYPE, dtype
+    try:
+        yield
+    finally:
+        _PINNED_DTYPE = saved
 
 
 def dense_log_decays(g_gamma: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
