@@ -33,8 +33,8 @@ for test in "${cpu_only[@]}"; do deselect+=(--deselect "$test"); done
 start=$(date +%s)
 # -v: every result is logged with its name as it comes, so that a run cut by the time limit still names its
 # failures (xdist's summary comes only at the end).
-timeout "${PYTEST_TIMEOUT:-900}" python3 -m pytest -v -p no:cacheprovider --runslow -n "$workers" "${deselect[@]}" "${paths[@]}" \
-  >"$dir/pytest.log" 2>&1
+timeout "${PYTEST_TIMEOUT:-900}" python3 -m pytest -v -p no:cacheprovider --runslow -n "$workers" "${deselect[@]}" \
+  "${paths[@]}" >"$dir/pytest.log" 2>&1
 pytest_rc=$?
 check_rc=0
 if [ "${CHECK_CHUNK:-1}" != 0 ]; then

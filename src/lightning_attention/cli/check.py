@@ -115,8 +115,8 @@ def _check_case(op, case: Case, backend: str, device: str, dtype):
     import torch
 
     from lightning_attention import decay
-    from lightning_attention.reference import recurrent_reference
     from lightning_attention.engines.cpu._common import computing_in
+    from lightning_attention.reference import recurrent_reference
     from lightning_attention.testing import make_inputs, rel_err
 
     num_seqs = None if case.cu_seqlens is None else len(case.cu_seqlens) - 1

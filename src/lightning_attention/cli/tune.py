@@ -9,7 +9,8 @@ which table is in use. Nothing is tuned implicitly at run time: only this comman
 Workloads (bf16 unless named): the chunked op's forward + backward for the scans (pointer loads at heads of 64,
 TMA loads at 128 and 256 where the card has them; gated ones with per-token gates; fp32 under "highest" and
 "high") and the fused dk/dv kernel, the decode step at N = 64 and 256 for each cache dtype (one token per row,
-and four: the "-multi" cases), and the recurrent kernel's forward. A candidate that does not fit the card (a launch falling back to fewer stages) is skipped.
+and four: the "-multi" cases), and the recurrent kernel's forward. A candidate that does not fit the card (a launch
+falling back to fewer stages) is skipped.
 ``--smoke`` runs every step at tiny sizes with one candidate each (on the CPU through the Triton interpreter:
 the timings mean nothing there; CI runs it to keep the command working).
 """

@@ -19,7 +19,6 @@ here in closed form instead (never as S0 / lam, which overflows for a strong dec
 from __future__ import annotations
 
 import contextlib
-
 from typing import Callable
 
 import torch

@@ -77,8 +77,7 @@ def decode_config(cache_dtype: torch.dtype, device: torch.device, multi_token: b
     "bfloat16"; on H100 within 1.02-1.10x of the bandwidth floor at N = 64 and 256: benchmarks/results/h100/
     serving.md). ``multi_token``: for rows of several tokens (each program chains one reduction over K per
     token, so the best tiles can differ): the case "<dtype>-multi" where the card's table has one, else the
-    one-token tiles.
-    ``python -m lightning_attention tune`` measures both for the present card."""
+    one-token tiles. ``python -m lightning_attention tune`` measures both for the present card."""
     case = str(cache_dtype).removeprefix("torch.")
     entry = multi_token and tuning.find("decode", f"{case}-multi", device)
     return DecodeConfig(**(entry or tuning.lookup("decode", case, device)))
