@@ -390,9 +390,9 @@ def chunk_lightning_attn(
     g, scale, extra = _lightning_args(
         q, layer_idx, num_layers, scale, kwargs, "chunk_lightning_attn", ("chunk_size", "schedule", "reverse", "backend")
     )
-    return chunk_simple_gla(
-        q, k, v, g_gamma=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, **extra,
+    return _run(
+        "chunk", q, k, v, None, g, scale, initial_state, output_final_state, extra.get("reverse", False), False,
+        cu_seqlens, None, extra.get("chunk_size", 64), extra.get("backend", "auto"),
     )  # fmt: skip
 
 
@@ -416,7 +416,7 @@ def fused_recurrent_lightning_attn(
     g, scale, extra = _lightning_args(
         q, layer_idx, num_layers, scale, kwargs, "fused_recurrent_lightning_attn", ("schedule", "backend")
     )
-    return fused_recurrent_simple_gla(
-        q, k, v, g_gamma=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        reverse=reverse, cu_seqlens=cu_seqlens, **extra,
+    return _run(
+        "recurrent", q, k, v, None, g, scale, initial_state, output_final_state, reverse, False, cu_seqlens, None,
+        64, extra.get("backend", "auto"),
     )  # fmt: skip

@@ -93,7 +93,7 @@ def scan_resources(
     descriptors, chunk_scan.uses_tma; ``reverse``: a reverse-order scan, as the backward's dk and dv;
     ``precision``: the products' precision instead of _common.dot_precision's, e.g. "tf32" for fp32 under
     torch.set_float32_matmul_precision("high"); ``num_stages``: the pointer loads' pipeline depth instead of
-    the configuration's, as the launch fallbacks of _common.launch_fitting use; ``gates``: per-token gates, a key
+    the configuration's, as the launch fallbacks of _common.fitting use; ``gates``: per-token gates, a key
     of GATE_MODES: "g" the forward's decays, "gdots" with the dv scan's row dots, "gsums" with the dq scan's
     running sums of dg, with the initial state's offset)."""
     from lightning_attention.engines.triton import _common, chunk_scan

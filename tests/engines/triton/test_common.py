@@ -83,23 +83,31 @@ def test_descriptor_scratch_gives_an_allocator_only_where_none_is_set():
         _allocation._allocator.reset(token)
 
 
-def test_launch_fitting_moves_on_from_launches_the_gpu_cannot_load(monkeypatch):
+def test_fitting_moves_on_from_launches_the_gpu_cannot_load(monkeypatch):
     from triton.runtime.errors import OutOfResources
 
     monkeypatch.setattr(_common, "_FIRST_FITTING", {})
     tried = []
 
-    def launch(stages):
-        tried.append(stages)
-        if stages > 2:
-            raise OutOfResources(150_000, 101_376, "shared memory")
+    def launch(key, variants):
+        for attempt in _common.fitting(key, variants):
+            with attempt:
+                tried.append(attempt.variant)
+                if attempt.variant > 2:
+                    raise OutOfResources(150_000, 101_376, "shared memory")
 
-    _common.launch_fitting(("k", 1), [4, 3, 2, 1], launch)
-    _common.launch_fitting(("k", 1), [4, 3, 2, 1], launch)  # starts where the first call ended
-    _common.launch_fitting(("k", 2), [2, 1], launch)
+    launch(("k", 1), [4, 3, 2, 1])
+    launch(("k", 1), [4, 3, 2, 1])  # starts where the first call ended
+    launch(("k", 2), [2, 1])
     assert tried == [4, 3, 2, 2, 2]
     with pytest.raises(OutOfResources):
-        _common.launch_fitting(("k", 3), [4, 3], launch)
+        launch(("k", 3), [4, 3])
+    with pytest.raises(ValueError, match="not a resource error"):  # other errors are not retried
+        for attempt in _common.fitting(("k", 4), [2, 1]):
+            with attempt:
+                tried.append(attempt.variant)
+                raise ValueError("not a resource error")
+    assert tried == [4, 3, 2, 2, 2, 4, 3, 2]
     assert _common.fewer_stages(3) == [3, 2, 1]
 
 

@@ -110,7 +110,7 @@ def test_gated_scans_keep_the_g_gamma_scans_fast_paths(sm90_resources):
 @pytest.mark.parametrize("arch", [89, 100, 120])
 def test_pointer_launches_fit_other_gpus(arch):
     """Where a GPU has less shared memory per block than the H100 the configurations were tuned on, a launch
-    that does not fit falls back to pointer loads with fewer stages (_common.launch_fitting): every pointer
+    that does not fit falls back to pointer loads with fewer stages (_common.fitting): every pointer
     kernel must fit Ada (sm_89, 99 KiB; Ampere's consumer cards alike), B200 (sm_100) and consumer Blackwell
     (sm_120, 99 KiB) at its tuned depth or at one stage, the last fallback. (The TMA scans need 120-160 KiB on
     sm_120, and the fp32 one 289 KiB on sm_100: they fall back to the pointer scans.)"""

@@ -395,27 +395,43 @@ def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tenso
     return torch.empty(size, dtype=torch.uint8, device="cuda")
 
 
-#: Per launch site and shape key: the index of the first launch variant that fit the device (launch_fitting).
+#: Per launch site and shape key: the index of the first launch variant that fit the device (:func:`fitting`).
 _FIRST_FITTING: dict[tuple, int] = {}
 
 
-def launch_fitting(key: tuple, variants: list, launch) -> None:
-    """``launch(variant)`` with the first of ``variants`` that the GPU can load, starting from the one that fit
-    last time for ``key`` (the device, and what sets the kernel's resources: shapes, dtype, precision).
+class LaunchAttempt:
+    """One variant of a launch (:func:`fitting`): the launch inside ``with attempt:`` either fits (``fitted``) or
+    raises OutOfResources, which is swallowed unless this is the last variant."""
+
+    def __init__(self, variant, last: bool):
+        self.variant, self.last, self.fitted = variant, last, False
+
+    def __enter__(self) -> LaunchAttempt:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self.fitted = kind is None
+        return kind is not None and issubclass(kind, OutOfResources) and not self.last
+
+
+def fitting(key: tuple, variants: list):
+    """Attempts at a launch over ``variants``, starting from the one that fit last time for ``key`` (the device, and
+    what sets the kernel's resources: shapes, dtype, precision); the loop ends after the first launch that fits::
+
+        for attempt in fitting(key, variants):
+            with attempt:
+                kernel[grid](..., **options_of(attempt.variant))
 
     The configurations are tuned on H100; a GPU with less shared memory per block (consumer Blackwell and Ada:
     99 KiB) cannot load some of them, and Triton raises OutOfResources as the kernel loads, before it runs (its
     autotuner skips such configurations the same way). Later variants must need less; the last one's error is
     raised."""
     for i in range(_FIRST_FITTING.get(key, 0), len(variants)):
-        try:
-            launch(variants[i])
-        except OutOfResources:
-            if i + 1 == len(variants):
-                raise
-            continue
-        _FIRST_FITTING[key] = i
-        return
+        attempt = LaunchAttempt(variants[i], last=i + 1 == len(variants))
+        yield attempt
+        if attempt.fitted:
+            _FIRST_FITTING[key] = i
+            return
 
 
 def fewer_stages(num_stages: int) -> list[int]:

@@ -32,11 +32,11 @@ from lightning_attention.engines.triton._common import (
     chunk_rows,
     dot_precision,
     fewer_stages,
+    fitting,
     fold_earlier_segments,
     gated_mask,
     intra_decay,
     is_last_segment,
-    launch_fitting,
     load_rows,
     load_state_block,
     mma,
@@ -194,17 +194,16 @@ def dkdv(
     cfg = dkdv_config(q.dtype, q.device)
     precision = dot_precision(q.dtype)
 
-    def launch(num_stages: int) -> None:
-        _dkdv_kernel[(plan.num_segments * H,)](
-            q, k, v, do, dk, dv, g_gamma, state_in, state_out, locals_.states, plan.seq_offsets, plan.segments,
-            float(scale), q.shape[0], H, *state_strides(state_in), *state_strides(state_out),
-            gates, locals_.totals, dots,
-            DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
-            REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
-            STORE_STATE_OUT=state_out is not None, PRECISION=precision, HAS_G=gates is not None,
-            num_warps=cfg.num_warps, num_stages=num_stages,
-        )  # fmt: skip
-
     locals_ = local_states if local_states is not None else LocalStates(None, None, None)
     key = ("dkdv", q.device, DK, DV, q.dtype, precision, gates is not None)
-    launch_fitting(key, fewer_stages(cfg.num_stages), launch)
+    for attempt in fitting(key, fewer_stages(cfg.num_stages)):
+        with attempt:
+            _dkdv_kernel[(plan.num_segments * H,)](
+                q, k, v, do, dk, dv, g_gamma, state_in, state_out, locals_.states, plan.seq_offsets, plan.segments,
+                float(scale), q.shape[0], H, *state_strides(state_in), *state_strides(state_out),
+                gates, locals_.totals, dots,
+                DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
+                REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
+                STORE_STATE_OUT=state_out is not None, PRECISION=precision, HAS_G=gates is not None,
+                num_warps=cfg.num_warps, num_stages=attempt.variant,
+            )  # fmt: skip

@@ -52,11 +52,11 @@ from lightning_attention.engines.triton._common import (
     descriptor_scratch,
     dot_precision,
     fewer_stages,
+    fitting,
     fold_earlier_segments,
     gated_mask,
     intra_decay,
     is_last_segment,
-    launch_fitting,
     load_rows,
     load_state_block,
     mma,
@@ -530,15 +530,16 @@ def scan(
     d = dots or RowDots(None, None, 0)
     locals_ = local_states if local_states is not None else LocalStates(None, None, None)
 
-    def launch(variant: tuple[bool, int, int]) -> None:
-        use_tma, num_warps, num_stages = variant
+    key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma, gates is not None, d.mode)
+    for attempt in fitting(key, launch_variants(cfg, tma)):
+        use_tma, num_warps, num_stages = attempt.variant
         constexprs = scan_constexprs(
             DK, DV, cfg, precision, reverse=reverse, shift=shift, paired=transposed is not None, use_tma=use_tma,
             has_state_in=state_in is not None, split=local_states is not None, store_state_out=state_out is not None,
             use_slots=slot_ids is not None, locals_transposed=local_states_transposed, gated=gates is not None,
             dots_mode=d.mode, dot_inputs=0 if d.inputs is None else d.inputs.shape[0], k_scaled=float(k_scale) != 1.0,
         )  # fmt: skip
-        with descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
+        with attempt, descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
             _scan_kernel[grid](
                 q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, locals_.states,
                 plan.seq_offsets, plan.segments, slot_ids, slot_used,
@@ -547,9 +548,6 @@ def scan(
                 gates, locals_.totals, d.x, d.out, d.inputs, d.offset, d.totals,
                 **constexprs, num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
-
-    key = ("scan", q.device, DK, DV, q.dtype, precision, transposed is not None, tma, gates is not None, d.mode)
-    launch_fitting(key, launch_variants(cfg, tma), launch)
 
 
 def scan_constexprs(
@@ -571,7 +569,7 @@ def scan_constexprs(
 
 def launch_variants(cfg: ScanLaunchConfig, tma: bool) -> list[tuple[bool, int, int]]:
     """(TMA, warps, pipeline stages) to launch a scan with, in order: the configuration tuned on H100, then ones
-    needing less shared memory per block, for GPUs that have less (_common.launch_fitting). The tuned TMA scans
+    needing less shared memory per block, for GPUs that have less (_common.fitting). The tuned TMA scans
     need 184-224 KiB on H100, 120-160 KiB on consumer Blackwell (sm_120, 99 KiB per block) and 289 KiB for fp32
     on B200 (227 KiB); the pointer scans 64-176 KiB on H100 but 48-80 KiB for the mma.sync GPUs (sm_80-sm_89,
     sm_120), whose limit is 99 KiB except A100's 163 (testing/kernel_resources.py --arch N). So: TMA as tuned,

@@ -32,9 +32,9 @@ from lightning_attention.engines.triton._common import (
     chunk_rows,
     dot_precision,
     fewer_stages,
+    fitting,
     is_last_segment,
     gated_decays,
-    launch_fitting,
     load_gates,
     load_rows,
     mma,
@@ -154,13 +154,12 @@ def local_states(
     out = LocalStates.allocate(plan.num_segments, H, DK, DV, gates is not None, k.device)
     precision = dot_precision(k.dtype)
 
-    def launch(num_stages: int) -> None:
-        _local_state_kernel[(plan.num_segments * H * blocks,)](
-            k, v, g_gamma, out.states, plan.segments, float(k_scale), k.shape[0], H, gates, out.totals,
-            DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=precision, SHIFT=int(shift),
-            HAS_G=gates is not None, num_warps=_LOCAL_WARPS, num_stages=num_stages,
-        )  # fmt: skip
-
     key = ("local_states", k.device, DK, DV, k.dtype, precision, gates is not None)
-    launch_fitting(key, fewer_stages(_LOCAL_STAGES), launch)
+    for attempt in fitting(key, fewer_stages(_LOCAL_STAGES)):
+        with attempt:
+            _local_state_kernel[(plan.num_segments * H * blocks,)](
+                k, v, g_gamma, out.states, plan.segments, float(k_scale), k.shape[0], H, gates, out.totals,
+                DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=precision, SHIFT=int(shift),
+                HAS_G=gates is not None, num_warps=_LOCAL_WARPS, num_stages=attempt.variant,
+            )  # fmt: skip
     return out
