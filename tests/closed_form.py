@@ -3,10 +3,10 @@
 Per sequence and head, lam = exp(g), 1-based positions t = 1..L, built from explicit powers of lam
 (no recurrence, no chunks)::
 
-    o_t   = scale * ( lam^(t - 1 + state_offset) q_t S0 + sum_{j <= t} lam^(t - j) (q_t . k_j) v_j )
-    final = lam^L S0 + lam^(1 - state_offset) * sum_{j <= L} lam^(L - j) k_j^T v_j
+    o_t   = scale * ( lam^(t - shift) q_t S0 + sum_{j <= t} lam^(t - j) (q_t . k_j) v_j )
+    final = lam^L S0 + lam^shift * sum_{j <= L} lam^(L - j) k_j^T v_j
 
-``state_offset=1`` is the public forward (o_t = scale q_t S_t, final = S_T). ``reverse`` runs the same formulas
+``shift=0`` is the public forward (o_t = scale q_t S_t, final = S_T). ``reverse`` runs the same formulas
 on the time-flipped sequence. Differentiable (autograd gives the exact gradients).
 
 With per-token gates ``g [B, T, H]`` (forward convention only), the log decay of token t is a_t = g_gamma + g_t
@@ -28,7 +28,7 @@ def _powers(lam: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(exponent >= 0, lam ** exponent.clamp(min=0), torch.zeros((), dtype=lam.dtype))
 
 
-def _one_sequence(q, k, v, g, scale, state, state_offset):
+def _one_sequence(q, k, v, g, scale, state, shift):
     """q, k [L, H, K], v [L, H, V] float64, state [H, K, V] or None -> o [L, H, V], final [H, K, V]."""
     L, H, K = q.shape
     lam = torch.exp(g.double())
@@ -36,10 +36,10 @@ def _one_sequence(q, k, v, g, scale, state, state_offset):
     decay = _powers(lam, t[:, None] - t[None, :])  # [H, t, j]
     scores = torch.einsum("thk,jhk->htj", q, k) * decay
     o = torch.einsum("htj,jhv->thv", scores, v)
-    kv_decay = _powers(lam, L - t) * lam[:, None] ** (1 - state_offset)  # [H, j]
+    kv_decay = _powers(lam, L - t) * lam[:, None] ** shift  # [H, j]
     final = torch.einsum("hj,jhk,jhv->hkv", kv_decay, k, v)
     if state is not None:
-        q_decay = _powers(lam, t - 1 + state_offset)  # [H, t]
+        q_decay = _powers(lam, t - shift)  # [H, t]
         o = o + torch.einsum("ht,thk,hkv->thv", q_decay, q, state)
         final = final + lam[:, None, None] ** L * state
     return scale * o, final
@@ -67,11 +67,11 @@ def _one_gated_sequence(q, k, v, a, scale, state):
     return scale * o, final
 
 
-def closed_form_scan(q, k, v, g_gamma, scale, state=None, state_offset=1, reverse=False, cu_seqlens=None, g=None):
+def closed_form_scan(q, k, v, g_gamma, scale, state=None, shift=0, reverse=False, cu_seqlens=None, g=None):
     """q, k [B, T, H, K], v [B, T, H, V], g_gamma [H] (or None with g), g [B, T, H] or None, state [N, H, K, V]
     or None -> (o, final [N, H, K, V]), everything float64."""
-    if g is not None and state_offset != 1:
-        raise ValueError("the gated closed form is written for the forward convention (state_offset=1)")
+    if g is not None and shift != 0:
+        raise ValueError("the gated closed form is written for the forward convention (shift=0)")
     q, k, v = (x.double() for x in (q, k, v))
     state = None if state is None else state.double()
     if cu_seqlens is None:
@@ -88,7 +88,7 @@ def closed_form_scan(q, k, v, g_gamma, scale, state=None, state_offset=1, revers
         if g is None:
             if reverse:
                 qs, ks, vs = (x.flip(0) for x in (qs, ks, vs))
-            o, final = _one_sequence(qs, ks, vs, g_gamma, scale, s0, state_offset)
+            o, final = _one_sequence(qs, ks, vs, g_gamma, scale, s0, shift)
         else:
             a_s = a[b, start:end]
             if reverse:
@@ -110,19 +110,19 @@ FP64_TOL = 1e-12
 
 
 def scan_case_params():
-    """pytest params of (T, with_state, state_offset, reverse, cu_seqlens) covering the contract."""
+    """pytest params of (T, with_state, shift, reverse, cu_seqlens) covering the contract."""
     import pytest
 
     cases = []
-    for offset in (0, 1):
+    for shift in (0, 1):
         cases += [
-            pytest.param(37, False, offset, False, None, id=f"offset{offset}-zero-state"),
-            pytest.param(37, True, offset, False, None, id=f"offset{offset}-state"),
-            pytest.param(37, True, offset, True, None, id=f"offset{offset}-state-reverse"),
-            pytest.param(1, True, offset, False, None, id=f"offset{offset}-T1"),
-            pytest.param(0, True, offset, False, None, id=f"offset{offset}-T0"),
-            pytest.param(50, True, offset, False, (0, 0, 1, 33, 33, 50), id=f"offset{offset}-varlen"),
-            pytest.param(50, True, offset, True, (0, 17, 18, 50), id=f"offset{offset}-varlen-reverse"),
+            pytest.param(37, False, shift, False, None, id=f"shift{shift}-zero-state"),
+            pytest.param(37, True, shift, False, None, id=f"shift{shift}-state"),
+            pytest.param(37, True, shift, True, None, id=f"shift{shift}-state-reverse"),
+            pytest.param(1, True, shift, False, None, id=f"shift{shift}-T1"),
+            pytest.param(0, True, shift, False, None, id=f"shift{shift}-T0"),
+            pytest.param(50, True, shift, False, (0, 0, 1, 33, 33, 50), id=f"shift{shift}-varlen"),
+            pytest.param(50, True, shift, True, (0, 17, 18, 50), id=f"shift{shift}-varlen-reverse"),
         ]
     return cases
 
@@ -138,13 +138,13 @@ def scan_inputs(T, with_state, cu_seqlens, dtype=torch.float64, K=5, V=3):
     return q, k, v, state, cu
 
 
-def assert_scan_matches_closed_form(scan, T, with_state, state_offset, reverse, cu_seqlens, chunk_size=64):
+def assert_scan_matches_closed_form(scan, T, with_state, shift, reverse, cu_seqlens, chunk_size=64):
     """A scan function (engines/base.py's Scan) in float64 against the closed form."""
     from lightning_attention.testing import assert_rel_close
 
     q, k, v, state, cu = scan_inputs(T, with_state, cu_seqlens)
-    o, final = scan(q, k, v, G_GAMMA, SCALE, state, state_offset, reverse, cu, chunk_size)
-    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state, state_offset, reverse, cu)
+    o, final = scan(q, k, v, G_GAMMA, SCALE, state, shift, reverse, cu, chunk_size)
+    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state, shift, reverse, cu)
     assert o.shape == q.shape[:3] + (v.shape[-1],) and o.dtype == q.dtype
     assert final.shape == final_ref.shape and final.dtype == torch.float64
     assert_rel_close(o, o_ref, FP64_TOL, "o")
@@ -161,7 +161,7 @@ def assert_engine_backward_matches_closed_form(engine, T, reverse, cu_seqlens, c
     q, k, v, state, cu = scan_inputs(T, True, cu_seqlens)
     g = None if gates is None else scan_gates(gates, *q.shape[:2])
     leaves = [t.requires_grad_() for t in (q, k, v, state, g) if t is not None]
-    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state, 1, reverse, cu, g=g)
+    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state, 0, reverse, cu, g=g)
     gen = torch.Generator().manual_seed(3)
     do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
     dht = torch.randn(final_ref.shape, generator=gen, dtype=torch.float64)
@@ -192,9 +192,9 @@ def scan_gates(kind, B, T, seed=11):
     return torch.nn.functional.logsigmoid(2 * torch.randn(B, T, H, generator=gen, dtype=torch.float64))
 
 
-def gated_token_loop(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, g):
-    """The scan contract of engines/base.py written out token by token, for any gates and both offsets (float64):
-    offset 1: S_p = exp(a_p) S_{p-1} + k_p^T v_p; offset 0: S_p = S'_{p-1} + k_p^T v_p, S'_p = exp(a_p) S_p."""
+def gated_token_loop(q, k, v, g_gamma, scale, state, shift, reverse, cu_seqlens, g):
+    """The scan contract of engines/base.py written out token by token, for any gates and both shifts (float64):
+    shift 0: S_p = exp(a_p) S_{p-1} + k_p^T v_p; shift 1: S_p = S'_{p-1} + k_p^T v_p, S'_p = exp(a_p) S_p."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     a = g.double() + g_gamma.double()
@@ -207,7 +207,7 @@ def gated_token_loop(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_s
         order = range(end - 1, start - 1, -1) if reverse else range(start, end)
         for t in order:
             decay = torch.exp(a[b, t])[:, None, None]
-            if state_offset == 1:
+            if shift == 0:
                 S = decay * S + k[b, t].double()[:, :, None] * v[b, t].double()[:, None, :]
                 o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t].double(), S)
             else:
@@ -218,14 +218,14 @@ def gated_token_loop(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_s
     return o, torch.stack(finals)
 
 
-def assert_gated_scan_matches_definition(scan, T, with_state, state_offset, reverse, cu_seqlens, gates, chunk_size=64):
+def assert_gated_scan_matches_definition(scan, T, with_state, shift, reverse, cu_seqlens, gates, chunk_size=64):
     """A scan function with per-token gates, in float64, against :func:`gated_token_loop`."""
     from lightning_attention.testing import assert_rel_close
 
     q, k, v, state, cu = scan_inputs(T, with_state, cu_seqlens)
     g = scan_gates(gates, *q.shape[:2])
-    o, final = scan(q, k, v, G_GAMMA, SCALE, state, state_offset, reverse, cu, chunk_size, g=g)
-    o_ref, final_ref = gated_token_loop(q, k, v, G_GAMMA, SCALE, state, state_offset, reverse, cu, g)
+    o, final = scan(q, k, v, G_GAMMA, SCALE, state, shift, reverse, cu, chunk_size, g=g)
+    o_ref, final_ref = gated_token_loop(q, k, v, G_GAMMA, SCALE, state, shift, reverse, cu, g)
     assert o.dtype == q.dtype and final.dtype == torch.float64
     assert bool(torch.isfinite(o).all()) and bool(torch.isfinite(final).all())
     assert_rel_close(o, o_ref, FP64_TOL, "o")

@@ -43,7 +43,7 @@ def _reference_runs(q, k, v, state, reverse, cu):
 @pytest.mark.parametrize("case", CASES)
 def test_references_match_closed_form(case):
     q, k, v, state, reverse, cu = _inputs(**case)
-    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, 0.7, state, 1, reverse, cu)
+    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, 0.7, state, 0, reverse, cu)
     for name, (o, final) in _reference_runs(q, k, v, state, reverse, cu):
         assert o.dtype == torch.float64 and final.dtype == torch.float64
         assert_rel_close(o, o_ref, TOL, f"{name} o")
@@ -55,7 +55,7 @@ def test_reference_gradients_match_closed_form(case):
     q, k, v, state, reverse, cu = _inputs(**case)
     leaves = [t.requires_grad_() for t in (q, k, v, state) if t is not None]
     gen = torch.Generator().manual_seed(1)
-    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, 0.7, state, 1, reverse, cu)
+    o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, 0.7, state, 0, reverse, cu)
     do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
     dht = torch.randn(final_ref.shape, generator=gen, dtype=torch.float64)
     expected = torch.autograd.grad((o_ref * do).sum() + (final_ref * dht).sum(), leaves)
@@ -140,7 +140,7 @@ def test_gated_references_match_closed_form(case, gates, with_g_gamma):
     q, k, v, state, reverse, cu = _inputs(**case)
     g = _gates(gates, *q.shape[:2])
     g_gamma = G_GAMMA if with_g_gamma else None
-    o_ref, final_ref = closed_form_scan(q, k, v, g_gamma, 0.7, state, 1, reverse, cu, g=g)
+    o_ref, final_ref = closed_form_scan(q, k, v, g_gamma, 0.7, state, 0, reverse, cu, g=g)
     for name, (o, final) in _gated_runs(q, k, v, g, g_gamma, state, reverse, cu):
         assert bool(torch.isfinite(o).all()) and bool(torch.isfinite(final).all()), name
         assert_rel_close(o, o_ref, TOL, f"{name} o")
@@ -155,7 +155,7 @@ def test_gated_reference_gradients_match_closed_form(case, gates, with_g_gamma):
     g_gamma = G_GAMMA if with_g_gamma else None
     leaves = [t.requires_grad_() for t in (q, k, v, state, g)]
     gen = torch.Generator().manual_seed(1)
-    o_ref, final_ref = closed_form_scan(q, k, v, g_gamma, 0.7, state, 1, reverse, cu, g=g)
+    o_ref, final_ref = closed_form_scan(q, k, v, g_gamma, 0.7, state, 0, reverse, cu, g=g)
     do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
     dht = torch.randn(final_ref.shape, generator=gen, dtype=torch.float64)
     expected = torch.autograd.grad((o_ref * do).sum() + (final_ref * dht).sum(), leaves)

@@ -4,22 +4,23 @@ Per sequence and head, the log decay of scan position p (1-based, p = 1..L in sc
 ``a_p = g_gamma[h] + g[token p, h]`` (``g`` per-token gates ``[B, T, H]``, or absent: then ``a_p = g_gamma[h]``).
 A *scan* computes::
 
-    state_offset = 1 (forward):  S_p = exp(a_p) S_{p-1} + k_p^T v_p,   o_p = scale q_p S_p,   final = S_L   (S_0 = S0)
-    state_offset = 0 (backward): S_p = S'_{p-1} + k_p^T v_p,          o_p = scale q_p S_p,   S'_p = exp(a_p) S_p,
-                                 final = S'_L                                                          (S'_0 = S0)
+    shift = 0 (forward):  S_p = exp(a_p) S_{p-1} + k_p^T v_p,   o_p = scale q_p S_p,   final = S_L     (S_0 = S0)
+    shift = 1 (backward): S_p = S'_{p-1} + k_p^T v_p,          o_p = scale q_p S_p,   S'_p = exp(a_p) S_p,
+                          final = S'_L                                                            (S'_0 = S0)
 
-``state_offset = 1`` is the public forward (S0 = h0 is decayed by the first token's gate, ``final = S_T``).
-``state_offset = 0`` is the backward's: dS_T (``dht``) enters undecayed, and ``final`` is the state gradient
-decayed once more, which is exactly ``dh0`` (and ``dht`` itself for an empty sequence). ``reverse=True`` runs the
+``shift = 0`` is the public forward (S0 = h0 is decayed by the first token's gate, ``final = S_T``).
+``shift = 1`` is the backward's: dS_T (``dht``) enters undecayed, and ``final`` is the state gradient decayed once
+more, which is exactly ``dh0`` (and ``dht`` itself for an empty sequence). In the forward's terms, its gates are
+shifted by one token (S_p = exp(a_{p-1}) S_{p-1} + ..., a_0 = 0) and its final state is decayed by a_L. ``reverse=True`` runs the
 scan from the last token to the first (per sequence with ``cu_seqlens``); each token keeps its own gate.
 
-Backward of ``o, final = scan(q, k, v, h0, offset=1)`` with upstream ``do``, ``dht`` (docs/DESIGN.md), in scan
+Backward of ``o, final = scan(q, k, v, h0, shift=0)`` with upstream ``do``, ``dht`` (docs/DESIGN.md), in scan
 order, with D_t the gradient of S_t::
 
     D_t = exp(a_{t+1}) D_{t+1} + scale q_t^T do_t,  D_T = dht + scale q_T^T do_T
-    dq  = scan(do, v, k, h0^T, offset=1, scale)                  (dq_t = scale do_t S_t^T)
-    dv, dh0 = scan(k, scale*q, do, dht,   offset=0, 1, reversed) (dv_t = k_t D_t, dh0 = exp(a_1) D_1)
-    dk  = scan(v, do, scale*q, dht^T, offset=0, 1, reversed)     (dk_t = D_t v_t)
+    dq  = scan(do, v, k, h0^T, shift=0, scale)                  (dq_t = scale do_t S_t^T)
+    dv, dh0 = scan(k, scale*q, do, dht,   shift=1, 1, reversed) (dv_t = k_t D_t, dh0 = exp(a_1) D_1)
+    dk  = scan(v, do, scale*q, dht^T, shift=1, 1, reversed)     (dk_t = D_t v_t)
     dg_t = < D_t, S_t - k_t^T v_t >                              (per-token gates only)
 
 The three scans give dq, dk, dv and dh0 for any gates; ``dg`` needs the states themselves, so only the chunked
@@ -43,8 +44,8 @@ __all__ = ["Scan", "Engine", "ScanEngine", "LengthRoutedEngine", "tokens_per_seq
 
 
 class Scan(Protocol):
-    """One scan of the module docstring's recurrence with ``state_offset`` 1 or 0 (what :class:`ScanEngine` is
-    built from): returns ``(o, final_state)``."""
+    """One scan of the module docstring's recurrence with ``shift`` 0 or 1 (what :class:`ScanEngine` is built
+    from): returns ``(o, final_state)``."""
 
     def __call__(
         self,
@@ -54,7 +55,7 @@ class Scan(Protocol):
         g_gamma: torch.Tensor,
         scale: float,
         state: torch.Tensor | None,
-        state_offset: int,
+        shift: int,
         reverse: bool,
         cu_seqlens: torch.Tensor | None,
         chunk_size: int,
@@ -113,7 +114,7 @@ class ScanEngine:
     def forward(self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None):
         cu = self._offsets(cu_seqlens, cu_seqlens_cpu)
         gates = {} if g is None else {"g": g}
-        return self.scan(q, k, v, g_gamma, cfg.scale, initial_state, 1, cfg.reverse, cu, cfg.chunk_size, **gates)
+        return self.scan(q, k, v, g_gamma, cfg.scale, initial_state, 0, cfg.reverse, cu, cfg.chunk_size, **gates)
 
     def backward(
         self, q, k, v, g_gamma, cfg: ScanConfig, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None
@@ -121,11 +122,11 @@ class ScanEngine:
         if g is not None:
             raise NotImplementedError("the three-scan backward has no dg: run a chunked engine's backward")
         scan, C, cu = self.scan, cfg.chunk_size, self._offsets(cu_seqlens, cu_seqlens_cpu)
-        dq, _ = scan(do, v, k, g_gamma, cfg.scale, transpose_state(initial_state), 1, cfg.reverse, cu, C)
+        dq, _ = scan(do, v, k, g_gamma, cfg.scale, transpose_state(initial_state), 0, cfg.reverse, cu, C)
         # Scale q once (in the state dtype) so the state-gradient scans carry scale inside D, as D_t does.
         q_scaled = q.to(torch.promote_types(q.dtype, torch.float32)) * cfg.scale
-        dv, dh0 = scan(k, q_scaled, do, g_gamma, 1.0, dht, 0, not cfg.reverse, cu, C)
-        dk, _ = scan(v, do, q_scaled, g_gamma, 1.0, transpose_state(dht), 0, not cfg.reverse, cu, C)
+        dv, dh0 = scan(k, q_scaled, do, g_gamma, 1.0, dht, 1, not cfg.reverse, cu, C)
+        dk, _ = scan(v, do, q_scaled, g_gamma, 1.0, transpose_state(dht), 1, not cfg.reverse, cu, C)
         return dq, dk, dv, (dh0 if initial_state is not None else None), None
 
 

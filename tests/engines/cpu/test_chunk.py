@@ -29,9 +29,9 @@ BACKWARD_CASES = [
 
 
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-@pytest.mark.parametrize("T, with_state, state_offset, reverse, cu_seqlens", scan_case_params())
-def test_scan_contract(T, with_state, state_offset, reverse, cu_seqlens, chunk_size):
-    assert_scan_matches_closed_form(chunk.chunk_scan, T, with_state, state_offset, reverse, cu_seqlens, chunk_size)
+@pytest.mark.parametrize("T, with_state, shift, reverse, cu_seqlens", scan_case_params())
+def test_scan_contract(T, with_state, shift, reverse, cu_seqlens, chunk_size):
+    assert_scan_matches_closed_form(chunk.chunk_scan, T, with_state, shift, reverse, cu_seqlens, chunk_size)
 
 
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
@@ -46,7 +46,7 @@ def test_low_precision_accumulates_in_float32(dtype):
     once to the input dtype (the closed form on the same inputs, its output cast to dtype)."""
     q, k, v, state, cu = scan_inputs(200, True, None, dtype=dtype)
     state = state.float()
-    o, final = chunk.chunk_scan(q, k, v, G_GAMMA, SCALE, state, 1, False, cu, 64)
+    o, final = chunk.chunk_scan(q, k, v, G_GAMMA, SCALE, state, 0, False, cu, 64)
     assert o.dtype == dtype and final.dtype == torch.float32
     o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state)
     assert_matches_baseline(o, o_ref, o_ref.to(dtype), "o")
@@ -55,10 +55,10 @@ def test_low_precision_accumulates_in_float32(dtype):
 
 @pytest.mark.parametrize("gates", GATE_KINDS)
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-@pytest.mark.parametrize("T, with_state, state_offset, reverse, cu_seqlens", scan_case_params())
-def test_gated_scan_contract(T, with_state, state_offset, reverse, cu_seqlens, chunk_size, gates):
+@pytest.mark.parametrize("T, with_state, shift, reverse, cu_seqlens", scan_case_params())
+def test_gated_scan_contract(T, with_state, shift, reverse, cu_seqlens, chunk_size, gates):
     assert_gated_scan_matches_definition(
-        chunk.chunk_scan, T, with_state, state_offset, reverse, cu_seqlens, gates, chunk_size
+        chunk.chunk_scan, T, with_state, shift, reverse, cu_seqlens, gates, chunk_size
     )
 
 
@@ -77,7 +77,7 @@ def test_gated_low_precision_accumulates_in_float32(dtype):
     q, k, v, state, cu = scan_inputs(200, True, None, dtype=dtype)
     state = state.float()
     g = scan_gates("random", *q.shape[:2]).float()
-    o, final = chunk.chunk_scan(q, k, v, G_GAMMA, SCALE, state, 1, False, cu, 64, g=g)
+    o, final = chunk.chunk_scan(q, k, v, G_GAMMA, SCALE, state, 0, False, cu, 64, g=g)
     assert o.dtype == dtype and final.dtype == torch.float32
     o_ref, final_ref = closed_form_scan(q, k, v, G_GAMMA, SCALE, state, g=g)
     assert_matches_baseline(o, o_ref, o_ref.to(dtype), "o")

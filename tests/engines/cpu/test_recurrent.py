@@ -15,9 +15,9 @@ from tests.closed_form import (
 )
 
 
-@pytest.mark.parametrize("T, with_state, state_offset, reverse, cu_seqlens", scan_case_params())
-def test_scan_contract(T, with_state, state_offset, reverse, cu_seqlens):
-    assert_scan_matches_closed_form(recurrent.recurrent_scan, T, with_state, state_offset, reverse, cu_seqlens)
+@pytest.mark.parametrize("T, with_state, shift, reverse, cu_seqlens", scan_case_params())
+def test_scan_contract(T, with_state, shift, reverse, cu_seqlens):
+    assert_scan_matches_closed_form(recurrent.recurrent_scan, T, with_state, shift, reverse, cu_seqlens)
 
 
 @pytest.mark.parametrize(
@@ -33,9 +33,9 @@ def test_backward(T, reverse, cu_seqlens):
 
 
 @pytest.mark.parametrize("gates", GATE_KINDS)
-@pytest.mark.parametrize("T, with_state, state_offset, reverse, cu_seqlens", scan_case_params())
-def test_gated_scan_contract(T, with_state, state_offset, reverse, cu_seqlens, gates):
-    assert_gated_scan_matches_definition(recurrent.recurrent_scan, T, with_state, state_offset, reverse, cu_seqlens, gates)
+@pytest.mark.parametrize("T, with_state, shift, reverse, cu_seqlens", scan_case_params())
+def test_gated_scan_contract(T, with_state, shift, reverse, cu_seqlens, gates):
+    assert_gated_scan_matches_definition(recurrent.recurrent_scan, T, with_state, shift, reverse, cu_seqlens, gates)
 
 
 def test_three_scan_backward_has_no_dg():

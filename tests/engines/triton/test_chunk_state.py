@@ -55,11 +55,11 @@ def _gated_local_state(k, v, a, start, end, k_scale, reverse, first, shift):
     return torch.einsum("jh,jhk,jhv->hkv", weight, kk, vv), shifted.sum(0)
 
 
-@pytest.mark.parametrize("shift", [0, 1], ids=["offset1", "offset0"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["shift0", "shift1"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_gated_local_states_and_total_decays(triton_device, monkeypatch, reverse, shift):
     """With per-token gates (g + g_gamma): every segment's A_s and its total log decay (log2-scaled), from the
-    gates shifted by one token for the backward's state_offset 0 (none at each sequence's first token)."""
+    gates shifted by one token for the backward's shift 1 (none at each sequence's first token)."""
     split_all_sequences(monkeypatch)
     bounds = (0, 150, 150, 170, 300)
     H, K, V = 2, 24, 40

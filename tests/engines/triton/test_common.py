@@ -232,7 +232,7 @@ def test_recurrent_kernel_clamps_device_offsets(triton_device, monkeypatch, cu_s
     monkeypatch.setattr(recurrent.torch, "empty_like", guarded_empty_like)
     cu = torch.tensor(cu_seqlens)
     final = torch.zeros(len(cu_seqlens) - 1, Hh, D, D)
-    o = recurrent._launch(q, k, v, torch.tensor([-0.1, -0.5]), 1.0, None, final, state_offset=1, reverse=False,
+    o = recurrent._launch(q, k, v, torch.tensor([-0.1, -0.5]), 1.0, None, final, shift=0, reverse=False,
                           cu_seqlens=cu)  # fmt: skip
     assert all(_guards_intact(b) for b in (*bufs, *outputs)), "the kernel wrote outside its tensors"
     assert bool(torch.isfinite(final).all()), "the kernel read outside its tensors"

@@ -28,12 +28,12 @@ H, K, V = 3, 16, 8  # K != V
 G_GAMMA = decay.g_gamma(H, 0, 3)
 
 SCAN_CASES = [
-    pytest.param(1, False, None, id="forward"),
-    pytest.param(0, False, None, id="offset0"),
-    pytest.param(1, True, None, id="reverse"),
-    pytest.param(0, True, None, id="offset0-reverse"),
-    pytest.param(1, False, (0, 0, 1, 9, 23), id="varlen-empty-len1"),
-    pytest.param(0, True, (0, 14, 14, 23), id="varlen-offset0-reverse"),
+    pytest.param(0, False, None, id="forward"),
+    pytest.param(1, False, None, id="shift1"),
+    pytest.param(0, True, None, id="reverse"),
+    pytest.param(1, True, None, id="shift1-reverse"),
+    pytest.param(0, False, (0, 0, 1, 9, 23), id="varlen-empty-len1"),
+    pytest.param(1, True, (0, 14, 14, 23), id="varlen-shift1-reverse"),
 ]
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -45,21 +45,21 @@ def _to(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
 
 
-def _triton_scan(device, q, k, v, g, scale, s0, state_offset=1, reverse=False, cu_seqlens=None):
+def _triton_scan(device, q, k, v, g, scale, s0, shift=0, reverse=False, cu_seqlens=None):
     """The Triton scan on ``device``; results back on the CPU."""
     q, k, v, g, s0, cu = _to(device, q, k, v, g, s0, cu_seqlens)
-    o, final = triton_recurrent.recurrent_scan(q, k, v, g, scale, s0, state_offset, reverse, cu, 64)
+    o, final = triton_recurrent.recurrent_scan(q, k, v, g, scale, s0, shift, reverse, cu, 64)
     return o.cpu(), final.cpu()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("state_offset, reverse, cu_seqlens", SCAN_CASES)
-def test_scan_contract_matches_closed_form(triton_device, state_offset, reverse, cu_seqlens, dtype):
+@pytest.mark.parametrize("shift, reverse, cu_seqlens", SCAN_CASES)
+def test_scan_contract_matches_closed_form(triton_device, shift, reverse, cu_seqlens, dtype):
     """o and final of the scan primitive (engines/base.py), with a non-zero S0 and the strongest decays."""
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
     B, N = (2, 2) if cu is None else (1, len(cu_seqlens) - 1)
-    q, k, v, s0 = make_inputs(B, 23, H, K, V, dtype=dtype, initial_state=True, num_seqs=N, seed=state_offset)
-    args = (G_GAMMA, 0.7, s0, state_offset, reverse, cu)
+    q, k, v, s0 = make_inputs(B, 23, H, K, V, dtype=dtype, initial_state=True, num_seqs=N, seed=1 - shift)
+    args = (G_GAMMA, 0.7, s0, shift, reverse, cu)
     o, final = _triton_scan(triton_device, q, k, v, *args)
     o_ref, final_ref = closed_form_scan(q, k, v, *args)
     o_base, final_base = torch_recurrent.recurrent_scan(q.float(), k.float(), v.float(), *args, 64)
@@ -132,7 +132,7 @@ def test_strongest_decays_are_finite_and_exact(triton_device, schedule):
     q, k, v, h0 = make_inputs(1, 40, g.shape[0], 4, 4, initial_state=True)
     o, final = _triton_scan(triton_device, q, k, v, g, 1.0, h0)
     o_ref, final_ref = recurrent_reference(q.double(), k.double(), v.double(), g, 1.0, h0.double(), True)
-    o_base, final_base = torch_recurrent.recurrent_scan(q, k, v, g, 1.0, h0, 1, False, None, 64)
+    o_base, final_base = torch_recurrent.recurrent_scan(q, k, v, g, 1.0, h0, 0, False, None, 64)
     assert bool(torch.isfinite(o).all()) and bool(torch.isfinite(final).all())
     assert_matches_baseline(o, o_ref, o_base, "o")
     assert_matches_baseline(final, final_ref, final_base, "final")
@@ -175,9 +175,9 @@ def test_routed_long_sequence_matches_reference(triton_device, monkeypatch):
 # Per-token gates g [B, T, H] (added to g_gamma): the token loop's forward, both state offsets, and the engine.
 
 
-def _gated_scan(q, k, v, a, scale, s0, state_offset, reverse, cu_seqlens, dtype):
+def _gated_scan(q, k, v, a, scale, s0, shift, reverse, cu_seqlens, dtype):
     """The scan contract with per-token log decays a [B, T, H] in ``dtype``, token by token (engines/base.py):
-    offset 1: S_t = exp(a_t) S_{t-1} + k_t^T v_t; offset 0: S_t = S'_{t-1} + k_t^T v_t, S'_t = exp(a_t) S_t."""
+    shift 0: S_t = exp(a_t) S_{t-1} + k_t^T v_t; shift 1: S_t = S'_{t-1} + k_t^T v_t, S'_t = exp(a_t) S_t."""
     q, k, v, a = (x.to(dtype) for x in (q, k, v, a))
     B, T, H, _ = q.shape
     spans = [(b, 0, T, b) for b in range(B)] if cu_seqlens is None else [
@@ -188,36 +188,36 @@ def _gated_scan(q, k, v, a, scale, s0, state_offset, reverse, cu_seqlens, dtype)
         state = s0[n].to(dtype).clone()
         for t in (range(end - 1, start - 1, -1) if reverse else range(start, end)):
             lam = torch.exp(a[b, t])[:, None, None]
-            state = (lam * state if state_offset == 1 else state) + k[b, t, :, :, None] * v[b, t, :, None, :]
+            state = (lam * state if shift == 0 else state) + k[b, t, :, :, None] * v[b, t, :, None, :]
             o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t], state)
-            if state_offset == 0:
+            if shift == 1:
                 state = lam * state
         finals.append(state)
     return o, torch.stack(finals)
 
 
 GATED_SCAN_CASES = [
-    pytest.param(1, False, None, id="forward"),
-    pytest.param(0, True, None, id="offset0-reverse"),
-    pytest.param(1, True, (0, 0, 1, 9, 23), id="varlen-empty-len1-reverse"),
-    pytest.param(0, False, (0, 14, 14, 23), id="varlen-offset0"),
+    pytest.param(0, False, None, id="forward"),
+    pytest.param(1, True, None, id="shift1-reverse"),
+    pytest.param(0, True, (0, 0, 1, 9, 23), id="varlen-empty-len1-reverse"),
+    pytest.param(1, False, (0, 14, 14, 23), id="varlen-shift1"),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("state_offset, reverse, cu_seqlens", GATED_SCAN_CASES)
-def test_gated_scan_contract(triton_device, state_offset, reverse, cu_seqlens, dtype):
+@pytest.mark.parametrize("shift, reverse, cu_seqlens", GATED_SCAN_CASES)
+def test_gated_scan_contract(triton_device, shift, reverse, cu_seqlens, dtype):
     """o and final of the scan primitive with per-token gates (g + g_gamma, the strongest decays among them)."""
     from tests.engines.triton.test_chunk_gates import gates
 
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
     B, N = (2, 2) if cu is None else (1, len(cu_seqlens) - 1)
-    q, k, v, s0 = make_inputs(B, 23, H, K, V, dtype=dtype, initial_state=True, num_seqs=N, seed=7 + state_offset)
+    q, k, v, s0 = make_inputs(B, 23, H, K, V, dtype=dtype, initial_state=True, num_seqs=N, seed=8 - shift)
     g = gates("random", B, 23, H)
     a = g + G_GAMMA
     q_d, k_d, v_d, g_d, gg_d, s0_d, cu_d = _to(triton_device, q, k, v, g, G_GAMMA, s0, cu)
-    o, final = triton_recurrent.recurrent_scan(q_d, k_d, v_d, gg_d, 0.7, s0_d, state_offset, reverse, cu_d, 64, g=g_d)
-    args = (0.7, s0, state_offset, reverse, cu)
+    o, final = triton_recurrent.recurrent_scan(q_d, k_d, v_d, gg_d, 0.7, s0_d, shift, reverse, cu_d, 64, g=g_d)
+    args = (0.7, s0, shift, reverse, cu)
     o_ref, final_ref = _gated_scan(q, k, v, a, *args, torch.float64)
     o_base, final_base = _gated_scan(q, k, v, a, *args, torch.float32)
     assert o.dtype == dtype and final.dtype == torch.float32

@@ -2,13 +2,13 @@
 
 A torch engine supplies ``scan_dense(q, k, v, log_decay, state) -> (o, S)`` over dense ``[B, H, T, D]`` tensors in
 the compute dtype, unscaled, starting from ``state`` ``[B, H, K, V]`` (or zero for None) with the forward
-convention (``state_offset = 1``: the state is decayed by the first token's gate). ``log_decay`` is either
+convention (``shift = 0``: the state is decayed by the first token's gate). ``log_decay`` is either
 ``[H]`` (one constant per head, ``g_gamma``) or ``[B, H, T]`` float64 (per token, ``g_gamma + g``; see
 :func:`dense_log_decays`). With A_t the sum of the log decays of tokens 1..t::
 
     o_t = exp(A_t) q_t S0 + sum_{j <= t} exp(A_t - A_j) (q_t . k_j) v_j      S = exp(A_T) S0 + sum_j exp(A_T - A_j) k_j^T v_j
 
-For ``state_offset = 0`` (the backward's convention of engines/base.py) the state enters undecayed and the final
+For ``shift = 1`` (the backward's convention of engines/base.py) the state enters undecayed and the final
 state is decayed once more: with per-token decays that is the forward scan of the decays shifted by one token
 (the first one 0), its final state times exp(a_T). With a constant decay the S0 terms, linear in S0, are added
 here in closed form instead (never as S0 / lam, which overflows for a strong decay)::
@@ -65,18 +65,18 @@ def dense_log_decays(g_gamma: torch.Tensor, g: torch.Tensor | None) -> torch.Ten
 
 
 def _shifted(log_decay: torch.Tensor) -> torch.Tensor:
-    """[B, H, T] per-token decays moved one token later, 0 first: the offset-0 scan as an offset-1 scan."""
+    """[B, H, T] per-token decays moved one token later, 0 first: the shift-1 scan as a shift-0 scan."""
     return torch.nn.functional.pad(log_decay[..., :-1], (1, 0))
 
 
-def _scan_dense(scan_dense: DenseScan, q, k, v, log_decay, state, state_offset, reverse):
+def _scan_dense(scan_dense: DenseScan, q, k, v, log_decay, state, shift, reverse):
     """q, k: [B, H, T, K]; v: [B, H, T, V] in the compute dtype; state [B, H, K, V] or None; log_decay [H] or
     [B, H, T]."""
     per_token = log_decay.dim() == 3
     if reverse:
         q, k, v = (x.flip(2) for x in (q, k, v))
         log_decay = log_decay.flip(2) if per_token else log_decay
-    if state_offset == 1:
+    if shift == 0:
         o, final = scan_dense(q, k, v, log_decay, state)
     elif per_token:
         o, final = scan_dense(q, k, v, _shifted(log_decay), state)
@@ -132,14 +132,14 @@ def _from_dense(x, dtype):
     return x.transpose(1, 2).to(dtype).contiguous()
 
 
-def run_scan(scan_dense: DenseScan, q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, g=None):
+def run_scan(scan_dense: DenseScan, q, k, v, g_gamma, scale, state, shift, reverse, cu_seqlens, g=None):
     """The scan contract of engines/base.py for a dense torch ``scan_dense``."""
     dtype = compute_dtype(q, k, v, state)
     state = None if state is None else state.to(dtype)
     log_decay = dense_log_decays(g_gamma.to(dtype), g)
 
     def one(q, k, v, s0, log_decay):
-        o, final = _scan_dense(scan_dense, q, k, v, log_decay, s0, state_offset, reverse)
+        o, final = _scan_dense(scan_dense, q, k, v, log_decay, s0, shift, reverse)
         return (o,), (final,)
 
     (o,), (final,) = _map_sequences(one, cu_seqlens, _to_dense(dtype, q, k, v), (state,), log_decay)

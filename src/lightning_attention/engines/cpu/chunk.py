@@ -203,10 +203,10 @@ def chunk_backward_dense(q, k, v, do, log_decay, h0, dht, chunk_size: int = 64):
     return _join(dq), _join(dk), _join(dv), grad_state, (_join(dg) if per_token else None)
 
 
-def chunk_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size, g=None):
+def chunk_scan(q, k, v, g_gamma, scale, state, shift, reverse, cu_seqlens, chunk_size, g=None):
     """The scan contract of engines/base.py, chunked."""
     dense = functools.partial(chunk_scan_dense, chunk_size=chunk_size)
-    return run_scan(dense, q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, g)
+    return run_scan(dense, q, k, v, g_gamma, scale, state, shift, reverse, cu_seqlens, g)
 
 
 class ChunkEngine(ScanEngine):

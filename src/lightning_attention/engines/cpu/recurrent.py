@@ -37,9 +37,9 @@ def recurrent_scan_dense(q, k, v, log_decay, state):
     return o, state
 
 
-def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size, g=None):
+def recurrent_scan(q, k, v, g_gamma, scale, state, shift, reverse, cu_seqlens, chunk_size, g=None):
     """The scan contract of engines/base.py, one token at a time (chunk_size is unused)."""
-    return run_scan(recurrent_scan_dense, q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, g)
+    return run_scan(recurrent_scan_dense, q, k, v, g_gamma, scale, state, shift, reverse, cu_seqlens, g)
 
 
 #: Above this many tokens per sequence (mean) the torch recurrent op runs the chunked scan: a token loop costs a

@@ -9,8 +9,8 @@ forward scan and bit 1 for a reverse one). Rows index the flattened ``[B * T]`` 
 When a sequence is split into several segments (too few sequences x heads to fill the GPU), a first pass
 computes each segment's local state (chunk_state.py) and every program folds those of the segments before
 its own into the state it starts from (:func:`fold_earlier_segments`). The state entering the first segment
-is ``initial_state`` with the scan's ``SHIFT = 1 - state_offset`` (engines/base.py): it reaches local
-position i through ``lam^(i + 1 - SHIFT)``.
+is ``initial_state`` with the scan's ``SHIFT`` (engines/base.py's shift): it reaches local position i through
+``lam^(i + 1 - SHIFT)``.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def load_gates(gates, g, rows, valid, at_start, R, H, i_h, SHIFT: tl.constexpr, REVERSE: tl.constexpr):
     """Per-token log decays a'_p [C] of a chunk's tile rows: g_gamma (``g``) + gates[row, i_h], 0 where a row does
-    not exist. SHIFT (the state_offset = 0 scans of engines/base.py): the gate of the token before in scan order
+    not exist. SHIFT (the shift = 1 scans of engines/base.py): the gate of the token before in scan order
     (memory row - 1, or + 1 for a reverse scan) and 0 at the sequence's first position (``at_start``), so that
     the incoming state enters undecayed and every other step is the forward's recurrence with shifted gates.
     (Rows outside the R rows of ``gates [R, H]`` are never read, whatever the segment table says.)"""

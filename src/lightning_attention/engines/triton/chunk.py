@@ -4,8 +4,8 @@ With a scalar decay per head every decay factor is closed-form (lam^(i-j), lam^C
 never needs to leave the chip: one program per (segment, head, V-block) walks its chunks in order
 (chunk_scan.py). No per-chunk state is stored.
 
-    forward   o, final = scan(q, k, v, h0, offset 1)                                      1 launch
-    backward  dq       = scan(do, v, k, h0^T, offset 1)                                   1 launch
+    forward   o, final = scan(q, k, v, h0, shift 0)                                       1 launch
+    backward  dq       = scan(do, v, k, h0^T, shift 0)                                    1 launch
               dk, dv, dh0 from the reverse scan of D = sum q^T do                          1 launch
               - heads up to 64 x 64 (padded): one fused kernel reading q, k, v, do once (chunk_bwd.py);
               - larger heads with K == V: dv = scan(k, q, do) and its transposed twin dk = scan(v, do, q) in

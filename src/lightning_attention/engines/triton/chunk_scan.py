@@ -6,8 +6,8 @@ One program per (segment, head, V-block) walks its segment's chunks in scan orde
     O  = scale * ( ((Q K^T * k_scale) . M) V  +  diag(lam^(i+1-e)) Q S ),     M_ij = lam^(i-j) if i >= j else 0
     S' = lam^(n-e) S + k_scale * (diag(lam^(n-1-j)) K)^T V                      (n tokens in this chunk)
 
-``e = SHIFT`` on the first chunk of a sequence (the state_offset of engines/base.py: 0 for the forward, 1
-for the backward's state-gradient scans, where dht enters undecayed), else 0. Nothing per chunk is written
+``e = SHIFT`` on the first chunk of a sequence (the shift of engines/base.py: 0 for the forward, 1 for the
+backward's state-gradient scans, where dht enters undecayed), else 0. Nothing per chunk is written
 to memory: HBM traffic is q, k, v read once and o written once per V-block.
 The final state is ``lam^SHIFT S`` (``S0`` itself for an empty sequence).
 

@@ -4,10 +4,10 @@ slice of the state held in registers for the whole sequence.
 The scan contract of engines/base.py, per sequence and head (lam_t = exp(a_t), a_t = g_gamma + g_t with per-token
 gates g, else g_gamma; 1-based t = 1..L in scan order)::
 
-    state_offset = 1:  S_t = lam_t S_{t-1} + k_t^T v_t,    o_t = scale q_t S_t,   final = S_L      (S_0 = S0)
-    state_offset = 0:  S_t = S_{t-1}' + k_t^T v_t,         o_t = scale q_t S_t,   S_t' = lam_t S_t,  final = S_L'
+    shift = 0:  S_t = lam_t S_{t-1} + k_t^T v_t,    o_t = scale q_t S_t,   final = S_L      (S_0 = S0)
+    shift = 1:  S_t = S_{t-1}' + k_t^T v_t,         o_t = scale q_t S_t,   S_t' = lam_t S_t,  final = S_L'
 
-(offset 0 is the backward's: the incoming state enters undecayed and the final one is decayed once more.)
+(shift 1 is the backward's: the incoming state enters undecayed and the final one is decayed once more.)
 ``reverse`` walks t = L..1. Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (any float dtypes, read as the
 state dtype), g ``[B, T, H]`` or None, o ``[B, T, H, V]`` in q's dtype, states ``[N, H, K, V]`` float32 (float64
 for float64 inputs). The engine's backward with gates is the chunked engine's (the same math, and dg).
@@ -84,7 +84,7 @@ def _recurrent_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     ACC: tl.constexpr,
-    STATE_OFFSET: tl.constexpr,
+    SHIFT: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_H0: tl.constexpr,
     PER_SEQ_H0: tl.constexpr,
@@ -149,13 +149,13 @@ def _recurrent_kernel(
             p_g += step
         else:
             decay = lam
-        if STATE_OFFSET == 1:
+        if SHIFT == 0:
             b_h = decay * b_h + b_k[:, None] * b_v[None, :]
         else:
             b_h = b_h + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
-        if STATE_OFFSET == 0:
+        if SHIFT == 1:
             b_h = decay * b_h
         b_q, b_k, b_v = n_q, n_k, n_v
         p_q += step * K
@@ -166,7 +166,7 @@ def _recurrent_kernel(
 
 
 def _launch(
-    q, k, v, g_gamma, scale, h0, final, *, state_offset, reverse, cu_seqlens, slot_ids=None, use_h0=None, g=None
+    q, k, v, g_gamma, scale, h0, final, *, shift, reverse, cu_seqlens, slot_ids=None, use_h0=None, g=None
 ):  # fmt: skip
     """Run the kernel; writes ``o`` (returned) and ``final`` (rows ``slot_ids`` of it when given) in place."""
     B, T, H, K = q.shape
@@ -200,7 +200,7 @@ def _launch(
         BK=BK,
         BV=BV,
         ACC=acc,
-        STATE_OFFSET=state_offset,
+        SHIFT=shift,
         REVERSE=bool(reverse),
         HAS_H0=h0 is not None,
         PER_SEQ_H0=use_h0 is not None,
@@ -212,7 +212,7 @@ def _launch(
     return o
 
 
-def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seqlens, chunk_size, g=None):
+def recurrent_scan(q, k, v, g_gamma, scale, state, shift, reverse, cu_seqlens, chunk_size, g=None):
     """The scan contract of engines/base.py, token by token on the GPU (chunk_size is unused). ``g``: per-token
     log gates ``[B, T, H]`` (read as the state dtype; added to g_gamma) or None."""
     B, T, H, K = q.shape
@@ -221,7 +221,7 @@ def recurrent_scan(q, k, v, g_gamma, scale, state, state_offset, reverse, cu_seq
     h0 = None if state is None else state.to(final.dtype).contiguous()
     g_gamma = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
     return _launch(
-        q, k, v, g_gamma, scale, h0, final, state_offset=state_offset, reverse=reverse, cu_seqlens=cu_seqlens, g=g
+        q, k, v, g_gamma, scale, h0, final, shift=shift, reverse=reverse, cu_seqlens=cu_seqlens, g=g
     ), final
 
 
@@ -243,7 +243,7 @@ def recurrent_into_slots(q, k, v, g_gamma, scale, cu_seqlens, state_cache, slot_
         scale,
         state_cache,
         state_cache,
-        state_offset=1,
+        shift=0,
         reverse=False,
         cu_seqlens=cu_seqlens,
         slot_ids=slot_ids,
@@ -257,7 +257,7 @@ class TokenLoopEngine(ScanEngine):
     backward the chunked engine's (the same math; the loop has no dg). Without gates, the base engine's."""
 
     def forward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, g=None, cu_seqlens_cpu=None):
-        return self.scan(q, k, v, g_gamma, cfg.scale, initial_state, 1, cfg.reverse, cu_seqlens, cfg.chunk_size, g=g)
+        return self.scan(q, k, v, g_gamma, cfg.scale, initial_state, 0, cfg.reverse, cu_seqlens, cfg.chunk_size, g=g)
 
     def backward(self, q, k, v, g_gamma, cfg, initial_state, cu_seqlens, do, dht, g=None, cu_seqlens_cpu=None):
         if g is not None:
