@@ -11,8 +11,9 @@ A *scan* computes::
 ``shift = 0`` is the public forward (S0 = h0 is decayed by the first token's gate, ``final = S_T``).
 ``shift = 1`` is the backward's: dS_T (``dht``) enters undecayed, and ``final`` is the state gradient decayed once
 more, which is exactly ``dh0`` (and ``dht`` itself for an empty sequence). In the forward's terms, its gates are
-shifted by one token (S_p = exp(a_{p-1}) S_{p-1} + ..., a_0 = 0) and its final state is decayed by a_L. ``reverse=True`` runs the
-scan from the last token to the first (per sequence with ``cu_seqlens``); each token keeps its own gate.
+shifted by one token (S_p = exp(a_{p-1}) S_{p-1} + ..., a_0 = 0) and its final state is decayed by a_L.
+``reverse=True`` runs the scan from the last token to the first (per sequence with ``cu_seqlens``); each token
+keeps its own gate.
 
 Backward of ``o, final = scan(q, k, v, h0, shift=0)`` with upstream ``do``, ``dht`` (docs/DESIGN.md), in scan
 order, with D_t the gradient of S_t::
