@@ -140,6 +140,42 @@ def test_multi_token_decode_equals_the_recurrence(triton_device, gated, config):
     assert torch.equal(after[[1, 2, 3, 4]], cache[[1, 2, 3, 4]]) and not word.any()
 
 
+def _shipped_decode_tiles():
+    from lightning_attention.engines.triton import tuning
+
+    return [
+        pytest.param(case, entry, id=f"{tuning.card_slug(card)}-{case}")
+        for card, table in tuning.SHIPPED.items()
+        for case, entry in table.entries.get("decode", {}).items()
+    ]
+
+
+@pytest.mark.parametrize("case, entry", _shipped_decode_tiles())
+def test_shipped_decode_tiles_at_heads_of_128(triton_device, case, entry):
+    """Every decode tile of the shipped launch tables, as given (no grid filling), at K = V = 128 with the cache
+    dtype of its case, one token or (a "-multi" case) four per row with per-token gates: o and the final states
+    vs the float64 recurrence (a bf16 cache element within one rounding of it, as in
+    test_decode_step_bf16_cache_and_inputs)."""
+    dtype_name, _, multi = case.partition("-")
+    cache_dtype, L, dim = getattr(torch, dtype_name), 4 if multi else 1, 128
+    slots = torch.tensor([3, 0])
+    q, k, v, _ = make_inputs(2, L, H, dim, dim, seed=5)
+    g = -torch.rand(2, L, H, generator=torch.Generator().manual_seed(5)) if multi else None
+    cache = torch.randn(NUM_SLOTS, H, dim, dim).to(cache_dtype)
+    config = triton_decode.DecodeConfig(**entry)
+    o, after, word, _ = _run(triton_device, q, k, v, cache, slots, 0.5, config, g=g)
+    o_ref, s_ref = decode_reference(q, k, v, cache[slots].double(), G_GAMMA, 0.5, g)
+    o_base, s_base = decode_reference(q, k, v, cache[slots].float(), G_GAMMA, 0.5, g)
+    assert_matches_baseline(o.reshape(o_ref.shape), o_ref, o_base, "o")
+    if cache_dtype == torch.float32:
+        assert_matches_baseline(after[slots], s_ref, s_base, "state")
+    else:
+        rounding = 2.0**-8 if triton_device == "cuda" else 2.0**-7
+        err = (after[slots].double() - s_ref).abs()
+        assert bool((err <= rounding * s_ref.abs() + 1e-5).all()), f"max abs err {err.max():.2e}"
+    assert not word.any()
+
+
 @pytest.mark.parametrize("L", [2, 5, 8])
 def test_multi_token_decode_with_k_in_two_blocks_and_strong_gates(triton_device, L):
     """K and V each in two blocks of 16, per-token gates from 0 to strongly negative (-20 per token plus g_gamma)
