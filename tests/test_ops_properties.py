@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st

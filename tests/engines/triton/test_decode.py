@@ -7,8 +7,6 @@ recurrence in float32 (lightning_attention.testing). A bfloat16 cache element mu
 exact update: 2^-8 relative when rounding to nearest (GPU), 2^-7 toward zero (the interpreter, see rounding.py).
 """
 
-import warnings
-
 import pytest
 import torch
 
