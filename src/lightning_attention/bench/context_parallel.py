@@ -14,8 +14,9 @@ Per launch (P = world size):
           (the library's tolerance rule: err <= 2 x baseline + 1e-6).
   bench   forward+backward at each T: one sequence (--tokens with the 'tnl' decay, --no-decay-tokens with g = 0,
           --gates-tokens with per-token gates as in the check) and packed documents (--packed-tokens: lengths
-          drawn uniformly from --doc-lengths, seeded, crossing the shard boundaries). For each: the single-GPU op on this rank's shard alone (its documents only; no
-          communication: the ideal), then context parallelism over the P ranks; median over --iters, the
+          drawn uniformly from --doc-lengths, seeded, crossing the shard boundaries). For each: the single-GPU op
+          on this rank's shard alone (its documents only; no communication: the ideal), then context parallelism
+          over the P ranks; median over --iters, the
           slowest rank. With P = 1 the first is the single-GPU baseline. Out-of-memory is caught and reported.
   costs   the call-signature exchange (collectives.agree: the check that ranks agree, once per forward) and one
           state all-gather, alone, median over --exchange-iters.

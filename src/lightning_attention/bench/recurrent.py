@@ -111,6 +111,7 @@ def bench_tile_sweep(rows, table):
         rows.append(dict(tile_sweep=(state_tile, num_warps), T=T, B=B, H=H, loop_ms=ms))
         table.add(f"| {state_tile} | {num_warps} | {ms:.3f} |")
 
+
 def bench_prefill(rows, table):
     table.add("", "prefill into slots vs chunk_simple_gla (initial_state + final state tensors), bf16 inputs, "
               "fp32 cache",

@@ -1,9 +1,8 @@
 """Static resources of the shipped kernel configurations, compiled for H100 (sm_90) on the CPU.
 
-The forward scan's speed on H100 comes from a spill-free 4-warp loop (benchmarks/results/h100/kernel_choices.md): a change to the kernel or its
-configuration that makes it spill, or that
-needs more shared memory than a block may have (a launch-time failure on the GPU), fails here, in CI, without a
-GPU. Runs lightning_attention.testing.kernel_resources in a subprocess: the tests' TRITON_INTERPRET=1 replaces
+The forward scan's speed on H100 comes from a spill-free 4-warp loop (benchmarks/results/h100/kernel_choices.md):
+a change to the kernel or its configuration that makes it spill, or that needs more shared memory than a block may
+have (a launch-time failure on the GPU), fails here, in CI, without a GPU. Runs lightning_attention.testing.kernel_resources in a subprocess: the tests' TRITON_INTERPRET=1 replaces
 the kernels by the interpreter's, which cannot be compiled.
 """
 

@@ -448,7 +448,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     """Tensor-core precision of the kernels' products. 16-bit inputs: native (see :func:`mma` for bf16 under the
     interpreter). fp32 inputs follow ``torch.get_float32_matmul_precision()``, as torch's own matmuls do:
     "highest" (torch's default): three tf32 products per dot, fp32-level accuracy; "high" or "medium": one tf32
-    product (about 1e-3 relative error, several times faster; benchmarks/results/chunk.md).
+    product (about 1e-3 relative error, several times faster; benchmarks/results/h100/chunk.md).
     Read at launch, after TRITON_INTERPRET is set."""
     if dtype == torch.bfloat16 and interpreting():
         return "upcast"
@@ -496,7 +496,8 @@ def _segment_tokens(
     """Segment length in tokens (a multiple of the chunk), or 0 for no split.
 
     ``slots`` segments run at once (all SMs busy); the chunks are spread evenly over them, as many segments as
-    fit one wave (benchmarks/results/h100/kernel_choices.md, "Segment rule"). No split unless it at least halves the longest sequence's walk."""
+    fit one wave (benchmarks/results/h100/kernel_choices.md, "Segment rule"). No split unless it at least halves
+    the longest sequence's walk."""
     chunks = [math.ceil(n / chunk) for n in lengths]
     total, longest = sum(chunks), max(chunks, default=0)
     slots = max(1, int(sms * programs_per_sm) // programs_per_segment)

@@ -10,7 +10,8 @@ never needs to leave the chip: one program per (segment, head, V-block) walks it
               - heads up to 64 x 64 (padded): one fused kernel reading q, k, v, do once (chunk_bwd.py);
               - larger heads with K == V: dv = scan(k, q, do) and its transposed twin dk = scan(v, do, q) in
                 one launch (chunk_scan.scan(transposed=...)); K != V: those two as two launches.
-              (The fused kernel spills at 128 x 128 and loses to the scans: benchmarks/results/h100/kernel_choices.md.)
+              (The fused kernel spills at 128 x 128 and loses to the scans:
+              benchmarks/results/h100/kernel_choices.md.)
 
 When sequences x heads x V-blocks cannot fill the GPU, every sequence is cut into segments and a first
 pass computes each segment's local state (chunk_state.py), which the scan's programs fold into the state
@@ -53,6 +54,7 @@ from lightning_attention.engines.triton.chunk_state import LocalStates, local_st
 from lightning_attention.engines.triton.options import options
 
 __all__ = ["ENGINE", "TritonChunkEngine"]
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H, D] -> contiguous [B * T, H, D] (a view when already contiguous)."""
@@ -215,8 +217,6 @@ class TritonChunkEngine:
 def _gate_rows(g: torch.Tensor | None) -> torch.Tensor | None:
     """Per-token log gates ``[B, T, H]`` as the kernels read them: fp32 contiguous ``[B * T, H]``."""
     return None if g is None else g.float().contiguous().reshape(-1, g.shape[-1])
-
-
 
 
 def _dq_shares_segments(q: torch.Tensor, v: torch.Tensor) -> bool:

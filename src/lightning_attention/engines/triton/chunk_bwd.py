@@ -51,9 +51,9 @@ from lightning_attention.engines.triton import tuning
 from lightning_attention.engines.triton.chunk_state import LocalStates
 from lightning_attention.engines.triton.options import options
 
-#: Largest padded K * V the fused kernel takes. Measured on H100 (benchmarks/results/chunk_candidates2_h100.log):
-#: at 64 x 64 it ties with two scans; at 128 x 128 it spills and loses (1.47 vs 1.29 ms at 4x8192x32x128);
-#: sizes in between were not measured and take the two scans, whose speed is known.
+#: Largest padded K * V the fused kernel takes: at 64 x 64 it ties with the scans, at 128 x 128 it spills and loses
+#: (benchmarks/results/h100/kernel_choices.md, "Fused dk/dv kernel"); sizes in between were not measured and take
+#: the scans, whose speed is known.
 FUSED_MAX_STATE = 64 * 64
 
 

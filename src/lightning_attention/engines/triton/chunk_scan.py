@@ -585,9 +585,9 @@ def _capability(index: int) -> int:
 
 def uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a scan of these rows loads (and stores whole chunks) through TMA: a head size in the options'
-    ``tma_head_dims`` (16-bit inputs) or ``tma_fp32_head_dims`` (fp32; options.py), DV a multiple of the V-block (the tiles measured and tested), 16-byte aligned
-    contiguous rows (TMA's rule for a descriptor's base and row stride), and a Hopper-class GPU (or the CPU
-    interpreter, which runs the same path)."""
+    ``tma_head_dims`` (16-bit inputs) or ``tma_fp32_head_dims`` (fp32; options.py), DV a multiple of the V-block
+    (the tiles measured and tested), 16-byte aligned contiguous rows (TMA's rule for a descriptor's base and row
+    stride), and a Hopper-class GPU (or the CPU interpreter, which runs the same path)."""
     DK, DV = q.shape[2], v.shape[2]
     routes = options()
     head_dims = routes.tma_fp32_head_dims if q.dtype == torch.float32 else routes.tma_head_dims

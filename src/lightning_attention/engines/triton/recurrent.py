@@ -49,6 +49,7 @@ __all__ = [
 #: tokens per sequence, short prefills), where its single launch without a segment plan wins.
 RECURRENT_TRITON_MAX_T = 16
 
+
 @tuning.cached
 def recurrent_config(device: torch.device) -> tuple[int, int]:
     """(state tile elements K x BV per program, num_warps) on ``device``'s card (tuning.py). On H100 4096 fp32
