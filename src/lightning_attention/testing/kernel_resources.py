@@ -88,7 +88,7 @@ def scan_resources(
     dk: int, dv: int, dtype: torch.dtype, arch: int = 90, paired: bool = False, tma: bool = False,
     reverse: bool = False, precision: str | None = None, num_stages: int | None = None, gates: str | None = None,
 ) -> Resources:
-    """The forward launch of chunk_scan._scan_kernel (no states, no slots) with its shipped configuration
+    """The forward launch of chunk_scan.scan_kernel (no states, no slots) with its shipped configuration
     (``paired``: the backward's dk/dv launch, a scan and its transposed twin; ``tma``: whole chunks through TMA
     descriptors, chunk_scan.uses_tma; ``reverse``: a reverse-order scan, as the backward's dk and dv;
     ``precision``: the products' precision instead of _common.dot_precision's, e.g. "tf32" for fp32 under
@@ -107,8 +107,7 @@ def scan_resources(
         # The reverse-order scans stand for the backward's dk and dv: shifted gates, k_scale = scale.
         **chunk_scan.scan_constexprs(
             dk, dv, cfg, precision or _common.dot_precision(dtype), reverse=reverse, shift=int(reverse),
-            paired=paired, use_tma=tma, gated=gates is not None, dots_mode=mode, dot_inputs=2 if mode == 2 else 0,
-            k_scaled=reverse,
+            use_tma=tma, dots_mode=mode, dot_inputs=2 if mode == 2 else 0, k_scaled=reverse,
         ),
         **({} if paired else dict(q_b=None, o_b=None)),
         **({} if gates else dict(gates=None)),
@@ -121,11 +120,11 @@ def scan_resources(
     pointers.update(dict(dot_x=t, dot_out="*fp32") if mode else {})
     pointers.update(dict(dot_in="*fp32", dot_offset="*fp32") if mode == 2 else {})
     scalars = dict(scale="fp32", k_scale="fp32", R="i32", H="i32", **_STATE_STRIDES)
-    order = chunk_scan._scan_kernel.arg_names
+    kernel = chunk_scan.scan_kernel(tma)
     signature = _signature(pointers, scalars, constexprs)
-    signature = {name: signature[name] for name in order}
+    signature = {name: signature[name] for name in kernel.arg_names}
     stages = num_stages or cfg.num_stages
-    compiled = _compile(chunk_scan._scan_kernel, signature, constexprs, cfg.warps(tma), stages, arch)
+    compiled = _compile(kernel, signature, constexprs, cfg.warps(tma), stages, arch)
     registers, stack = _registers_and_stack(compiled.asm["cubin"])
     name = "scan" + ("_paired" if paired else "") + ("_tma" if tma else "") + ("_reverse" if reverse else "")
     name += f"_{precision}" if precision else ""
@@ -144,8 +143,7 @@ def dkdv_resources(
     t = f"*{_TRITON_DTYPE[dtype]}"
     constexprs = dict(
         state_in=None, state_out=None, local_states=None, DK=dk, DV=dv, BK=_common.block_dim(dk),
-        BV=_common.block_dim(dv), C=cfg.chunk, REVERSE=True, HAS_STATE_IN=False, SPLIT=False, STORE_STATE_OUT=False,
-        PRECISION=_common.dot_precision(dtype), gate_totals=None, HAS_G=gates,
+        BV=_common.block_dim(dv), C=cfg.chunk, REVERSE=True, PRECISION=_common.dot_precision(dtype), gate_totals=None,
         **({} if gates else dict(gates=None, dot_out=None)),
     )  # fmt: skip
     pointers = dict(q=t, k=t, v=t, do=t, dk=t, dv=t, g_gamma="*fp32", seq_offsets="*i32", segments="*i32")
@@ -172,7 +170,7 @@ def local_state_resources(
     bv = min(_common.block_dim(dv), chunk_state._STATE_BLOCK_V)
     constexprs = dict(
         DK=dk, DV=dv, BK=bk, BV=bv, C=_common.CHUNK, REVERSE=False, PRECISION=_common.dot_precision(dtype),
-        SHIFT=0, HAS_G=gates, **({} if gates else dict(gates=None, totals=None)),
+        SHIFT=0, **({} if gates else dict(gates=None, totals=None)),
     )  # fmt: skip
     pointers = dict(k=t, v=t, g_gamma="*fp32", buf="*fp32", segments="*i32")
     pointers.update(dict(gates="*fp32", totals="*fp32") if gates else {})

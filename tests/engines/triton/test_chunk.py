@@ -216,10 +216,16 @@ def _intercept_launches(monkeypatch, module, name: str, hook) -> None:
     monkeypatch.setattr(module, name, Intercepted())
 
 
-def _record_scan_launches(monkeypatch) -> list[bool]:
-    """Patch chunk_scan's kernel to record each launch's USE_TMA; returns the list it fills."""
+def intercept_scans(monkeypatch, hook) -> None:
+    """_intercept_launches for both scan kernels, with ``hook(through TMA, launch kwargs)``."""
+    for name in ("_scan_kernel", "_scan_tma_kernel"):
+        _intercept_launches(monkeypatch, chunk_scan, name, lambda kwargs: hook("TMA_STAGES" in kwargs, kwargs))
+
+
+def record_scan_launches(monkeypatch) -> list[bool]:
+    """Patch chunk_scan's kernels to record whether each launch runs through TMA; returns the list it fills."""
     launches = []
-    _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", lambda kwargs: launches.append(kwargs["USE_TMA"]))
+    intercept_scans(monkeypatch, lambda tma, kwargs: launches.append(tma))
     return launches
 
 
@@ -251,7 +257,7 @@ def test_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim, cu, 
         split_all_sequences(monkeypatch)
     use_options(monkeypatch, tma_head_dims=(64, 128, 256), tma_fp32_head_dims=(64, 128))
     use_options(monkeypatch, paired_dkdv=paired)
-    launches = _record_scan_launches(monkeypatch)
+    launches = record_scan_launches(monkeypatch)
     num_seqs = None if cu is None else len(cu) - 1
     B, T = (2, 150) if cu is None else (1, cu[-1])
     inputs = make_inputs(B, T, 2, dim, dim, dtype=dtype, device=triton_device, initial_state=True, num_seqs=num_seqs)
@@ -291,7 +297,7 @@ def test_tma_path_needs_aligned_outputs(triton_device, monkeypatch, split):
     memory runs the pointer path, with the same result."""
     if split:
         split_all_sequences(monkeypatch)
-    launches = _record_scan_launches(monkeypatch)
+    launches = record_scan_launches(monkeypatch)
     q, k, v, _ = make_inputs(1, 150, 2, 128, 128, dtype=torch.bfloat16, device=triton_device)
     q, k, v = (t.reshape(150, 2, 128) for t in (q, k, v))
     g = torch.tensor(G2, device=triton_device)
@@ -315,13 +321,13 @@ def test_scan_falls_back_to_launches_that_fit_shared_memory(triton_device, monke
     monkeypatch.setattr(triton_common, "_FIRST_FITTING", {})
     launches = []
 
-    def small_shared_memory(kwargs):
-        variant = (kwargs["USE_TMA"], kwargs["num_stages"])
+    def small_shared_memory(tma, kwargs):
+        variant = (tma, kwargs["num_stages"])
         launches.append(variant)
         if variant != (False, 2) and variant != (False, 1):
             raise OutOfResources(200_000, 101_376, "shared memory")
 
-    _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", small_shared_memory)
+    intercept_scans(monkeypatch, small_shared_memory)
     inputs = make_inputs(1, 150, 2, 128, 128, dtype=torch.bfloat16, device=triton_device, initial_state=True)
     _check_against_reference(inputs, G2, None, False)
     # forward, dq, and the paired dk/dv: the unpaired key tries TMA and 3 stages once, the paired key too
@@ -339,15 +345,16 @@ def test_every_kernel_falls_back_to_one_stage(triton_device, monkeypatch):
 
     def one_stage_only(name, kwargs):
         stages.setdefault(name, []).append(kwargs["num_stages"])
-        if kwargs["num_stages"] > 1 or kwargs.get("USE_TMA", False):
+        if kwargs["num_stages"] > 1 or "TMA_STAGES" in kwargs:
             raise OutOfResources(150_000, 101_376, "shared memory")
 
-    kernels = ((chunk_scan, "_scan_kernel"), (chunk_state, "_local_state_kernel"), (chunk_bwd, "_dkdv_kernel"))
+    intercept_scans(monkeypatch, lambda tma, kwargs: one_stage_only("scan", kwargs))
+    kernels = ((chunk_state, "_local_state_kernel"), (chunk_bwd, "_dkdv_kernel"))
     for module, name in kernels:
         _intercept_launches(monkeypatch, module, name, functools.partial(one_stage_only, name))
     inputs = make_inputs(1, 150, 2, 64, 64, dtype=torch.bfloat16, device=triton_device, initial_state=True)
     _check_against_reference(inputs, G2, None, False)
-    assert sorted(stages) == sorted(name for _, name in kernels)
+    assert sorted(stages) == sorted(["scan", *(name for _, name in kernels)])
     for name, tried in stages.items():
         assert tried[0] > 1 and tried[-1] == 1, (name, tried)  # the tuned depth first, one stage in the end
 
@@ -355,10 +362,10 @@ def test_every_kernel_falls_back_to_one_stage(triton_device, monkeypatch):
 def test_scan_reraises_when_no_launch_fits(triton_device, monkeypatch):
     monkeypatch.setattr(triton_common, "_FIRST_FITTING", {})
 
-    def nothing_fits(kwargs):
+    def nothing_fits(tma, kwargs):
         raise OutOfResources(300_000, 1_024, "shared memory")
 
-    _intercept_launches(monkeypatch, chunk_scan, "_scan_kernel", nothing_fits)
+    intercept_scans(monkeypatch, nothing_fits)
     q, k, v, _ = make_inputs(1, 70, 2, 64, 64, device=triton_device)
     with pytest.raises(OutOfResources):
         chunk_simple_gla(q, k, v, g_gamma=torch.tensor(G2, device=triton_device), backend="triton")

@@ -32,7 +32,7 @@ from lightning_attention.engines.triton import chunk as chunk_engine  # noqa: E4
 from lightning_attention.engines.triton import chunk_scan  # noqa: E402
 from lightning_attention.testing import assert_matches_baseline, make_inputs  # noqa: E402
 from tests.engines.triton.rounding import interpreter_rounds_bf16_to_nearest  # noqa: E402
-from tests.engines.triton.test_chunk import split_all_sequences, use_options  # noqa: E402
+from tests.engines.triton.test_chunk import record_scan_launches, split_all_sequences, use_options  # noqa: E402
 
 G_GAMMA = (-0.05, -1.0)  # a slow and a fast head
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dh0", "dg")
@@ -173,14 +173,7 @@ def test_gated_tma_path_matches_reference(triton_device, monkeypatch, dtype, dim
         monkeypatch, tma_head_dims=(64, 128, 256), tma_fp32_head_dims=(64, 128), paired_dkdv=route == "paired",
         fused_dkdv_with_gates=route == "fused",
     )
-    launches = []
-    kernel = chunk_scan._scan_kernel
-
-    class Recorded:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs["USE_TMA"]) or kernel[grid](*args, **kwargs)
-
-    monkeypatch.setattr(chunk_scan, "_scan_kernel", Recorded())
+    launches = record_scan_launches(monkeypatch)
     check_gated(triton_device, monkeypatch, dtype=dtype, B=1, T=cu[-1], K=dim, V=dim, cu=cu, reverse=reverse)
     assert launches == [True] * {"fused": 2, "paired": 3, "two-scans": 4}[route]
 

@@ -84,9 +84,9 @@ def _dkdv_kernel(
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
     gates, gate_totals, dot_out,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
-    STORE_STATE_OUT: tl.constexpr, PRECISION: tl.constexpr, HAS_G: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    HAS_G: tl.constexpr = gates is not None
     _, _, i_h, i_s = program_block(tl.program_id(0), H, 1, 1)
     start, end, seq, first = segment_bounds(segments, i_s, R, REVERSE)
     g = tl.load(g_gamma + i_h)
@@ -98,11 +98,11 @@ def _dkdv_kernel(
     v, do, dv = v + i_h * DV, do + i_h * DV, dv + i_h * DV
 
     state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_STATE_IN:
+    if state_in is not None:
         state = load_state_block(
             state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k, o_v, m_state, segments, segments, False
         )
-    if SPLIT:
+    if local_states is not None:
         state = fold_earlier_segments(
             state, local_states, seq_offsets, segments, i_s, seq, i_h, g, H * DK * DV, DK * DV, DV, 1, o_k, o_v,
             m_state, R, 1, REVERSE, gate_totals, H, HAS_G,
@@ -151,7 +151,7 @@ def _dkdv_kernel(
 
         b_qd = tf32_operand((b_q * (k_decay * scale)[:, None]).to(b_q.dtype), PRECISION)
         state = state * block_decay + mma(tl.trans(b_qd), b_do, PRECISION)
-    if STORE_STATE_OUT:
+    if state_out is not None:
         if HAS_G:  # dh0 = exp(a_1) D_1: the gate of the D scan's last token (the forward's first)
             if REVERSE:
                 last = start
@@ -203,7 +203,5 @@ def dkdv(
                 float(scale), q.shape[0], H, *state_strides(state_in), *state_strides(state_out),
                 gates, locals_.totals, dots,
                 DK=DK, DV=DV, BK=block_dim(DK), BV=block_dim(DV), C=cfg.chunk,
-                REVERSE=bool(reverse), HAS_STATE_IN=state_in is not None, SPLIT=local_states is not None,
-                STORE_STATE_OUT=state_out is not None, PRECISION=precision, HAS_G=gates is not None,
-                num_warps=cfg.num_warps, num_stages=attempt.variant,
+                REVERSE=bool(reverse), PRECISION=precision, num_warps=cfg.num_warps, num_stages=attempt.variant,
             )  # fmt: skip

@@ -211,18 +211,195 @@ def _row_dots(
 
 
 @triton.jit
-def _tma_chunk(
-    q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask, k_scale, scale, i_v,
-    o_v, m_v, H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
-    gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT: tl.constexpr,
-    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
+def _scan_setup(
+    q, k, v, o, q_b, o_b, g_gamma, state_in, local_states, seq_offsets, segments, slot_ids, slot_used, R, H,
+    si_n, si_h, si_k, si_v, gates, gate_totals, dot_x, dot_offset,
+    DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, SHIFT: tl.constexpr, LOCALS_T: tl.constexpr, DOTS: tl.constexpr,
 ):  # fmt: skip
-    """Chunk ``c`` through TMA boxes of one head: writes its output rows, returns the state after it (both K
-    halves with TWO_K; ``state1`` is returned unchanged otherwise) and the row dots' running sum (DOTS).
+    """Where a program of either scan kernel starts: its block and its role's operands, as five tuples
+    ``rows`` (q, k, v, o, dot_x: row pointers at the program's head), ``ids`` (V-block, twin role, head, segment,
+    sequence, whether the segment is its sequence's first), ``span`` (the segment's start, end, length, the
+    first chunk's shift, the sequence's last position in the segment or -1), ``tile`` (K and V offsets and masks of
+    the program's tile) and ``carry`` (the state entering the segment, K halves 0 and 1, the row dots' running sum
+    and per-sequence offset, and the head's log decay g)."""
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    PAIRED: tl.constexpr = q_b is not None
+    i_v, role, i_h, i_s = program_block(tl.program_id(0), H, 2 if PAIRED else 1, NV)
+    # Strides of a local state in chunk_state's contiguous [S, H, DK, DV] buffer, or (LOCALS_T) in a [S, H, DV, DK]
+    # one, read transposed: the backward's dq scan reuses the forward's local states of (k, v).
+    if LOCALS_T:
+        l_k, l_v = 1, DK
+    else:
+        l_k, l_v = DV, 1
+    if PAIRED:
+        # Role 1 runs the transposed scan: q_b against the state S^T = sum v^T k, i.e. k and v swapped (DK == DV).
+        # Arithmetic, not branches: a stride of 1 is a compile-time constant that a branch could not reassign.
+        is_b = role == 1
+        q, o = tl.where(is_b, q_b, q), tl.where(is_b, o_b, o)
+        k, v = tl.where(is_b, v, k), tl.where(is_b, k, v)
+        si_k, si_v = si_k + role * (si_v - si_k), si_v + role * (si_k - si_v)
+        l_k, l_v = l_k + role * (l_v - l_k), l_v + role * (l_k - l_v)
+    start, end, seq, first = segment_bounds(segments, i_s, R, REVERSE)
+    g = tl.load(g_gamma + i_h)
+
+    o_k0 = tl.arange(0, BKH)
+    o_k1 = BKH + o_k0
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k0, m_k1, m_v = o_k0 < DK, o_k1 < DK, o_v < DV
+    m_s0, m_s1 = m_k0[:, None] & m_v[None, :], m_k1[:, None] & m_v[None, :]
+    q, k = q + i_h * DK, k + i_h * DK
+    v, o = v + i_h * DV, o + i_h * DV
+
+    state0 = tl.zeros([BKH, BV], dtype=tl.float32)
+    state1 = tl.zeros([BKH, BV], dtype=tl.float32)
+    if state_in is not None:
+        state0 = load_state_block(
+            state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k0, o_v, m_s0, slot_ids, slot_used, slot_ids is not None
+        )
+        if TWO_K:
+            state1 = load_state_block(
+                state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k1, o_v, m_s1, slot_ids, slot_used, slot_ids is not None
+            )
+    if local_states is not None:
+        l_s, l_h = H * DK * DV, DK * DV
+        state0 = fold_earlier_segments(
+            state0, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k0, o_v, m_s0, R,
+            SHIFT, REVERSE, gate_totals, H, gates is not None,
+        )  # fmt: skip
+        if TWO_K:
+            state1 = fold_earlier_segments(
+                state1, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k1, o_v, m_s1, R,
+                SHIFT, REVERSE, gate_totals, H, gates is not None,
+            )  # fmt: skip
+    length = end - start
+    shift = SHIFT * first
+    # Row dots (DOTS, per-token gates): the running sum within the segment, and the per-sequence offset added to
+    # every stored sum (V-block 0 only).
+    running = tl.zeros([], dtype=tl.float32)
+    offset = tl.zeros([], dtype=tl.float32)
+    last_pos = tl.where(is_last_segment(segments, i_s, REVERSE), length - 1, -1)  # the sequence's last token
+    if DOTS == 2:
+        dot_x = dot_x + i_h * DV
+        if dot_offset is not None:
+            offset = tl.load(dot_offset + seq * H + i_h, mask=i_v == 0, other=0.0)
+    elif DOTS == 1:
+        dot_x = dot_x + i_h * DV
+    else:
+        dot_x = v  # (unused; a tuple holds no None)
+    return (
+        (q, k, v, o, dot_x),
+        (i_v, role, i_h, i_s, seq, first),
+        (start, end, length, shift, last_pos),
+        (o_k0, o_k1, o_v, m_k0, m_k1, m_v, m_s0, m_s1),
+        (state0, state1, running, offset, g),
+    )
+
+
+@triton.jit
+def _scan_finish(
+    state_out, state0, state1, running, g, ids, span, tile, gates, segments, slot_ids, dot_totals, H,
+    so_n, so_h, so_k, so_v, DV: tl.constexpr, BV: tl.constexpr, TWO_K: tl.constexpr, REVERSE: tl.constexpr,
+    SHIFT: tl.constexpr, DOTS: tl.constexpr,
+):  # fmt: skip
+    """After a program's last chunk: its segment's row-dot sum (split sequences) and, by the sequence's last
+    segment, the final state (``state_out`` given)."""
+    i_v, role, i_h, i_s, seq, _ = ids
+    start, end, length, _, _ = span
+    o_k0, o_k1, o_v, _, _, _, m_s0, m_s1 = tile
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    if DOTS == 2 and dot_totals is not None:  # split sequences: the segment's sum ([S, NV, H]), added by later ones
+        tl.store(dot_totals + (i_s * NV + i_v) * H + i_h, running)
+    if state_out is not None:
+        if gates is not None:
+            # final_decay = exp(a_last) with SHIFT (the state leaves decayed by the last token's own gate)
+            if REVERSE:
+                last = start
+            else:
+                last = end - 1
+            a_last = tl.load(gates + last * H + i_h, mask=(length > 0) & (SHIFT == 1), other=0.0) + g
+            final_decay = tl.exp(tl.where((length > 0) & (SHIFT == 1), a_last, 0.0))
+        else:
+            final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
+        writer = (role == 0) & is_last_segment(segments, i_s, REVERSE)
+        m_s0, m_s1 = m_s0 & writer, m_s1 & writer
+        store_state_block(
+            state_out, state0 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k0, o_v, m_s0, slot_ids,
+            slot_ids is not None,
+        )  # fmt: skip
+        if TWO_K:
+            store_state_block(
+                state_out, state1 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k1, o_v, m_s1, slot_ids,
+                slot_ids is not None,
+            )  # fmt: skip
+
+
+@triton.jit
+def _pointer_chunk(
+    c, rows, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out, dot_in, R,
+    H, DK: tl.constexpr, DV: tl.constexpr, TWO_K: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr,
+    SHIFT: tl.constexpr, PRECISION: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr,
+    K_SCALED: tl.constexpr,
+):  # fmt: skip
+    """Chunk ``c`` through masked pointer loads (rows in scan order): writes its output rows, returns the state
+    after it (both K halves with TWO_K; ``state1`` is returned unchanged otherwise) and the row dots' running sum
+    (DOTS). Arguments as :func:`_scan_setup` returns them."""
+    q, k, v, o, dot_x = rows
+    i_v, role, i_h, _, _, first = ids
+    start, end, length, shift, last_pos = span
+    o_k0, o_k1, o_v, m_k0, m_k1, m_v, _, _ = tile
+    HAS_G: tl.constexpr = gates is not None
+    rows, valid = chunk_rows(start, end, c, C, REVERSE)
+    if HAS_G:
+        q_decay, k_decay, block_decay, b_hi, b_lo = chunk_gate_decays(
+            gates, g, rows, valid, c, length, first, R, H, i_h, C, SHIFT, REVERSE, False,
+            q.dtype.element_ty == tl.float32,
+        )
+    else:
+        q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C)
+        b_hi, b_lo = q_decay, q_decay
+    b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
+    b_q0 = load_rows(q, rows, valid, H * DK, o_k0, m_k0)
+    b_k0 = load_rows(k, rows, valid, H * DK, o_k0, m_k0)
+    if TWO_K:
+        b_q1 = load_rows(q, rows, valid, H * DK, o_k1, m_k1)
+        b_k1 = load_rows(k, rows, valid, H * DK, o_k1, m_k1)
+        b_o, state0, state1, diag = _advance_chunk(
+            b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale,
+            PRECISION, True, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
+        )  # fmt: skip
+    else:  # (state1 is not carried through the loop when unused: 64 registers)
+        b_o, state0, _, diag = _advance_chunk(
+            b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale,
+            PRECISION, False, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
+        )  # fmt: skip
+    if DOTS != 0:
+        used = c * C + tl.arange(0, C) != last_pos
+        b_x = load_rows(dot_x, rows, valid & (role == 0), H * DV, o_v, m_v)
+        b_o, running = _row_dots(
+            b_o, diag, b_v, b_x, running, offset, dot_out, dot_in, rows, valid, scale, i_v, i_h, role, R, H,
+            used, DOTS, NDOT_IN, False, C, PRECISION,
+        )  # fmt: skip
+    store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
+    return state0, state1, running
+
+
+@triton.jit
+def _tma_chunk(
+    c, descs, o, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out, dot_in,
+    R, H, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, SHIFT: tl.constexpr, PRECISION: tl.constexpr, DOTS: tl.constexpr,
+    NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr, PARTIAL: tl.constexpr,
+):  # fmt: skip
+    """Chunk ``c`` through TMA boxes of one head (``descs``: q, k, v, o, x descriptors): as :func:`_pointer_chunk`.
     PARTIAL: the segment's partial last chunk, whose box reaches outside the segment; its k and v rows there are
     zeroed (q's rows there only make outputs that are not stored: its output rows go through masked pointer
-    stores, whole chunks' through ``o_desc``)."""
+    stores, whole chunks' through the o descriptor)."""
+    q_desc, k_desc, v_desc, o_desc, x_desc = descs
+    i_v, role, i_h, _, _, first = ids
+    start, end, length, shift, last_pos = span
+    _, _, o_v, _, _, m_v, _, _ = tile
+    HAS_G: tl.constexpr = gates is not None
     if HAS_G:
         row, rows, valid = tma_chunk_rows(start, end, c, C, REVERSE)
         q_decay, k_decay, block_decay, b_hi, b_lo = chunk_gate_decays(
@@ -266,6 +443,15 @@ def _tma_chunk(
     return state0, state1, running
 
 
+# The two scan kernels take the same arguments (the TMA one adds TMA_STAGES). Optional tensors are None where
+# unused, which the kernels test at compile time: ``state_in`` (read the entering state), ``local_states``
+# (split sequences: fold the earlier segments'), ``state_out`` (write the final state), ``slot_ids`` and
+# ``slot_used`` (state rows are cache slots), ``q_b`` and ``o_b`` (a paired launch's transposed twin), ``gates``
+# (per-token gates), ``dot_*`` (the row dots of DOTS).
+# K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of K = 256 in
+# one tl.dot fault on H100 with triton 3.6.
+
+
 @triton.jit
 def _scan_kernel(
     q, k, v, o, q_b, o_b, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
@@ -273,166 +459,82 @@ def _scan_kernel(
     si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
     gates, gate_totals, dot_x, dot_out, dot_in, dot_offset, dot_totals,
     DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, SHIFT: tl.constexpr, HAS_STATE_IN: tl.constexpr, SPLIT: tl.constexpr,
-    STORE_STATE_OUT: tl.constexpr, USE_SLOTS: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_STAGES: tl.constexpr, LOCALS_T: tl.constexpr,
-    HAS_G: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
+    REVERSE: tl.constexpr, SHIFT: tl.constexpr, PRECISION: tl.constexpr, LOCALS_T: tl.constexpr,
+    DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
-    # K is held as one block of BKH, or (TWO_K, for K > 128) two halves whose products are summed: tiles of
-    # K = 256 in one tl.dot fault on H100 with triton 3.6.
-    NV: tl.constexpr = (DV + BV - 1) // BV
-    i_v, role, i_h, i_s = program_block(tl.program_id(0), H, 2 if PAIRED else 1, NV)
-    # Strides of a local state in chunk_state's contiguous [S, H, DK, DV] buffer, or (LOCALS_T) in a [S, H, DV, DK]
-    # one, read transposed: the backward's dq scan reuses the forward's local states of (k, v).
-    if LOCALS_T:
-        l_k, l_v = 1, DK
+    """The scan through masked pointer loads: any head size up to MAX_DIM, any alignment."""
+    rows, ids, span, tile, carry = _scan_setup(
+        q, k, v, o, q_b, o_b, g_gamma, state_in, local_states, seq_offsets, segments, slot_ids, slot_used, R, H,
+        si_n, si_h, si_k, si_v, gates, gate_totals, dot_x, dot_offset, DK, DV, BKH, TWO_K, BV, REVERSE, SHIFT,
+        LOCALS_T, DOTS,
+    )  # fmt: skip
+    state0, state1, running, offset, g = carry
+    if gates is not None:
+        mask = g  # (unused: the gated mask is made per chunk)
     else:
-        l_k, l_v = DV, 1
-    if PAIRED:
-        # Role 1 runs the transposed scan: q_b against the state S^T = sum v^T k, i.e. k and v swapped (DK == DV).
-        # Arithmetic, not branches: a stride of 1 is a compile-time constant that a branch could not reassign.
-        is_b = role == 1
-        q, o = tl.where(is_b, q_b, q), tl.where(is_b, o_b, o)
-        k, v = tl.where(is_b, v, k), tl.where(is_b, k, v)
-        si_k, si_v = si_k + role * (si_v - si_k), si_v + role * (si_k - si_v)
-        l_k, l_v = l_k + role * (l_v - l_k), l_v + role * (l_k - l_v)
-    start, end, seq, first = segment_bounds(segments, i_s, R, REVERSE)
-    g = tl.load(g_gamma + i_h)
-
-    o_k0 = tl.arange(0, BKH)
-    o_k1 = BKH + o_k0
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k0, m_k1, m_v = o_k0 < DK, o_k1 < DK, o_v < DV
-    m_s0, m_s1 = m_k0[:, None] & m_v[None, :], m_k1[:, None] & m_v[None, :]
-    q, k = q + i_h * DK, k + i_h * DK
-    v, o = v + i_h * DV, o + i_h * DV
-
-    state0 = tl.zeros([BKH, BV], dtype=tl.float32)
-    state1 = tl.zeros([BKH, BV], dtype=tl.float32)
-    if HAS_STATE_IN:
-        state0 = load_state_block(
-            state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k0, o_v, m_s0, slot_ids, slot_used, USE_SLOTS
-        )
-        if TWO_K:
-            state1 = load_state_block(
-                state_in, seq, i_h, si_n, si_h, si_k, si_v, o_k1, o_v, m_s1, slot_ids, slot_used, USE_SLOTS
-            )
-    if SPLIT:
-        l_s, l_h = H * DK * DV, DK * DV
-        state0 = fold_earlier_segments(
-            state0, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k0, o_v, m_s0, R,
-            SHIFT, REVERSE, gate_totals, H, HAS_G,
+        mask = intra_decay(g, C) * k_scale
+    _, _, length, _, _ = span
+    for c in range(0, tl.cdiv(length, C)):
+        state0, state1, running = _pointer_chunk(
+            c, rows, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out,
+            dot_in, R, H, DK, DV, TWO_K, C, REVERSE, SHIFT, PRECISION, DOTS, NDOT_IN, K_SCALED,
         )  # fmt: skip
-        if TWO_K:
-            state1 = fold_earlier_segments(
-                state1, local_states, seq_offsets, segments, i_s, seq, i_h, g, l_s, l_h, l_k, l_v, o_k1, o_v, m_s1, R,
-                SHIFT, REVERSE, gate_totals, H, HAS_G,
-            )  # fmt: skip
-    length = end - start
-    shift = SHIFT * first
-    # Row dots (DOTS, per-token gates): the running sum within the segment, and the per-sequence offset added to
-    # every stored sum (V-block 0 only).
-    running = tl.zeros([], dtype=tl.float32)
-    offset = tl.zeros([], dtype=tl.float32)
-    last_pos = tl.where(is_last_segment(segments, i_s, REVERSE), length - 1, -1)  # the sequence's last token
-    if DOTS == 2:
-        dot_x = dot_x + i_h * DV
-        if dot_offset is not None:
-            offset = tl.load(dot_offset + seq * H + i_h, mask=i_v == 0, other=0.0)
-    elif DOTS == 1:
-        dot_x = dot_x + i_h * DV
-    if USE_TMA:
-        # Chunks through TMA (exact head dims; a faster loop body: kernel_choices.md). A box holds a chunk's rows
-        # in memory order, so a reverse scan's tile is flipped against its scan order (FLIP decays and mask). Whole
-        # chunks need no masks, and leave through TMA stores; a partial last chunk is peeled off the loop
-        # (_tma_chunk's PARTIAL) so that the loop stays one straight body for the pipeliner.
-        # Descriptors are built per program in Triton's global scratch (descriptor_scratch), from this role's
-        # pointers (a paired twin's k and v are swapped): host-built descriptors made the eager call host-bound
-        # (kernel_choices.md). One head per descriptor, so a box never reaches into the next head.
-        q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, BKH])
-        k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
-        v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
-        o_desc = tl.make_tensor_descriptor(o, [R, DV], [H * DV, 1], [C, BV])
-        x_desc = tl.make_tensor_descriptor(dot_x, [R, DV], [H * DV, 1], [C, BV]) if DOTS != 0 else v_desc
-        if HAS_G:
-            mask_tma = g  # (unused: the gated mask is made per chunk)
-        else:
-            mask_tma = intra_decay(g, C, REVERSE) * k_scale
-        n_whole = length // C
-        for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
-            state0, state1, running = _tma_chunk(
-                q_desc, k_desc, v_desc, o_desc, o, state0, state1, c, start, end, length, shift, g, mask_tma,
-                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, False,
-                gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
-                NDOT_IN, K_SCALED,
-            )  # fmt: skip
-        if n_whole * C < length:
-            state0, state1, running = _tma_chunk(
-                q_desc, k_desc, v_desc, o_desc, o, state0, state1, n_whole, start, end, length, shift, g, mask_tma,
-                k_scale, scale, i_v, o_v, m_v, H, DV, BKH, TWO_K, BV, C, REVERSE, PRECISION, True,
-                gates, first, i_h, running, offset, x_desc, dot_out, dot_in, role, R, last_pos, SHIFT, HAS_G, DOTS,
-                NDOT_IN, K_SCALED,
-            )  # fmt: skip
+    _scan_finish(
+        state_out, state0, state1, running, g, ids, span, tile, gates, segments, slot_ids, dot_totals, H,
+        so_n, so_h, so_k, so_v, DV, BV, TWO_K, REVERSE, SHIFT, DOTS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _scan_tma_kernel(
+    q, k, v, o, q_b, o_b, g_gamma, state_in, state_out, local_states, seq_offsets, segments,
+    slot_ids, slot_used, scale, k_scale, R, H,
+    si_n, si_h, si_k, si_v, so_n, so_h, so_k, so_v,
+    gates, gate_totals, dot_x, dot_out, dot_in, dot_offset, dot_totals,
+    DK: tl.constexpr, DV: tl.constexpr, BKH: tl.constexpr, TWO_K: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, SHIFT: tl.constexpr, PRECISION: tl.constexpr, LOCALS_T: tl.constexpr,
+    DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr, TMA_STAGES: tl.constexpr,
+):  # fmt: skip
+    """The scan through TMA boxes (uses_tma: exact head dims, aligned rows, sm_90+; a faster loop body:
+    kernel_choices.md). A box holds a chunk's rows in memory order, so a reverse scan's tile is flipped against
+    its scan order (FLIP decays and mask). Whole chunks need no masks, and leave through TMA stores; a partial last
+    chunk is peeled off the loop (PARTIAL) so that the loop stays one straight body for the pipeliner.
+    Descriptors are built per program in Triton's global scratch (descriptor_scratch), from this role's pointers
+    (a paired twin's k and v are swapped): host-built descriptors made the eager call host-bound
+    (kernel_choices.md). One head per descriptor, so a box never reaches into the next head."""
+    rows, ids, span, tile, carry = _scan_setup(
+        q, k, v, o, q_b, o_b, g_gamma, state_in, local_states, seq_offsets, segments, slot_ids, slot_used, R, H,
+        si_n, si_h, si_k, si_v, gates, gate_totals, dot_x, dot_offset, DK, DV, BKH, TWO_K, BV, REVERSE, SHIFT,
+        LOCALS_T, DOTS,
+    )  # fmt: skip
+    state0, state1, running, offset, g = carry
+    q, k, v, o, dot_x = rows
+    q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, BKH])
+    k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
+    v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
+    o_desc = tl.make_tensor_descriptor(o, [R, DV], [H * DV, 1], [C, BV])
+    x_desc = tl.make_tensor_descriptor(dot_x, [R, DV], [H * DV, 1], [C, BV]) if DOTS != 0 else v_desc
+    descs = (q_desc, k_desc, v_desc, o_desc, x_desc)
+    if gates is not None:
+        mask = g  # (unused: the gated mask is made per chunk)
     else:
-        if HAS_G:
-            mask = g  # (unused: the gated mask is made per chunk)
-        else:
-            mask = intra_decay(g, C) * k_scale
-        for c in range(0, tl.cdiv(length, C)):
-            rows, valid = chunk_rows(start, end, c, C, REVERSE)
-            if HAS_G:
-                q_decay, k_decay, block_decay, b_hi, b_lo = chunk_gate_decays(
-                    gates, g, rows, valid, c, length, first, R, H, i_h, C, SHIFT, REVERSE, False,
-                    q.dtype.element_ty == tl.float32,
-                )
-            else:
-                q_decay, k_decay, block_decay = chunk_decays(g, c, length, shift, C)
-                b_hi, b_lo = q_decay, q_decay
-            b_v = load_rows(v, rows, valid, H * DV, o_v, m_v)
-            b_q0 = load_rows(q, rows, valid, H * DK, o_k0, m_k0)
-            b_k0 = load_rows(k, rows, valid, H * DK, o_k0, m_k0)
-            if TWO_K:
-                b_q1 = load_rows(q, rows, valid, H * DK, o_k1, m_k1)
-                b_k1 = load_rows(k, rows, valid, H * DK, o_k1, m_k1)
-                b_o, state0, state1, diag = _advance_chunk(
-                    b_q0, b_k0, b_q1, b_k1, b_v, state0, state1, mask, q_decay, k_decay, block_decay, k_scale,
-                    PRECISION, True, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
-                )  # fmt: skip
-            else:  # (state1 is not carried through the loop when unused: 64 registers)
-                b_o, state0, _, diag = _advance_chunk(
-                    b_q0, b_k0, b_q0, b_k0, b_v, state0, state0, mask, q_decay, k_decay, block_decay, k_scale,
-                    PRECISION, False, b_hi, b_lo, C, False, HAS_G, DOTS != 0, K_SCALED,
-                )  # fmt: skip
-            if DOTS != 0:
-                used = c * C + tl.arange(0, C) != last_pos
-                b_x = load_rows(dot_x, rows, valid & (role == 0), H * DV, o_v, m_v)
-                b_o, running = _row_dots(
-                    b_o, diag, b_v, b_x, running, offset, dot_out, dot_in, rows, valid, scale, i_v, i_h, role, R, H,
-                    used, DOTS, NDOT_IN, False, C, PRECISION,
-                )  # fmt: skip
-            store_rows(o, b_o * scale, rows, valid, H * DV, o_v, m_v)
-    if DOTS == 2 and SPLIT:  # the segment's sum ([S, NV, H]), which the segments after it add (chunk_gates.py)
-        tl.store(dot_totals + (i_s * NV + i_v) * H + i_h, running)
-    if STORE_STATE_OUT:  # by the last segment of the sequence, of the main scan
-        if HAS_G:
-            # final_decay = exp(a_last) with SHIFT (the state leaves decayed by the last token's own gate)
-            if REVERSE:
-                last = start
-            else:
-                last = end - 1
-            a_last = tl.load(gates + last * H + i_h, mask=(length > 0) & (SHIFT == 1), other=0.0) + g
-            final_decay = tl.exp(tl.where((length > 0) & (SHIFT == 1), a_last, 0.0))
-        else:
-            final_decay = tl.exp(g * (SHIFT * (length > 0)).to(tl.float32))
-        writer = (role == 0) & is_last_segment(segments, i_s, REVERSE)
-        m_s0, m_s1 = m_s0 & writer, m_s1 & writer
-        store_state_block(
-            state_out, state0 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k0, o_v, m_s0, slot_ids, USE_SLOTS
-        )
-        if TWO_K:
-            store_state_block(
-                state_out, state1 * final_decay, seq, i_h, so_n, so_h, so_k, so_v, o_k1, o_v, m_s1, slot_ids, USE_SLOTS
-            )
+        mask = intra_decay(g, C, REVERSE) * k_scale
+    _, _, length, _, _ = span
+    n_whole = length // C
+    for c in tl.range(0, n_whole, num_stages=TMA_STAGES):
+        state0, state1, running = _tma_chunk(
+            c, descs, o, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out,
+            dot_in, R, H, DV, BKH, TWO_K, BV, C, REVERSE, SHIFT, PRECISION, DOTS, NDOT_IN, K_SCALED, False,
+        )  # fmt: skip
+    if n_whole * C < length:
+        state0, state1, running = _tma_chunk(
+            n_whole, descs, o, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates,
+            dot_out, dot_in, R, H, DV, BKH, TWO_K, BV, C, REVERSE, SHIFT, PRECISION, DOTS, NDOT_IN, K_SCALED, True,
+        )  # fmt: skip
+    _scan_finish(
+        state_out, state0, state1, running, g, ids, span, tile, gates, segments, slot_ids, dot_totals, H,
+        so_n, so_h, so_k, so_v, DV, BV, TWO_K, REVERSE, SHIFT, DOTS,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -534,13 +636,12 @@ def scan(
     for attempt in fitting(key, launch_variants(cfg, tma)):
         use_tma, num_warps, num_stages = attempt.variant
         constexprs = scan_constexprs(
-            DK, DV, cfg, precision, reverse=reverse, shift=shift, paired=transposed is not None, use_tma=use_tma,
-            has_state_in=state_in is not None, split=local_states is not None, store_state_out=state_out is not None,
-            use_slots=slot_ids is not None, locals_transposed=local_states_transposed, gated=gates is not None,
-            dots_mode=d.mode, dot_inputs=0 if d.inputs is None else d.inputs.shape[0], k_scaled=float(k_scale) != 1.0,
+            DK, DV, cfg, precision, reverse=reverse, shift=shift, use_tma=use_tma,
+            locals_transposed=local_states_transposed, dots_mode=d.mode,
+            dot_inputs=0 if d.inputs is None else d.inputs.shape[0], k_scaled=float(k_scale) != 1.0,
         )  # fmt: skip
         with attempt, descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
-            _scan_kernel[grid](
+            scan_kernel(use_tma)[grid](
                 q, k, v, out, q_b, out_b, g_gamma, state_in, state_out, locals_.states,
                 plan.seq_offsets, plan.segments, slot_ids, slot_used,
                 float(scale), float(k_scale), q.shape[0], H,
@@ -550,20 +651,22 @@ def scan(
             )  # fmt: skip
 
 
+def scan_kernel(use_tma: bool) -> triton.JITFunction:
+    """The scan kernel of a launch: through TMA boxes, or masked pointer loads."""
+    return _scan_tma_kernel if use_tma else _scan_kernel
+
+
 def scan_constexprs(
-    DK: int, DV: int, cfg: ScanLaunchConfig, precision: str, *, reverse: bool, shift: int, paired: bool,
-    use_tma: bool, has_state_in: bool = False, split: bool = False, store_state_out: bool = False,
-    use_slots: bool = False, locals_transposed: bool = False, gated: bool = False, dots_mode: int = 0,
-    dot_inputs: int = 0, k_scaled: bool = False,
+    DK: int, DV: int, cfg: ScanLaunchConfig, precision: str, *, reverse: bool, shift: int, use_tma: bool,
+    locals_transposed: bool = False, dots_mode: int = 0, dot_inputs: int = 0, k_scaled: bool = False,
 ) -> dict:  # fmt: skip
-    """The compile-time arguments of :func:`_scan_kernel` for one launch (what it is specialised on): the launch
-    of :func:`scan` and the sm_90 build check of testing/kernel_resources.py both take them from here."""
+    """The compile-time arguments of :func:`scan_kernel` for one launch besides its optional tensors (which
+    specialise it by being None or not): the launch of :func:`scan` and the sm_90 build check of
+    testing/kernel_resources.py both take them from here."""
     return dict(
         DK=DK, DV=DV, BKH=min(block_dim(DK), 128), TWO_K=block_dim(DK) > 128, BV=cfg.block_v, C=cfg.chunk,
-        REVERSE=bool(reverse), SHIFT=int(shift), HAS_STATE_IN=has_state_in, SPLIT=split,
-        STORE_STATE_OUT=store_state_out, USE_SLOTS=use_slots, PRECISION=precision, PAIRED=paired, USE_TMA=use_tma,
-        TMA_STAGES=cfg.tma_stages, LOCALS_T=bool(locals_transposed), HAS_G=gated, DOTS=dots_mode,
-        NDOT_IN=dot_inputs, K_SCALED=k_scaled,
+        REVERSE=bool(reverse), SHIFT=int(shift), PRECISION=precision, LOCALS_T=bool(locals_transposed),
+        DOTS=dots_mode, NDOT_IN=dot_inputs, K_SCALED=k_scaled, **(dict(TMA_STAGES=cfg.tma_stages) if use_tma else {}),
     )  # fmt: skip
 
 

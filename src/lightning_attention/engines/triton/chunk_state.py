@@ -56,8 +56,9 @@ _LOCAL_STAGES = 4
 def _local_state_kernel(
     k, v, g_gamma, buf, segments, k_scale, R, H, gates, totals,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, PRECISION: tl.constexpr, SHIFT: tl.constexpr, HAS_G: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr, SHIFT: tl.constexpr,
 ):  # fmt: skip
+    HAS_G: tl.constexpr = gates is not None
     NV: tl.constexpr = (DV + BV - 1) // BV
     NK: tl.constexpr = (DK + BK - 1) // BK
     i_v, i_k, i_h, i_s = program_block(tl.program_id(0), H, NK, NV)
@@ -160,6 +161,6 @@ def local_states(
             _local_state_kernel[(plan.num_segments * H * blocks,)](
                 k, v, g_gamma, out.states, plan.segments, float(k_scale), k.shape[0], H, gates, out.totals,
                 DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, REVERSE=bool(reverse), PRECISION=precision, SHIFT=int(shift),
-                HAS_G=gates is not None, num_warps=_LOCAL_WARPS, num_stages=attempt.variant,
+                num_warps=_LOCAL_WARPS, num_stages=attempt.variant,
             )  # fmt: skip
     return out
