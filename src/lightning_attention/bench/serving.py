@@ -40,6 +40,7 @@ import torch
 
 from lightning_attention import decay, serving
 from lightning_attention.bench.environment import Table, copy_bandwidth, environment, header, write_results
+from lightning_attention.engines.triton.tuning import DECODE_TILES
 from lightning_attention.ops import chunk_simple_gla
 from lightning_attention.reference import recurrent_reference
 from lightning_attention.testing import rel_err
@@ -51,9 +52,8 @@ MULTI_BATCHES = (64, 256)
 MULTI_TOKENS = (1, 2, 4, 8)
 PREFILL_CASES = ((256, 16), (64, 128), (8, 2048))  # (sequences, tokens each)
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-#: (block_v, block_k, num_warps) tried by --sweep: every V-block width with the K walks and warps that ran best on
-#: H100 (benchmarks/results/h100/serving.md; 16 warps and 32-row K blocks lost everywhere there).
-SWEEP_CANDIDATES = [(bv, bk, w) for bv in (16, 32, 64, 128) for bk, w in ((64, 4), (64, 8), (128, 4))] + [(128, 128, 8)]
+#: (block_v, block_k, num_warps) tried by --sweep: the tune command's decode candidates.
+SWEEP_CANDIDATES = list(DECODE_TILES)
 SLOTS_PER_ROW = 4  # cache slots per decode row
 GRAPH_STEPS = 16
 L2_BYTES = 1 << 28  # graph replays rotate over caches until the touched states exceed this (any L2 today)

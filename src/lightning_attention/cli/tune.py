@@ -21,13 +21,13 @@ import dataclasses
 import time
 from typing import Callable
 
+from lightning_attention.engines.triton.tuning import DECODE_TILES
+
 #: Candidates per field group; the shipped entry is always measured too.
 POINTER_CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 TMA_CANDIDATES = [dict(tma_warps=w, tma_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 DKDV_CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
-DECODE_CANDIDATES = [
-    dict(block_v=bv, block_k=bk, num_warps=w) for bv in (32, 64, 128) for bk, w in ((64, 4), (64, 8), (128, 4), (128, 8))
-]
+DECODE_CANDIDATES = [dict(block_v=bv, block_k=bk, num_warps=w) for bv, bk, w in DECODE_TILES]
 RECURRENT_CANDIDATES = [dict(state_tile=t, num_warps=w) for t in (2048, 4096, 8192) for w in (2, 4, 8)]
 MULTI_TOKENS = 4  # tokens per row of the multi-token decode workload
 

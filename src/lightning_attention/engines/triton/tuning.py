@@ -46,6 +46,16 @@ __all__ = [
     "describe",
 ]
 
+#: Decode tiles (block_v, block_k, num_warps) that ``tune`` and the serving benchmark's sweep try: every one whose
+#: K x V block holds 16 to 128 fp32 state values per thread (more spill; fewer leave too few loads in flight).
+DECODE_TILES = [
+    (block_v, block_k, warps)
+    for block_v in (32, 64, 128)
+    for block_k in (32, 64, 128)
+    for warps in (1, 2, 4, 8)
+    if 16 <= block_k * block_v // (32 * warps) <= 128
+]
+
 #: Environment variable naming the folder of user tables (default ~/.cache/lightning_attention/tuning).
 TUNING_DIR_VARIABLE = "LIGHTNING_ATTENTION_TUNING_DIR"
 
@@ -251,12 +261,15 @@ SHIPPED: dict[str, CardTable] = {
             capability=(9, 0),
             sms=132,
             entries={
-                # benchmarks/results/h200/serving.md, the decode tile sweeps: one token, 1.33-1.35x faster than the
-                # H100's (128, 64, 8) at N = 64 and 256; several tokens (L = 2..8), 1.09-1.26x faster than the
-                # one-token tiles.
+                # benchmarks/results/h200/serving.md, the decode tile sweeps. fp32, one token: 1.33-1.35x faster than
+                # the H100's (128, 64, 8) at N = 64 and 256; several tokens (L = 2..8): 1.09-1.26x faster than the
+                # one-token tiles. bf16, one token: one warp walking K in blocks of 32, 1.07x faster than the best
+                # four-warp tile; several tokens: that tile loses 2-4x, the fp32 multi-token tile is kept.
                 "decode": {
                     "float32": dict(block_v=128, block_k=128, num_warps=4),
                     "float32-multi": dict(block_v=64, block_k=128, num_warps=4),
+                    "bfloat16": dict(block_v=128, block_k=32, num_warps=1),
+                    "bfloat16-multi": dict(block_v=64, block_k=128, num_warps=4),
                 },
             },
         ),
