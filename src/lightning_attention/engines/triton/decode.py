@@ -175,8 +175,7 @@ def _decode_kernel(
     q, k, v, o, g, state_cache, slot_ids, lengths, g_gamma, errors, doorbell, scale, num_slots, call,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_LENGTHS: tl.constexpr, WRITE_O: tl.constexpr, UPDATE_CACHE: tl.constexpr,
-    CHECK_REPEATS: tl.constexpr,
+    UPDATE_CACHE: tl.constexpr, CHECK_REPEATS: tl.constexpr,
 ):  # fmt: skip
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -189,7 +188,7 @@ def _decode_kernel(
     if leader & (slot != -1) & ~in_range:
         _report(errors, doorbell, call, _OUT_OF_RANGE, i_n, slot.to(tl.int32))
     live = in_range
-    if HAS_LENGTHS:
+    if lengths is not None:
         n_tokens = tl.load(lengths + i_n).to(tl.int32)
         good_length = (n_tokens >= 0) & (n_tokens <= L)
         if leader & ~good_length:
@@ -224,16 +223,16 @@ def _decode_kernel(
             b_k = tl.load(k + token * K + o_k, mask=m_k & runs, other=0).to(tl.float32)
             b_v = tl.load(v + token * V + o_v, mask=m_v & runs, other=0).to(tl.float32)
             log_decay = g_head
-            if HAS_G:
+            if g is not None:
                 log_decay += tl.load(g + token).to(tl.float32)
             decay = tl.where(runs, tl.exp(log_decay), 1.0)
             b_h = decay * b_h + b_k[:, None] * b_v[None, :]
-            if WRITE_O:
+            if o is not None:
                 b_q = tl.load(q + token * K + o_k, mask=m_k & runs, other=0).to(tl.float32)
                 b_o += tl.where(o_l[:, None] == t, tl.sum(b_h * b_q[:, None], axis=0)[None, :], 0.0)
         if UPDATE_CACHE:
             tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h & live)
-    if WRITE_O:
+    if o is not None:
         p_o = o + ((first_token + o_l[:, None]) * H + i_h) * V + o_v[None, :]
         b_o = tl.where(live, b_o * scale, 0.0)
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=(o_l[:, None] < L) & m_v[None, :])
@@ -309,12 +308,11 @@ def _launch(
     block_v = _fill_block_v(config, N * H, V, q.device) if fill_grid else min(config.block_v, next_power_of_2(V))
     grid = (N * H, cdiv(V, block_v))
     _decode_kernel[grid](
-        q, k, v, o if write_o else v, g.contiguous() if g is not None else g_gamma, state_cache, slot_ids,
-        lengths if lengths is not None else slot_ids, g_gamma, errors.word, errors.doorbell, float(scale),
-        state_cache.shape[0], errors.call,
+        q, k, v, o, g if g is None else g.contiguous(), state_cache, slot_ids, lengths, g_gamma, errors.word,
+        errors.doorbell, float(scale), state_cache.shape[0], errors.call,
         H=H, K=K, V=V, L=L, LP=max(2, next_power_of_2(L)), BK=min(config.block_k, next_power_of_2(K)), BV=block_v,
-        BN=min(1024, next_power_of_2(N)), HAS_G=g is not None, HAS_LENGTHS=lengths is not None, WRITE_O=write_o,
-        UPDATE_CACHE=update_cache, CHECK_REPEATS=check_repeats, num_warps=config.num_warps,
+        BN=min(1024, next_power_of_2(N)), UPDATE_CACHE=update_cache, CHECK_REPEATS=check_repeats,
+        num_warps=config.num_warps,
     )  # fmt: skip
     return o
 

@@ -87,15 +87,10 @@ def _recurrent_kernel(
     ACC: tl.constexpr,
     SHIFT: tl.constexpr,
     REVERSE: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    PER_SEQ_H0: tl.constexpr,
-    SLOTTED: tl.constexpr,
-    VARLEN: tl.constexpr,
-    HAS_G: tl.constexpr,
 ):
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if VARLEN:
+    if cu_seqlens is not None:
         # Offsets read on the device are clamped to the T packed rows: nothing checks them on the host here
         # (ops.py checks them where it can without a device sync), and a bad one must not move a load or store
         # outside the tensors. A decreasing pair is an empty sequence.
@@ -105,7 +100,7 @@ def _recurrent_kernel(
         bos = i_n.to(tl.int64) * T
         eos = bos + T
     L = eos - bos
-    slot = tl.load(slot_ids + i_n).to(tl.int64) if SLOTTED else i_n.to(tl.int64)
+    slot = tl.load(slot_ids + i_n).to(tl.int64) if slot_ids is not None else i_n.to(tl.int64)
     live = slot >= 0  # slot -1: a sequence the serving prefill rejected (engines/triton/decode.py); no state touched
 
     o_k = tl.arange(0, BK)
@@ -117,9 +112,9 @@ def _recurrent_kernel(
     lam = tl.exp(log_lam)
 
     b_h = tl.zeros([BK, BV], dtype=ACC)
-    if HAS_H0:
+    if h0 is not None:
         b_h = tl.load(h0 + o_h, mask=m_h & live, other=0).to(ACC)
-        if PER_SEQ_H0:
+        if use_h0 is not None:
             # Select, never multiply: an unused cache slot may hold anything, NaN included.
             b_h = tl.where(tl.load(use_h0 + i_n) != 0, b_h, 0.0)
 
@@ -136,7 +131,7 @@ def _recurrent_kernel(
     b_q = tl.load(p_q, mask=m_k & has_token, other=0).to(ACC)
     b_k = tl.load(p_k, mask=m_k & has_token, other=0).to(ACC)
     b_v = tl.load(p_v, mask=m_v & has_token, other=0).to(ACC)
-    if HAS_G:  # the token's decay exp(g_gamma + g_t), gates [B * T, H]
+    if gates is not None:  # the token's decay exp(g_gamma + g_t), gates [B * T, H]
         p_g = gates + start * H + i_h
         b_lam = tl.exp(log_lam + tl.load(p_g, mask=has_token, other=0).to(ACC))
     for t in range(0, L):
@@ -144,7 +139,7 @@ def _recurrent_kernel(
         n_q = tl.load(p_q + step * K, mask=m_k & has_next, other=0).to(ACC)
         n_k = tl.load(p_k + step * K, mask=m_k & has_next, other=0).to(ACC)
         n_v = tl.load(p_v + step * V, mask=m_v & has_next, other=0).to(ACC)
-        if HAS_G:
+        if gates is not None:
             decay = b_lam
             b_lam = tl.exp(log_lam + tl.load(p_g + step, mask=has_next, other=0).to(ACC))
             p_g += step
@@ -186,7 +181,7 @@ def _launch(
         k,
         v,
         o,
-        h0 if h0 is not None else final,
+        h0,
         final,
         slot_ids,
         use_h0,
@@ -203,11 +198,6 @@ def _launch(
         ACC=acc,
         SHIFT=shift,
         REVERSE=bool(reverse),
-        HAS_H0=h0 is not None,
-        PER_SEQ_H0=use_h0 is not None,
-        SLOTTED=slot_ids is not None,
-        VARLEN=cu_seqlens is not None,
-        HAS_G=g is not None,
         num_warps=num_warps,
     )
     return o
