@@ -32,16 +32,17 @@ deselect=()
 for test in "${cpu_only[@]}"; do deselect+=(--deselect "$test"); done
 start=$(date +%s)
 # -v: every result is logged with its name as it comes, so that a run cut by the time limit still names its
-# failures (xdist's summary comes only at the end).
+# failures (xdist's summary comes only at the end); each line is stamped with the second it came, from which the
+# summary estimates the slowest tests (a worker's time between its results) even for a cut run.
 timeout "${PYTEST_TIMEOUT:-900}" python3 -m pytest -v -p no:cacheprovider --runslow -n "$workers" "${deselect[@]}" \
-  "${paths[@]}" >"$dir/pytest.log" 2>&1
-pytest_rc=$?
+  "${paths[@]}" 2>&1 | while IFS= read -r line; do printf '%(%s)T %s\n' -1 "$line"; done >"$dir/pytest.log"
+pytest_rc=${PIPESTATUS[0]}
 check_rc=0
 if [ "${CHECK_CHUNK:-1}" != 0 ]; then
   timeout "${CHECK_TIMEOUT:-300}" python3 benchmarks/check_chunk.py >"$dir/check_chunk.log" 2>&1
   check_rc=$?
 fi
-summary=$(grep -E '^=+ .*(passed|failed|error)' "$dir/pytest.log" | tail -1)
+summary=$(grep -E '^[0-9]+ =+ .*(passed|failed|error)' "$dir/pytest.log" | tail -1 | cut -d' ' -f2-)
 {
   echo "# GPU check: $card"
   echo
@@ -50,7 +51,20 @@ summary=$(grep -E '^=+ .*(passed|failed|error)' "$dir/pytest.log" | tail -1)
   echo "\`bash benchmarks/check_gpu.sh\` at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(( $(date +%s) - start )) s"
   echo
   echo "- pytest (${paths[*]}, --runslow, $workers workers, without ${cpu_only[*]}): ${summary:-no summary (stopped by the time limit)} (exit $pytest_rc)"
-  grep -E " (FAILED|ERROR) " "$dir/pytest.log" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //; s/^/  - /' | sort -u
+  grep -E " (FAILED|ERROR) " "$dir/pytest.log" | sed -E 's/^[0-9]+ //; s/^\[gw[0-9]+\] \[ *[0-9]+%\] //; s/^/  - /' | sort -u
+  echo "- slowest tests (seconds between a worker's results; the first result of each worker counts from the start):"
+  python3 - "$dir/pytest.log" "$start" <<'PY'
+import re, sys
+last, took = {}, []
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"(\d+) \[(gw\d+)\] \[ *\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", line)
+    if m:
+        when, worker = int(m.group(1)), m.group(2)
+        took.append((when - last.get(worker, int(sys.argv[2])), m.group(4)))
+        last[worker] = when
+for seconds, test in sorted(took, reverse=True)[:15]:
+    print(f"  - {seconds} s {test}")
+PY
   if [ "${CHECK_CHUNK:-1}" != 0 ]; then
     echo "- check_chunk.py: $(grep -c ' ok$' "$dir/check_chunk.log") checks ok, $(tail -1 "$dir/check_chunk.log") (exit $check_rc)"
     grep -v " ok$" "$dir/check_chunk.log" | grep -E "FAIL" | sed 's/^/  - /'
