@@ -218,7 +218,7 @@ def _scan_setup(
     REVERSE: tl.constexpr, SHIFT: tl.constexpr, LOCALS_T: tl.constexpr, DOTS: tl.constexpr,
 ):  # fmt: skip
     """Where a program of either scan kernel starts: its block and its role's operands, as five tuples
-    ``rows`` (q, k, v, o, dot_x: row pointers at the program's head), ``ids`` (V-block, twin role, head, segment,
+    ``ptrs`` (q, k, v, o, dot_x: row pointers at the program's head), ``ids`` (V-block, twin role, head, segment,
     sequence, whether the segment is its sequence's first), ``span`` (the segment's start, end, length, the
     first chunk's shift, the sequence's last position in the segment or -1), ``tile`` (K and V offsets and masks of
     the program's tile) and ``carry`` (the state entering the segment, K halves 0 and 1, the row dots' running sum
@@ -336,7 +336,7 @@ def _scan_finish(
 
 @triton.jit
 def _pointer_chunk(
-    c, rows, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out, dot_in, R,
+    c, ptrs, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out, dot_in, R,
     H, DK: tl.constexpr, DV: tl.constexpr, TWO_K: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr,
     SHIFT: tl.constexpr, PRECISION: tl.constexpr, DOTS: tl.constexpr, NDOT_IN: tl.constexpr,
     K_SCALED: tl.constexpr,
@@ -344,7 +344,7 @@ def _pointer_chunk(
     """Chunk ``c`` through masked pointer loads (rows in scan order): writes its output rows, returns the state
     after it (both K halves with TWO_K; ``state1`` is returned unchanged otherwise) and the row dots' running sum
     (DOTS). Arguments as :func:`_scan_setup` returns them."""
-    q, k, v, o, dot_x = rows
+    q, k, v, o, dot_x = ptrs
     i_v, role, i_h, _, _, first = ids
     start, end, length, shift, last_pos = span
     o_k0, o_k1, o_v, m_k0, m_k1, m_v, _, _ = tile
@@ -463,7 +463,7 @@ def _scan_kernel(
     DOTS: tl.constexpr, NDOT_IN: tl.constexpr, K_SCALED: tl.constexpr,
 ):  # fmt: skip
     """The scan through masked pointer loads: any head size up to MAX_DIM, any alignment."""
-    rows, ids, span, tile, carry = _scan_setup(
+    ptrs, ids, span, tile, carry = _scan_setup(
         q, k, v, o, q_b, o_b, g_gamma, state_in, local_states, seq_offsets, segments, slot_ids, slot_used, R, H,
         si_n, si_h, si_k, si_v, gates, gate_totals, dot_x, dot_offset, DK, DV, BKH, TWO_K, BV, REVERSE, SHIFT,
         LOCALS_T, DOTS,
@@ -476,7 +476,7 @@ def _scan_kernel(
     _, _, length, _, _ = span
     for c in range(0, tl.cdiv(length, C)):
         state0, state1, running = _pointer_chunk(
-            c, rows, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out,
+            c, ptrs, ids, span, tile, state0, state1, running, offset, g, mask, k_scale, scale, gates, dot_out,
             dot_in, R, H, DK, DV, TWO_K, C, REVERSE, SHIFT, PRECISION, DOTS, NDOT_IN, K_SCALED,
         )  # fmt: skip
     _scan_finish(
@@ -502,13 +502,13 @@ def _scan_tma_kernel(
     Descriptors are built per program in Triton's global scratch (descriptor_scratch), from this role's pointers
     (a paired twin's k and v are swapped): host-built descriptors made the eager call host-bound
     (kernel_choices.md). One head per descriptor, so a box never reaches into the next head."""
-    rows, ids, span, tile, carry = _scan_setup(
+    ptrs, ids, span, tile, carry = _scan_setup(
         q, k, v, o, q_b, o_b, g_gamma, state_in, local_states, seq_offsets, segments, slot_ids, slot_used, R, H,
         si_n, si_h, si_k, si_v, gates, gate_totals, dot_x, dot_offset, DK, DV, BKH, TWO_K, BV, REVERSE, SHIFT,
         LOCALS_T, DOTS,
     )  # fmt: skip
     state0, state1, running, offset, g = carry
-    q, k, v, o, dot_x = rows
+    q, k, v, o, dot_x = ptrs
     q_desc = tl.make_tensor_descriptor(q, [R, DK], [H * DK, 1], [C, BKH])
     k_desc = tl.make_tensor_descriptor(k, [R, DK], [H * DK, 1], [C, BKH])
     v_desc = tl.make_tensor_descriptor(v, [R, DV], [H * DV, 1], [C, BV])
