@@ -71,3 +71,18 @@ def test_candidates_that_do_not_fit_are_skipped(monkeypatch):
     monkeypatch.setattr(workload, "make", lambda smoke: (lambda: None))
     results = tune.measure(workload, tuning.lookup("recurrent", "any", torch.device("cpu")), smoke=True)
     assert [ms for _, ms in results] == [1.0, None] and len(calls) == 2
+
+
+def test_a_case_keeps_the_entry_best_over_all_its_workloads():
+    """A tile 1% faster at one batch size but twice as slow at another loses to one that is close to the best at
+    both; an entry that does not fit one workload is never kept; none fitting everywhere keeps nothing."""
+    a, b, c = dict(tile=1), dict(tile=2), dict(tile=3)
+    results = [[(a, 1.00), (b, 1.01), (c, None)], [(a, 2.00), (b, 1.00), (c, 0.5)]]
+    assert tune.choose(results) == (b, [1.01, 1.00])
+    assert tune.choose([[(a, 1.0), (b, 2.0)]]) == (a, [1.0])
+    assert tune.choose([[(a, None), (b, 1.0)], [(a, 1.0), (b, None)]]) is None
+
+
+def test_multi_token_decode_is_tuned_on_four_and_eight_tokens():
+    labels = [w.label for w in tune.workloads() if (w.kernel, w.case) == ("decode", "float32-multi")]
+    assert labels == ["decode N=64 L=4", "decode N=64 L=8", "decode N=256 L=4", "decode N=256 L=8"]

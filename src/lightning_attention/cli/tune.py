@@ -9,8 +9,9 @@ which table is in use. Nothing is tuned implicitly at run time: only this comman
 Workloads (bf16 unless named): the chunked op's forward + backward for the scans (pointer loads at heads of 64,
 TMA loads at 128 and 256 where the card has them; gated ones with per-token gates; fp32 under "highest" and
 "high") and the fused dk/dv kernel, the decode step at N = 64 and 256 for each cache dtype (one token per row,
-and four: the "-multi" cases), and the recurrent kernel's forward. A candidate that does not fit the card (a launch
-falling back to fewer stages) is skipped.
+and four and eight: the "-multi" cases), and the recurrent kernel's forward. A case timed on several workloads
+keeps the entry that is best over all of them (:func:`choose`), and a candidate that does not fit the card (a
+launch falling back to fewer stages) is skipped.
 ``--smoke`` runs every step at tiny sizes with one candidate each (on the CPU through the Triton interpreter:
 the timings mean nothing there; CI runs it to keep the command working).
 """
@@ -18,6 +19,7 @@ the timings mean nothing there; CI runs it to keep the command working).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Callable
 
@@ -29,7 +31,7 @@ TMA_CANDIDATES = [dict(tma_warps=w, tma_stages=s) for w in (4, 8) for s in (2, 3
 DKDV_CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 DECODE_CANDIDATES = [dict(block_v=bv, block_k=bk, num_warps=w) for bv, bk, w in DECODE_TILES]
 RECURRENT_CANDIDATES = [dict(state_tile=t, num_warps=w) for t in (2048, 4096, 8192) for w in (2, 4, 8)]
-MULTI_TOKENS = 4  # tokens per row of the multi-token decode workload
+MULTI_TOKENS = (4, 8)  # tokens per row of the multi-token decode workloads
 
 
 @dataclasses.dataclass
@@ -142,9 +144,9 @@ def workloads() -> list[Workload]:
     for dtype_name in ("float32", "bfloat16"):
         for N in (64, 256):
             out.append(Workload("decode", dtype_name, f"decode N={N}", DECODE_CANDIDATES, _decode_call(N, dtype_name)))
-        for N in (64, 256):
-            out.append(Workload("decode", f"{dtype_name}-multi", f"decode N={N} L={MULTI_TOKENS}", DECODE_CANDIDATES,
-                                _decode_call(N, dtype_name, MULTI_TOKENS), fallback_case=dtype_name))  # fmt: skip
+        for N, L in itertools.product((64, 256), MULTI_TOKENS):
+            out.append(Workload("decode", f"{dtype_name}-multi", f"decode N={N} L={L}", DECODE_CANDIDATES,
+                                _decode_call(N, dtype_name, L), fallback_case=dtype_name))  # fmt: skip
     out.append(Workload("recurrent", "any", "token loop 4x16x16x128", RECURRENT_CANDIDATES, _recurrent_call()))
     return out
 
@@ -184,6 +186,21 @@ def measure(workload: Workload, base: dict, smoke: bool) -> list[tuple[dict, flo
     return results
 
 
+def choose(results: list[list[tuple[dict, float | None]]]) -> tuple[dict, list[float]] | None:
+    """The entry one case keeps, from its workloads' :func:`measure` results (the same entries in the same order
+    in each): of the entries that fit every workload, the one whose times, each relative to the fastest on its
+    workload, sum least, so that no single workload decides alone (a tile best at one batch size but twice as slow
+    at another loses). Returns (entry, its ms per workload), or None where no entry fits them all."""
+    entries = [entry for entry, _ in results[0]]
+    times = [[workload[i][1] for workload in results] for i in range(len(entries))]
+    fitting = [i for i, row in enumerate(times) if all(ms is not None for ms in row)]
+    if not fitting:
+        return None
+    fastest = [min(times[i][w] for i in fitting) for w in range(len(results))]
+    best = min(fitting, key=lambda i: sum(ms / low for ms, low in zip(times[i], fastest)))
+    return entries[best], times[best]
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--kernels", nargs="*", default=None, help="subset of: scan dkdv decode recurrent")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one candidate each (checks the command)")
@@ -217,28 +234,33 @@ def run(args) -> int:
         "| kernel | case | workload | starting entry ms | best entry | best ms | gain |",
         "|---|---|---|---|---|---|---|",
     ]
-    for workload in workloads():
-        if args.kernels and workload.kernel not in args.kernels:
-            continue
+    selected = [w for w in workloads() if not args.kernels or w.kernel in args.kernels]
+    # Consecutive workloads of one case varying the same fields are judged together; a case's next group (e.g. the
+    # TMA fields after the pointer-load ones) starts from the entry the group before chose.
+    groups = itertools.groupby(selected, key=lambda w: (w.kernel, w.case, tuple(sorted(w.candidates[0]))))
+    for (kernel, case, _), group in groups:
+        group = list(group)
+        fallback = group[0].fallback_case
         base = (
-            chosen.get(workload.kernel, {}).get(workload.case)
-            or tuning.find(workload.kernel, workload.case, device)
-            or chosen.get(workload.kernel, {}).get(workload.fallback_case)
-            or tuning.lookup(workload.kernel, workload.fallback_case or workload.case, device)
+            chosen.get(kernel, {}).get(case)
+            or tuning.find(kernel, case, device)
+            or chosen.get(kernel, {}).get(fallback)
+            or tuning.lookup(kernel, fallback or case, device)
         )
-        results = measure(workload, dict(base), args.smoke)
-        fitting = [(entry, ms) for entry, ms in results if ms is not None]
-        if not fitting:
-            print(f"{workload.kernel:9} {workload.case:15} {workload.label}: no candidate fits; keeping the table's")
+        results = [measure(workload, dict(base), args.smoke) for workload in group]
+        picked = choose(results)
+        if picked is None:
+            print(f"{kernel:9} {case:15} {group[0].label}: no candidate fits; keeping the table's")
             continue
-        best, best_ms = min(fitting, key=lambda r: r[1])
-        base_ms = results[0][1]
-        chosen.setdefault(workload.kernel, {})[workload.case] = best
-        gain = f"{base_ms / best_ms:.3f}x" if base_ms else "-"
-        row = (f"| {workload.kernel} | {workload.case} | {workload.label} | "
-               f"{'-' if base_ms is None else f'{base_ms:.3f}'} | `{best}` | {best_ms:.3f} | {gain} |")  # fmt: skip
-        lines.append(row)
-        print(row)
+        best, best_times = picked
+        chosen.setdefault(kernel, {})[case] = best
+        for workload, result, best_ms in zip(group, results, best_times):
+            base_ms = result[0][1]
+            gain = f"{base_ms / best_ms:.3f}x" if base_ms else "-"
+            row = (f"| {kernel} | {case} | {workload.label} | {'-' if base_ms is None else f'{base_ms:.3f}'} | "
+                   f"`{best}` | {best_ms:.3f} | {gain} |")  # fmt: skip
+            lines.append(row)
+            print(row)
     table = tuning.CardTable(card, tuple(capability), sms, chosen)
     if not args.dry_run and chosen:
         path = tuning.write_user_table(table)
