@@ -158,6 +158,9 @@ PG_TIMEOUT_S = 4.0
 def _faulty_step(ctx, fault: str):
     """The last rank dies before the forward or before the backward, or stalls (never calls); the others run a
     forward and backward and must fail. Returns (exception type, message, seconds) on the survivors."""
+    # Start together: a rank still importing (on a loaded machine, seconds) must not count against the others'
+    # short timeout, or the survivors would fail at the first collective whatever the fault.
+    ctx.start_together(fault)
     victim = ctx.rank == ctx.world_size - 1
     if victim and fault == "dies-before-forward":
         os._exit(0)

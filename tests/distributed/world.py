@@ -36,6 +36,17 @@ class RankContext:
     rank: int
     world_size: int
     groups: dict = field(default_factory=dict)  # "odd": the subgroup of odd ranks (group ranks != global ranks)
+    store: object = None  # the world's dist.FileStore
+
+    def start_together(self, name: str, timeout_s: float = 60.0) -> None:
+        """Return once every rank has called this with ``name``: a wait on the store, not a collective, so not
+        bound by the process group's timeout (a rank still importing on a loaded machine may be seconds late)."""
+        self.store.add(name, 1)
+        end = time.monotonic() + timeout_s
+        while int(self.store.add(name, 0)) < self.world_size:
+            if time.monotonic() > end:
+                raise TimeoutError(f"not every rank reached {name!r} within {timeout_s:.0f}s")
+            time.sleep(0.01)
 
 
 def rank_job(world_sizes: tuple[int, ...] = (2, 4)):
@@ -68,7 +79,7 @@ def _worker(rank, world_size, store_path, out_dir, jobs, pg_timeout_s, teardown)
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
     )
-    ctx = RankContext(rank, world_size, {"odd": dist.new_group([r for r in range(world_size) if r % 2 == 1])})
+    ctx = RankContext(rank, world_size, {"odd": dist.new_group([r for r in range(world_size) if r % 2 == 1])}, store)
     results = {}
     for name, module, fn_name in jobs:
         fn = getattr(importlib.import_module(module), fn_name)
