@@ -263,8 +263,8 @@ SHIPPED: dict[str, CardTable] = {
             entries={
                 # benchmarks/results/h200/serving.md, the decode tile sweeps. fp32, one token: 1.33-1.35x faster than
                 # the H100's (128, 64, 8) at N = 64 and 256; several tokens (L = 2..8): 1.09-1.26x faster than the
-                # one-token tiles. bf16, one token: one warp walking K in blocks of 32, 1.07x faster than the best
-                # four-warp tile; several tokens: that tile loses 2-4x, the fp32 multi-token tile is kept.
+                # one-token tiles. bf16, one token: one warp walking K in blocks of 32, 1.06-1.07x faster than the
+                # best four-warp tile; several tokens: that tile is 1.5-2x slower than (64, 128, 4), kept for both.
                 "decode": {
                     "float32": dict(block_v=128, block_k=128, num_warps=4),
                     "float32-multi": dict(block_v=64, block_k=128, num_warps=4),
