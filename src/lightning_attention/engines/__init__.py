@@ -9,6 +9,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -42,7 +43,10 @@ def autocast_off(device: torch.device):
     """Context for running an engine: the engines pick their own precision (fp32 state and accumulation, outputs
     in the inputs' dtype). Without this an enclosing ``torch.autocast`` region reaches the engines' internal
     matmuls and runs them in bf16/fp16, rounding the fp32 state. The ops deliberately register no autocast rule
-    either: it would cast the fp32 state down too."""
+    either: it would cast the fp32 state down too. Outside autocast it is a null context: entering
+    ``torch.autocast`` costs more host time than a small launch."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 
