@@ -102,8 +102,9 @@ def _formula_dg(q, k, dq, dk, final, dht, cu, reverse):
 
 
 def check_gated(device, monkeypatch, *, dtype, B, T, K, V, gate_kind="random", with_g_gamma=True, cu=None,
-                reverse=False, h0=True, with_dht=True, H=2):  # fmt: skip
-    """Engine vs float64 truth, relative to the same-dtype torch baseline (module docstring)."""
+                reverse=False, h0=True, with_dht=True, H=2, names=NAMES):  # fmt: skip
+    """Engine vs float64 truth, relative to the same-dtype torch baseline (module docstring); ``names``: the
+    results checked."""
     if dtype == torch.bfloat16 and device == "cpu":
         interpreter_rounds_bf16_to_nearest(monkeypatch)
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
@@ -119,6 +120,8 @@ def check_gated(device, monkeypatch, *, dtype, B, T, K, V, gate_kind="random", w
     if dtype != torch.float32 and gate_kind != "strong":
         base[6] = _formula_dg(q, k, base[2], base[3], base[1], dht, cu_t, reverse)
     for name, a, b, r in zip(NAMES, got, base, truth):
+        if name not in names:
+            continue
         if r is None:
             assert a is None, name
             continue
@@ -220,8 +223,8 @@ def test_backward_without_gates_returns_no_dg(triton_device):
 
 GPU_CASES = [
     pytest.param(dict(dtype=torch.bfloat16, B=2, T=2048, K=128, V=128, H=4, cu=None), id="bf16-D128-2x2048"),
-    pytest.param(dict(dtype=torch.bfloat16, B=1, T=8192, K=128, V=128, H=2, gate_kind="strong", reverse=True),
-                 id="bf16-D128-strong-reverse-split"),
+    pytest.param(dict(dtype=torch.bfloat16, B=1, T=8192, K=128, V=128, H=2, gate_kind="strong", reverse=True,
+                      names=NAMES[:-1]), id="bf16-D128-strong-reverse-split"),  # dg: the test below
     pytest.param(dict(dtype=torch.float16, B=1, T=4000, K=64, V=64, H=4, cu=[0, 0, 1, 1700, 4000], reverse=True),
                  id="fp16-D64-varlen-empty-len1-reverse"),
     pytest.param(dict(dtype=torch.float32, B=1, T=3000, K=128, V=128, H=2, cu=[0, 1000, 3000]),
@@ -238,6 +241,17 @@ def test_gated_engine_at_realistic_lengths_on_gpu(monkeypatch, case):
     """The shipped configurations on the GPU (TMA for heads of 128 and 256 on sm_90, the planner's own splits of
     long sequences over the SMs) at lengths of thousands of tokens."""
     check_gated("cuda", monkeypatch, **case)
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="docs/DESIGN.md, 'Accuracy of dg': 2.1x the baseline")
+def test_gated_dg_of_a_long_sequence_with_strong_gates_on_gpu(monkeypatch):
+    """dg at T = 8192 with gates of -20 (bf16): the Triton engine's running sum of row dots along the sequence
+    accumulates their bf16 operand roundings, so dg's error is about twice the same-dtype baseline's here (H200:
+    1.06e-1 against 5.02e-2; the other results: the GPU case above). A known shortfall, strict so that a fix
+    shows."""
+    check_gated("cuda", monkeypatch, dtype=torch.bfloat16, B=1, T=8192, K=128, V=128, H=2, gate_kind="strong",
+                reverse=True, names=("dg",))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
